@@ -1,0 +1,368 @@
+"""Fashion-MNIST on disk and in memory: find, download, verify, parse, split, inspect.
+
+Resolution order for the data folder (first hit wins):
+  1. an explicit ``data_dir`` (CLI ``--data DIR``),
+  2. the ``FMNIST_DATA`` environment variable,
+  3. the user cache folder (``~/.cache/fmnist`` on Linux), if it holds the files,
+  4. a download of the current official release into that cache (pooch: retries,
+     checksum verification, atomic writes).
+
+Two published releases are known by checksum; any other folder of IDX files is
+accepted after structural validation and reported as an unverified copy.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import UserError
+
+CLASS_NAMES = (
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+)
+IMAGE_SIZE = 28
+NUM_CLASSES = len(CLASS_NAMES)
+
+# Logical part -> file name without ".gz"; both compressed and raw files are accepted.
+FILES = {
+    "train_images": "train-images-idx3-ubyte",
+    "train_labels": "train-labels-idx1-ubyte",
+    "test_images": "t10k-images-idx3-ubyte",
+    "test_labels": "t10k-labels-idx1-ubyte",
+}
+IDX_MAGIC = {"images": 0x00000803, "labels": 0x00000801}  # uint8 data; 3 dims / 1 dim
+
+# Official mirrors of the current release (tried in order). FMNIST_MIRROR prepends one.
+MIRRORS = (
+    "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
+    "https://github.com/zalandoresearch/fashion-mnist/raw/master/data/fashion/",
+)
+DOWNLOAD_RETRIES = 3
+
+
+@dataclass(frozen=True)
+class Release:
+    """A published release, identified by the MD5 of each of its four .gz files."""
+
+    name: str
+    md5: dict[str, str]
+    note: str
+
+
+RELEASES = (
+    Release(
+        name="fashion-mnist current",
+        md5={
+            "train_images": "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
+            "train_labels": "25c81989df183df01b3e8a0aad5dffbe",
+            "test_images": "bef4ecab320f06d8554ea6380940ec79",
+            "test_labels": "bb300cfdad3c16e7a12a480ee83cd310",
+        },
+        note="official release since 2017-08-31 (duplicates removed)",
+    ),
+    Release(
+        name="fashion-mnist 2017-08-26",
+        md5={
+            "train_images": "fd71388aa7f94e2917e7651c60050558",
+            "train_labels": "c25fcebcfee76fc70679a885c08e7783",
+            "test_images": "ae512e5a4d99649a9c255d99120a3bdd",
+            "test_labels": "db06173b3df7891d78edf9cae5fe8f8a",
+        },
+        note="early release (commit 9490065): has 10 train/test overlaps; the CSV copies' version",
+    ),
+)
+CURRENT_RELEASE = RELEASES[0]
+UNVERIFIED = "unverified copy"
+
+
+@dataclass
+class DataSource:
+    """Where the data came from and what it is: recorded in every run's config.json."""
+
+    directory: str
+    release: str  # a Release.name, or UNVERIFIED
+    verified: bool
+    files: dict[str, dict] = field(default_factory=dict)  # part -> {name, bytes, md5, sha256}
+
+
+@dataclass
+class FashionMNIST:
+    """The whole dataset as uint8 tensors ([N, 28, 28] images, int64 labels)."""
+
+    train_images: torch.Tensor
+    train_labels: torch.Tensor
+    test_images: torch.Tensor
+    test_labels: torch.Tensor
+    source: DataSource
+
+
+# ----------------------------------------------------------------------------- locating
+
+
+def default_cache_dir() -> Path:
+    """The per-user cache folder, following the platform's convention."""
+    import pooch
+
+    return Path(pooch.os_cache("fmnist"))
+
+
+def find_files(directory: Path) -> dict[str, Path] | None:
+    """Map each part to its file in ``directory`` (.gz preferred), or None if any is missing."""
+    found = {}
+    for part, stem in FILES.items():
+        for candidate in (directory / f"{stem}.gz", directory / stem):
+            if candidate.is_file():
+                found[part] = candidate
+                break
+        else:
+            return None
+    return found
+
+
+def _missing_files_error(directory: Path, where: str) -> UserError:
+    names = ", ".join(f"{stem}.gz" for stem in FILES.values())
+    return UserError(
+        f"no Fashion-MNIST files in {directory} ({where})",
+        hint=f"the folder must hold the four IDX files ({names}), gzip'd or raw",
+    )
+
+
+def resolve_data_dir(data_dir: str | os.PathLike | None = None, download: bool = True) -> Path:
+    """Find the folder holding the four files, downloading into the cache as a last resort."""
+    for value, where in ((data_dir, "--data"), (os.environ.get("FMNIST_DATA"), "FMNIST_DATA")):
+        if value:
+            directory = Path(value).expanduser()
+            if not directory.is_dir():
+                raise UserError(f"data folder does not exist: {directory} ({where})")
+            if find_files(directory) is None:
+                raise _missing_files_error(directory, where)
+            return directory
+    cache = default_cache_dir()
+    if find_files(cache) is not None:
+        return cache
+    if not download:
+        raise _missing_files_error(cache, "user cache")
+    return download_release(cache)
+
+
+def download_release(directory: Path, release: Release = CURRENT_RELEASE,
+                     mirrors: tuple[str, ...] | None = None) -> Path:
+    """Download a release's four .gz files into ``directory``, verifying each MD5."""
+    import pooch
+
+    if mirrors is None:
+        extra = os.environ.get("FMNIST_MIRROR")
+        mirrors = ((extra,) if extra else ()) + MIRRORS
+    registry = {f"{FILES[part]}.gz": f"md5:{md5}" for part, md5 in release.md5.items()}
+    for file_name in registry:
+        errors = []
+        for base_url in mirrors:
+            fetcher = pooch.create(path=directory, base_url=base_url.rstrip("/") + "/",
+                                   registry=registry, retry_if_failed=DOWNLOAD_RETRIES)
+            try:
+                fetcher.fetch(file_name, progressbar=True)
+                break
+            except Exception as exc:  # network errors, HTTP errors, checksum mismatches
+                errors.append(f"{base_url}: {type(exc).__name__}")
+        else:
+            raise UserError(
+                f"could not download {file_name} ({'; '.join(errors)})",
+                hint="offline? point FMNIST_DATA or --data at a folder holding the four "
+                     "Fashion-MNIST IDX files",
+            )
+    return directory
+
+
+# ----------------------------------------------------------------------------- parsing
+
+
+def _read_bytes(path: Path) -> bytes:
+    raw = path.read_bytes()
+    if raw[:2] == b"\x1f\x8b":  # gzip magic: decompress whatever the file is called
+        try:
+            return gzip.decompress(raw)
+        except (OSError, EOFError) as exc:
+            raise UserError(f"corrupt or truncated gzip data: {exc} ({path})") from None
+    return raw
+
+
+def read_idx(path: str | os.PathLike, kind: str) -> np.ndarray:
+    """Parse one IDX file of ``kind`` "images" ([N, 28, 28] uint8) or "labels" ([N] uint8).
+
+    Every structural problem raises UserError naming the file.
+    """
+    path = Path(path)
+    try:
+        data = _read_bytes(path)
+    except OSError as exc:
+        raise UserError(f"cannot read file: {exc.strerror} ({path})") from None
+    if not data:
+        raise UserError(f"empty file ({path})")
+    ndim = 3 if kind == "images" else 1
+    header_size = 4 + 4 * ndim
+    magic = int.from_bytes(data[:4], "big")
+    if len(data) >= 4 and magic != IDX_MAGIC[kind]:
+        raise UserError(
+            f"not an IDX {kind} file: magic number 0x{magic:08x}, expected "
+            f"0x{IDX_MAGIC[kind]:08x} ({path})"
+        )
+    if len(data) < header_size:
+        raise UserError(f"not an IDX file: only {len(data)} bytes ({path})")
+    dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    if kind == "images" and dims[1:] != [IMAGE_SIZE, IMAGE_SIZE]:
+        raise UserError(f"images are {dims[1]}x{dims[2]}, expected 28x28 ({path})")
+    expected = header_size + int(np.prod(dims))
+    if len(data) < expected:
+        raise UserError(
+            f"truncated: header announces {dims[0]} {kind} ({expected} bytes), "
+            f"file has {len(data)} bytes ({path})"
+        )
+    if len(data) > expected:
+        raise UserError(
+            f"{len(data) - expected} unexpected bytes after {dims[0]} {kind} ({path})"
+        )
+    array = np.frombuffer(data, dtype=np.uint8, offset=header_size).reshape(dims)
+    if kind == "labels" and array.size and array.max() >= NUM_CLASSES:
+        bad = int(np.argmax(array >= NUM_CLASSES))
+        raise UserError(f"label {array[bad]} at index {bad} is outside 0..9 ({path})")
+    return array
+
+
+def _file_digest(path: Path) -> dict:
+    raw = path.read_bytes()
+    return {"name": path.name, "bytes": len(raw),
+            "md5": hashlib.md5(raw).hexdigest(), "sha256": hashlib.sha256(raw).hexdigest()}
+
+
+def identify_release(digests: dict[str, dict]) -> Release | None:
+    """The known release whose four MD5s all match, if any."""
+    for release in RELEASES:
+        if all(digests[part]["md5"] == md5 for part, md5 in release.md5.items()):
+            return release
+    return None
+
+
+def load_dataset(data_dir: str | os.PathLike | None = None, download: bool = True) -> FashionMNIST:
+    """Locate, verify and parse the dataset; the whole of it is returned as uint8 tensors."""
+    directory = resolve_data_dir(data_dir, download=download)
+    paths = find_files(directory)
+    digests = {part: _file_digest(path) for part, path in paths.items()}
+    release = identify_release(digests)
+    arrays = {part: read_idx(path, "images" if part.endswith("images") else "labels")
+              for part, path in paths.items()}
+    for split in ("train", "test"):
+        n_images, n_labels = len(arrays[f"{split}_images"]), len(arrays[f"{split}_labels"])
+        if n_images != n_labels:
+            raise UserError(
+                f"{split} set has {n_images} images but {n_labels} labels "
+                f"({paths[f'{split}_labels']})"
+            )
+    source = DataSource(
+        directory=str(directory.resolve()),
+        release=release.name if release else UNVERIFIED,
+        verified=release is not None,
+        files=digests,
+    )
+    tensors = {part: torch.from_numpy(array.copy()) for part, array in arrays.items()}
+    return FashionMNIST(
+        train_images=tensors["train_images"],
+        train_labels=tensors["train_labels"].long(),
+        test_images=tensors["test_images"],
+        test_labels=tensors["test_labels"].long(),
+        source=source,
+    )
+
+
+# ----------------------------------------------------------------------------- tensors
+
+
+def to_float(images: torch.Tensor) -> torch.Tensor:
+    """uint8 [N, 28, 28] -> float32 [N, 1, 28, 28] in [0, 1], in one vectorised step."""
+    return images.unsqueeze(1).to(torch.float32).div_(255.0)
+
+
+def stratified_split(labels: torch.Tensor, val_fraction: float, seed: int
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Seeded, stratified hold-out: (train indices, validation indices), each shuffled.
+
+    Each class contributes round(val_fraction * its count) images to validation.
+    """
+    if not 0.0 <= val_fraction < 1.0:
+        raise UserError(f"validation fraction must be in [0, 1), got {val_fraction}")
+    generator = torch.Generator().manual_seed(seed)
+    train_parts, val_parts = [], []
+    for cls in range(NUM_CLASSES):
+        members = torch.nonzero(labels == cls).flatten()
+        members = members[torch.randperm(len(members), generator=generator)]
+        n_val = round(val_fraction * len(members))
+        val_parts.append(members[:n_val])
+        train_parts.append(members[n_val:])
+    train_idx, val_idx = torch.cat(train_parts), torch.cat(val_parts)
+    # Shuffle across classes so that a prefix (--limit-train) is itself a stratified sample.
+    train_idx = train_idx[torch.randperm(len(train_idx), generator=generator)]
+    val_idx = val_idx[torch.randperm(len(val_idx), generator=generator)]
+    return train_idx, val_idx
+
+
+# ----------------------------------------------------------------------------- inspection
+
+
+def _image_keys(images: torch.Tensor) -> np.ndarray:
+    """One fixed-size bytes key per image, for exact-duplicate detection."""
+    flat = np.ascontiguousarray(images.reshape(len(images), -1).numpy())
+    return flat.view(np.dtype((np.void, flat.shape[1]))).ravel()
+
+
+def _duplicates_within(images: torch.Tensor) -> dict:
+    keys = _image_keys(images)
+    _, counts = np.unique(keys, return_counts=True)
+    return {"groups": int((counts > 1).sum()), "extra_copies": int((counts - 1).sum())}
+
+
+def find_duplicates(data: FashionMNIST) -> dict:
+    """Exact pixel-identical images within train, within test, and shared across them."""
+    train_keys, test_keys = _image_keys(data.train_images), _image_keys(data.test_images)
+    shared, train_pos, test_pos = np.intersect1d(train_keys, test_keys, return_indices=True)
+    overlaps = []
+    for i, j in zip(train_pos.tolist(), test_pos.tolist()):
+        # All train copies of this image (it may be duplicated within train too).
+        train_copies = np.flatnonzero(train_keys == train_keys[i])
+        train_labels = sorted({int(data.train_labels[k]) for k in train_copies})
+        test_label = int(data.test_labels[j])
+        overlaps.append({"train_index": i, "test_index": j, "train_labels": train_labels,
+                         "test_label": test_label, "label_conflict": train_labels != [test_label]})
+    return {
+        "train": _duplicates_within(data.train_images),
+        "test": _duplicates_within(data.test_images),
+        "train_test_overlap": len(shared),
+        "train_test_label_conflicts": sum(o["label_conflict"] for o in overlaps),
+        "overlaps": overlaps,
+    }
+
+
+def describe(data: FashionMNIST) -> dict:
+    """Everything ``fmnist data info`` shows: release, checksums, counts, pixel stats, duplicates."""
+    def split_stats(images, labels):
+        pixels = to_float(images)
+        counts = torch.bincount(labels, minlength=NUM_CLASSES).tolist()
+        return {"count": len(images), "per_class": dict(zip(CLASS_NAMES, counts)),
+                "pixel_mean": round(pixels.mean().item(), 5),
+                "pixel_std": round(pixels.std().item(), 5)}
+
+    return {
+        "directory": data.source.directory,
+        "release": data.source.release,
+        "verified": data.source.verified,
+        "files": data.source.files,
+        "train": split_stats(data.train_images, data.train_labels),
+        "test": split_stats(data.test_images, data.test_labels),
+        "duplicates": find_duplicates(data),
+    }

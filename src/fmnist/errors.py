@@ -1,0 +1,21 @@
+"""The one exception type users see: a problem with their input, not a bug in fmnist."""
+
+
+class UserError(Exception):
+    """Bad arguments, missing or corrupt data, unreadable images.
+
+    The CLI prints ``error: <message>`` (plus ``hint: <hint>`` when given) and
+    exits with status 2, without a traceback.
+    """
+
+    def __init__(self, message: str, hint: str | None = None):
+        super().__init__(message)
+        self.hint = hint
+
+
+class Interrupted(Exception):
+    """Ctrl-C during training; the run folder keeps the last complete epoch's checkpoint."""
+
+    def __init__(self, run_dir, epochs_done: int):
+        super().__init__(f"stopped after {epochs_done} complete epoch(s); checkpoint kept in {run_dir}")
+        self.run_dir = run_dir

@@ -1,0 +1,143 @@
+"""The run folder: every file a run produces, written atomically, read without executing code.
+
+    RUN_DIR/
+      config.json         settings, data release + checksums, versions, device, seed
+      history.csv         per epoch: train/val loss & accuracy, lr, seconds, images/s
+      model.safetensors   weights of the best epoch by validation accuracy
+      checkpoint.pt       last epoch: weights + optimizer + RNG state (tensors only)
+      metrics.json        test-set evaluation
+      figures/*.png       curves, confusion matrix, samples, misclassified
+      report.html         one self-contained page
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save
+
+from .errors import UserError
+
+CONFIG = "config.json"
+HISTORY = "history.csv"
+WEIGHTS = "model.safetensors"
+CHECKPOINT = "checkpoint.pt"
+METRICS = "metrics.json"
+FIGURES = "figures"
+REPORT = "report.html"
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write_bytes(path: Path, payload: bytes) -> None:
+    """Write to a temporary file beside ``path`` and rename: readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(payload)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual file mode
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def write_json(path: Path, obj) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    buffer = io.StringIO()
+    if rows:
+        writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+    atomic_write_text(path, buffer.getvalue())
+
+
+def save_weights(path: Path, model: torch.nn.Module, metadata: dict[str, str] | None = None) -> None:
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    atomic_write_bytes(path, save(state, metadata=metadata))
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def load_checkpoint(path: Path) -> dict:
+    # weights_only: the unpickler accepts tensors and plain containers, never arbitrary code.
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def require_run_dir(run_dir: str | os.PathLike) -> Path:
+    """A folder written by ``fmnist train``, or a UserError saying what is missing."""
+    path = Path(run_dir)
+    if not path.is_dir():
+        raise UserError(f"run folder does not exist: {path}")
+    for name in (CONFIG, WEIGHTS):
+        if not (path / name).is_file():
+            raise UserError(f"not a run folder: {name} is missing ({path})",
+                            hint="pass a folder written by 'fmnist train'")
+    return path
+
+
+def read_json(path: Path):
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise UserError(f"cannot read JSON: {exc} ({path})") from None
+
+
+def read_history(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / HISTORY
+    if not path.is_file():
+        return []
+    with path.open() as handle:
+        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(handle)]
+
+
+def load_weights(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except Exception as exc:  # safetensors raises its own error types for corrupt headers
+        raise UserError(f"cannot load weights: {exc} ({path})") from None
+
+
+def new_run_dir(out: str | os.PathLike | None, model_name: str, root: str = "runs") -> Path:
+    """``out`` if given (it must not already hold a run), else ``runs/<model>-<timestamp>``."""
+    import datetime
+
+    if out is None:
+        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+        base = Path(root) / f"{model_name}-{stamp}"
+        path, suffix = base, 1
+        while path.exists():  # two runs started in the same second
+            suffix += 1
+            path = base.with_name(f"{base.name}-{suffix}")
+    else:
+        path = Path(out)
+        if path.exists() and any(path.iterdir()):
+            raise UserError(f"output folder is not empty: {path}",
+                            hint="choose another --out; fmnist never overwrites a run")
+    path.mkdir(parents=True, exist_ok=True)
+    return path

@@ -1,0 +1,225 @@
+"""The training loop: whole-dataset tensors in, a complete run folder out.
+
+    fmnist.train(TrainConfig(model="seed", epochs=10))      # Python
+    fmnist train --model seed --epochs 10                   # CLI, same thing
+
+Each epoch shuffles with one permutation and walks contiguous batch views of the
+in-memory tensors (no DataLoader, no per-sample Python), then validates in large
+batches. After every epoch the run folder gets history.csv and checkpoint.pt; the
+best epoch by validation accuracy is kept in model.safetensors. At the end that
+best model is evaluated on the test set and the report is drawn.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from . import runs
+from .data import FashionMNIST, load_dataset, stratified_split, to_float
+from .errors import Interrupted, UserError
+from .inference import predict_logits
+from .metrics import compute_metrics
+from .models import count_parameters, create_model, forward_flops
+from .runtime import environment, resolve_device, seed_everything
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of a run; defaults reproduce the original notebook."""
+
+    model: str = "seed"            # registry name (fmnist.models.list_models())
+    epochs: int = 10               # the notebook's 10 epochs
+    batch_size: int = 32           # Keras' default, as the notebook used
+    lr: float = 1e-3               # Adam's default learning rate in Keras
+    adam_eps: float = 1e-7         # Keras' Adam epsilon (PyTorch's default is 1e-8)
+    val_fraction: float = 0.1      # stratified hold-out from train for monitoring
+    seed: int = 0                  # seeds Python, NumPy, PyTorch and the split
+    device: str = "auto"           # auto = cuda if available, else cpu
+    limit_train: int | None = None  # use only the first N training images (quick runs)
+    deterministic: bool = False    # forbid nondeterministic kernels (see README for cost)
+
+    def validate(self) -> None:
+        for name in ("epochs", "batch_size"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise UserError(f"--lr must be positive, got {self.lr}")
+        if self.limit_train is not None and self.limit_train < 1:
+            raise UserError(f"--limit-train must be at least 1, got {self.limit_train}")
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    history: list[dict]
+    metrics: dict
+
+
+# ----------------------------------------------------------------------------- one epoch
+
+
+def train_one_epoch(model, optimizer, images, labels, batch_size, generator, bar=None):
+    """One pass over ``images`` in a fresh random order; returns (mean loss, accuracy)."""
+    model.train()
+    order = torch.randperm(len(images), generator=generator).to(images.device)
+    images, labels = images[order], labels[order]  # one gather per epoch; batches are views
+    loss_sum = torch.zeros((), device=images.device)
+    correct = torch.zeros((), dtype=torch.long, device=images.device)
+    for step, start in enumerate(range(0, len(images), batch_size)):
+        x, y = images[start:start + batch_size], labels[start:start + batch_size]
+        logits = model(x)
+        loss = F.cross_entropy(logits, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        # Accumulate on the device: no host sync per step.
+        loss_sum += loss.detach() * len(y)
+        correct += (logits.detach().argmax(dim=1) == y).sum()
+        if bar is not None:
+            bar.update(len(y))
+            if step % 50 == 0:
+                seen = start + len(y)
+                bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}", acc=f"{correct.item() / seen:.4f}")
+    return loss_sum.item() / len(images), correct.item() / len(images)
+
+
+def evaluate_split(model, images, labels) -> tuple[float, float, torch.Tensor]:
+    """(loss, accuracy, logits) in eval mode, large batches."""
+    logits = predict_logits(model, images)
+    labels = labels.cpu()
+    loss = F.cross_entropy(logits, labels).item()
+    return loss, (logits.argmax(dim=1) == labels).float().mean().item(), logits
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def _progress_bar(total: int, epoch: int, epochs: int, enabled: bool):
+    return tqdm(total=total, desc=f"epoch {epoch}/{epochs}", unit="img", unit_scale=True,
+                file=sys.stderr, leave=False, disable=not enabled, mininterval=0.5)
+
+
+def _checkpoint_state(model, optimizer, generator, epoch, best_val_accuracy, best_epoch) -> dict:
+    return {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "shuffle_rng": generator.get_state(),
+        "torch_rng": torch.get_rng_state(),
+        "epoch": epoch,
+        "best_val_accuracy": best_val_accuracy,
+        "best_epoch": best_epoch,
+    }
+
+
+def _write_config(run_dir: Path, config: TrainConfig, data: FashionMNIST, model, device,
+                  n_train: int, n_val: int) -> dict:
+    record = {
+        "train": dataclasses.asdict(config),
+        "data": dataclasses.asdict(data.source),
+        "split": {"train": n_train, "validation": n_val, "test": len(data.test_labels)},
+        "model": {"name": config.model, "parameters": count_parameters(model),
+                  "forward_flops_per_image": forward_flops(model)},
+        "environment": environment(device),
+        "created": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+    }
+    runs.write_json(run_dir / runs.CONFIG, record)
+    return record
+
+
+def train(config: TrainConfig | None = None, data_dir: str | os.PathLike | None = None,
+          out: str | os.PathLike | None = None, resume: str | os.PathLike | None = None,
+          data: FashionMNIST | None = None, progress: bool = True, log=print) -> TrainResult:
+    """Train, validate each epoch, test the best epoch, write the run folder.
+
+    ``resume`` continues an interrupted run from its last checkpoint (its config wins).
+    ``log`` receives one line per epoch (the CLI sends it to stderr).
+    """
+    if resume is not None:
+        run_dir = Path(resume)
+        for name in (runs.CONFIG, runs.CHECKPOINT):
+            if not (run_dir / name).is_file():
+                raise UserError(f"nothing to resume: {name} is missing ({run_dir})")
+        saved = runs.read_json(run_dir / runs.CONFIG)
+        config = TrainConfig(**saved["train"])
+    config = config or TrainConfig()
+    config.validate()
+    device = resolve_device(config.device)
+    seed_everything(config.seed, config.deterministic)
+    data = data or load_dataset(data_dir)
+
+    train_idx, val_idx = stratified_split(data.train_labels, config.val_fraction, config.seed)
+    if config.limit_train is not None:
+        train_idx = train_idx[:config.limit_train]
+    # The whole split lives on the device as float tensors for the entire run.
+    x_train = to_float(data.train_images[train_idx]).to(device)
+    y_train = data.train_labels[train_idx].to(device)
+    x_val, y_val = to_float(data.train_images[val_idx]), data.train_labels[val_idx]
+    x_test, y_test = to_float(data.test_images), data.test_labels
+
+    model = create_model(config.model).to(device, memory_format=torch.channels_last)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, eps=config.adam_eps)
+    generator = torch.Generator().manual_seed(config.seed)
+    history, start_epoch, best_val, best_epoch = [], 1, -1.0, 0
+
+    if resume is not None:
+        state = runs.load_checkpoint(run_dir / runs.CHECKPOINT)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        generator.set_state(state["shuffle_rng"])
+        torch.set_rng_state(state["torch_rng"])
+        start_epoch, best_val, best_epoch = state["epoch"] + 1, state["best_val_accuracy"], state["best_epoch"]
+        history = runs.read_history(run_dir)[:state["epoch"]]
+        log(f"resuming {run_dir} after epoch {state['epoch']}")
+    else:
+        run_dir = runs.new_run_dir(out, config.model)
+        _write_config(run_dir, config, data, model, device, len(train_idx), len(val_idx))
+
+    epoch = start_epoch - 1
+    try:
+        for epoch in range(start_epoch, config.epochs + 1):
+            started = time.perf_counter()
+            with _progress_bar(len(x_train), epoch, config.epochs, progress) as bar:
+                train_loss, train_acc = train_one_epoch(model, optimizer, x_train, y_train,
+                                                        config.batch_size, generator, bar)
+            train_seconds = time.perf_counter() - started
+            val_loss, val_acc, _ = evaluate_split(model, x_val, y_val) if len(x_val) else (0.0, 0.0, None)
+            seconds = time.perf_counter() - started
+            history.append({
+                "epoch": epoch, "train_loss": train_loss, "train_accuracy": train_acc,
+                "val_loss": val_loss, "val_accuracy": val_acc,
+                "lr": optimizer.param_groups[0]["lr"], "seconds": seconds,
+                "images_per_second": len(x_train) / train_seconds,
+            })
+            if val_acc > best_val:
+                best_val, best_epoch = val_acc, epoch
+                runs.save_weights(run_dir / runs.WEIGHTS, model, {"model": config.model, "epoch": str(epoch)})
+            runs.save_checkpoint(run_dir / runs.CHECKPOINT,
+                                 _checkpoint_state(model, optimizer, generator, epoch, best_val, best_epoch))
+            runs.write_csv(run_dir / runs.HISTORY, history)
+            log(f"epoch {epoch:>2}/{config.epochs}  train loss {train_loss:.4f} acc {train_acc:.4f}  "
+                f"val loss {val_loss:.4f} acc {val_acc:.4f}  {seconds:.1f}s  "
+                f"{len(x_train) / train_seconds:,.0f} img/s" + ("  *best" if best_epoch == epoch else ""))
+    except KeyboardInterrupt:
+        raise Interrupted(run_dir, epoch - 1) from None
+
+    # Test the best-by-validation weights, not merely the last epoch's.
+    model.load_state_dict(runs.load_weights(run_dir / runs.WEIGHTS))
+    test_loss, test_acc, test_logits = evaluate_split(model, x_test, y_test)
+    metrics = compute_metrics(test_logits, y_test)
+    metrics.update(split="test", data_release=data.source.release, best_epoch=best_epoch,
+                   best_val_accuracy=best_val)
+    runs.write_json(run_dir / runs.METRICS, metrics)
+
+    from .report import build_report  # matplotlib is imported only when drawing
+    build_report(run_dir, data, test_logits)
+    return TrainResult(run_dir=run_dir, history=history, metrics=metrics)

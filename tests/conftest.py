@@ -1,0 +1,77 @@
+"""Shared fixtures: the real dataset (required in CI), one trained run, IDX file makers."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def _require_data() -> Path:
+    value = os.environ.get("FMNIST_DATA")
+    if value and Path(value).is_dir():
+        return Path(value)
+    message = f"real Fashion-MNIST data not found (FMNIST_DATA={value!r})"
+    if IN_CI:
+        pytest.fail(message + "; CI must provide it", pytrace=False)
+    pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    return _require_data()
+
+
+@pytest.fixture(scope="session")
+def dataset(data_dir):
+    import fmnist
+
+    return fmnist.load_dataset(data_dir)
+
+
+def run_cli(*args, env=None, check=False) -> subprocess.CompletedProcess:
+    """Run the installed ``fmnist`` entry point as a user would."""
+    merged = {**os.environ, **(env or {})}
+    exe = Path(sys.executable).with_name("fmnist")
+    result = subprocess.run([str(exe), *map(str, args)], capture_output=True, text=True, env=merged)
+    if check and result.returncode != 0:
+        raise AssertionError(f"fmnist {' '.join(map(str, args))} failed:\n{result.stderr}")
+    return result
+
+
+@pytest.fixture(scope="session")
+def trained_run(data_dir, tmp_path_factory):
+    """One real CLI training run, shared by the end-to-end tests: 1 epoch on 10,000 images."""
+    out = tmp_path_factory.mktemp("runs") / "quick"
+    result = run_cli("train", "--model", "seed", "--epochs", "1", "--limit-train", "10000",
+                     "--out", out, "--data", data_dir, "--json", check=True)
+    return out, result
+
+
+def idx_bytes(array: np.ndarray, magic: int) -> bytes:
+    header = magic.to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in array.shape)
+    return header + array.astype(np.uint8).tobytes()
+
+
+def write_idx_set(directory: Path, n_train: int = 20, n_test: int = 10, compress: bool = True, seed: int = 0) -> Path:
+    """Four small, valid, synthetic IDX files (optionally gzip'd) in ``directory``."""
+    rng = np.random.default_rng(seed)
+    directory.mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", n_train), ("t10k", n_test)):
+        images = rng.integers(0, 256, (n, 28, 28))
+        labels = np.arange(n) % 10
+        for kind, array, magic in (("images-idx3", images, 0x803), ("labels-idx1", labels, 0x801)):
+            payload = idx_bytes(array, magic)
+            name = f"{split}-{kind}-ubyte"
+            if compress:
+                (directory / f"{name}.gz").write_bytes(gzip.compress(payload))
+            else:
+                (directory / name).write_bytes(payload)
+    return directory

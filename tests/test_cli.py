@@ -1,0 +1,88 @@
+"""End-to-end: the installed ``fmnist`` command on the real data, as a user runs it."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from fmnist import runs
+from fmnist.inference import Classifier
+
+from .conftest import run_cli
+
+RUN_FILES = ("config.json", "history.csv", "model.safetensors", "checkpoint.pt", "metrics.json", "report.html",
+             "figures/curves.png", "figures/confusion_matrix.png", "figures/samples.png", "figures/misclassified.png")
+
+
+def test_train_one_epoch_reaches_floor_and_writes_every_file(trained_run):
+    out, result = trained_run
+    payload = json.loads(result.stdout)
+    assert payload["metrics"]["accuracy"] >= 0.72, payload["metrics"]["accuracy"]
+    for name in RUN_FILES:
+        path = out / name
+        assert path.is_file() and path.stat().st_size > 0, name
+        if name.endswith(".png"):
+            assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    config = json.loads((out / "config.json").read_text())
+    assert config["data"]["release"] == "fashion-mnist 2017-08-26"
+    assert config["train"]["batch_size"] == 32 and config["split"]["train"] == 10000
+    assert config["environment"]["torch"]
+    html = (out / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == 4 and "Classification report" in html
+    assert not list(out.rglob("*.tmp"))  # atomic writes leave no temporaries
+
+
+def test_evaluate_reproduces_training_accuracy(trained_run, data_dir):
+    out, _ = trained_run
+    saved = json.loads((out / "metrics.json").read_text())
+    result = run_cli("evaluate", out, "--data", data_dir, "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["accuracy"] == saved["accuracy"]
+    table = run_cli("evaluate", out, "--data", data_dir).stdout
+    assert re.search(r"accuracy\s+%.4f\s+10000" % saved["accuracy"], table)
+
+
+def test_classifier_agrees_with_metrics(trained_run, dataset):
+    out, _ = trained_run
+    classifier = Classifier.from_run(out)
+    predicted = classifier.predict_proba(dataset.test_images).argmax(1)
+    accuracy = (predicted == dataset.test_labels).float().mean().item()
+    assert accuracy == pytest.approx(json.loads((out / "metrics.json").read_text())["accuracy"], abs=1e-6)
+    assert classifier.predict(dataset.test_images[0].numpy()) == [classifier.class_names[predicted[0]]]
+
+
+def test_report_redraws_figures(trained_run, data_dir):
+    out, _ = trained_run
+    (out / "figures" / "samples.png").unlink()
+    result = run_cli("report", out, "--data", data_dir)
+    assert result.returncode == 0, result.stderr
+    assert (out / "figures" / "samples.png").is_file() and result.stdout.strip().endswith("report.html")
+
+
+@pytest.mark.parametrize("args,message", [
+    (["evaluate", "/no/such/run"], "run folder does not exist"),
+    (["train", "--data", "/no/such/dir"], "data folder does not exist"),
+    (["train", "--model", "nope"], "invalid choice"),
+    (["train", "--epochs", "0"], "must be at least 1"),
+])
+def test_user_errors_exit_2_without_traceback(args, message):
+    result = run_cli(*args)
+    assert result.returncode == 2
+    assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_not_a_run_folder(tmp_path):
+    result = run_cli("evaluate", tmp_path)
+    assert result.returncode == 2 and f"not a run folder: {runs.CONFIG} is missing" in result.stderr
+
+
+def test_corrupt_weights_are_a_user_error(trained_run, tmp_path, data_dir):
+    out, _ = trained_run
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text((out / "config.json").read_text())
+    (broken / "model.safetensors").write_bytes(b"\x00" * 100)
+    result = run_cli("evaluate", broken, "--data", data_dir)
+    assert result.returncode == 2 and "cannot load weights" in result.stderr and "Traceback" not in result.stderr

@@ -1,0 +1,56 @@
+"""Our metrics must equal scikit-learn's on the same predictions."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from sklearn import metrics as skm
+
+from fmnist.data import CLASS_NAMES
+from fmnist.metrics import compute_metrics, format_report
+
+
+def _random_case(seed: int, n: int = 3000, missing_class: bool = False):
+    generator = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, 10, (n,), generator=generator)
+    logits = torch.randn(n, 10, generator=generator)
+    logits[torch.arange(n), labels] += 1.5  # better than chance, imperfect
+    if missing_class:  # class 9 never predicted: precision 0/0
+        logits[:, 9] = -30.0
+    return logits, labels
+
+
+@pytest.mark.parametrize("seed,missing", [(0, False), (1, True)])
+def test_metrics_match_scikit_learn(seed, missing):
+    logits, labels = _random_case(seed, missing_class=missing)
+    ours = compute_metrics(logits, labels)
+    y, p = labels.numpy(), logits.argmax(1).numpy()
+    assert ours["accuracy"] == pytest.approx(skm.accuracy_score(y, p))
+    assert ours["top2_accuracy"] == pytest.approx(skm.top_k_accuracy_score(y, logits.numpy(), k=2))
+    assert ours["loss"] == pytest.approx(skm.log_loss(y, logits.double().softmax(1).numpy(), labels=range(10)), rel=1e-4)
+    assert np.array_equal(np.array(ours["confusion_matrix"]), skm.confusion_matrix(y, p, labels=range(10)))
+    report = skm.classification_report(y, p, labels=range(10), target_names=CLASS_NAMES,
+                                       output_dict=True, zero_division=0)
+    for name in CLASS_NAMES:
+        for key, sk_key in (("precision", "precision"), ("recall", "recall"), ("f1", "f1-score")):
+            assert ours["per_class"][name][key] == pytest.approx(report[name][sk_key])
+        assert ours["per_class"][name]["support"] == report[name]["support"]
+    for ours_key, sk_key in (("macro_avg", "macro avg"), ("weighted_avg", "weighted avg")):
+        for key, sk_metric in (("precision", "precision"), ("recall", "recall"), ("f1", "f1-score")):
+            assert ours[ours_key][key] == pytest.approx(report[sk_key][sk_metric])
+
+
+def test_most_confused_is_the_largest_off_diagonal_cell():
+    labels = torch.tensor([6] * 5 + [2] * 3 + [0] * 4)
+    predicted = torch.tensor([0] * 4 + [6] + [4] * 2 + [2] + [0] * 4)
+    ours = compute_metrics(torch.nn.functional.one_hot(predicted, 10).float(), labels)
+    assert ours["most_confused"][0] == {"true": "Shirt", "predicted": "T-shirt/top", "count": 4}
+    assert ours["most_confused"][1] == {"true": "Pullover", "predicted": "Coat", "count": 2}
+    assert len(ours["most_confused"]) == 2  # zero cells are not "confusions"
+
+
+def test_format_report_lists_every_class_and_the_averages():
+    text = format_report(compute_metrics(*_random_case(2)))
+    for name in CLASS_NAMES + ("accuracy", "macro avg", "weighted avg"):
+        assert name in text

@@ -1,0 +1,61 @@
+"""Training on real data: reproducibility, resume after interruption, run folder contents."""
+
+from __future__ import annotations
+
+import pytest
+
+from fmnist import runs
+from fmnist.errors import Interrupted, UserError
+from fmnist.training import TrainConfig, train
+
+METRIC_COLUMNS = ("train_loss", "train_accuracy", "val_loss", "val_accuracy")
+
+
+def _numbers(history):
+    return [[row[key] for key in METRIC_COLUMNS] for row in history]
+
+
+def _quiet(**kwargs):
+    return dict(progress=False, log=lambda line: None, **kwargs)
+
+
+def test_same_seed_same_numbers(dataset, tmp_path):
+    config = TrainConfig(epochs=1, limit_train=2000, seed=7, batch_size=64)
+    first = train(config, data=dataset, out=tmp_path / "a", **_quiet())
+    second = train(config, data=dataset, out=tmp_path / "b", **_quiet())
+    assert _numbers(first.history) == _numbers(second.history)
+    assert first.metrics["accuracy"] == second.metrics["accuracy"]
+    other = train(TrainConfig(epochs=1, limit_train=2000, seed=8, batch_size=64), data=dataset,
+                  out=tmp_path / "c", **_quiet())
+    assert _numbers(other.history) != _numbers(first.history)
+
+
+def test_resume_after_interrupt_matches_uninterrupted(dataset, tmp_path):
+    config = TrainConfig(epochs=2, limit_train=1500, seed=3, batch_size=64)
+    straight = train(config, data=dataset, out=tmp_path / "straight", **_quiet())
+
+    def interrupt_after_first_epoch(line):
+        if line.startswith("epoch  1/2"):
+            raise KeyboardInterrupt  # as Ctrl-C would, once epoch 1 is safely on disk
+
+    with pytest.raises(Interrupted):
+        train(config, data=dataset, out=tmp_path / "cut", progress=False, log=interrupt_after_first_epoch)
+    assert len(runs.read_history(tmp_path / "cut")) == 1
+    assert not (tmp_path / "cut" / runs.METRICS).exists()
+    resumed = train(resume=tmp_path / "cut", data=dataset, **_quiet())
+    assert _numbers(resumed.history) == _numbers(straight.history)
+    assert resumed.metrics["accuracy"] == straight.metrics["accuracy"]
+
+
+def test_never_overwrites_a_run(dataset, tmp_path):
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "keep.txt").write_text("mine")
+    with pytest.raises(UserError, match="not empty"):
+        train(TrainConfig(epochs=1, limit_train=100), data=dataset, out=tmp_path / "taken", **_quiet())
+    assert (tmp_path / "taken" / "keep.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("field,value", [("epochs", 0), ("batch_size", 0), ("lr", -1.0), ("val_fraction", 1.0)])
+def test_bad_settings_are_user_errors(dataset, tmp_path, field, value):
+    with pytest.raises(UserError):
+        train(TrainConfig(**{field: value}), data=dataset, out=tmp_path / "x", **_quiet())
