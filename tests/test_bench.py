@@ -1,0 +1,36 @@
+"""The benchmark runs end to end and reports coherent numbers (speed itself is not asserted)."""
+
+from __future__ import annotations
+
+import json
+
+from fmnist.bench import training_flops
+from fmnist.models import create_model
+
+from .conftest import run_cli
+
+
+def test_training_flops_match_the_hand_count():
+    # forward 5.26 MFLOP; backward = 2x forward minus conv1's never-computed input gradient
+    assert training_flops(create_model("seed")) == 3 * 5_262_080 - 389_376
+
+
+def test_bench_quick_json():
+    result = run_cli("bench", "--quick", "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["gemm_gflops"] > 0
+    loops = {(row["loop"], row["batch"]) for row in report["training"]}
+    assert {("fmnist fp32", 32), ("textbook fp32", 32), ("fmnist fp32", 128), ("textbook fp32", 128)} <= loops
+    for row in report["training"]:
+        assert row["images_per_second"] > 0
+        if row["loop"] == "textbook fp32":
+            assert row["vs_textbook"] == 1.0
+    assert {row["batch"] for row in report["inference"]} == {256, 1024}
+    assert all(lat["p50"] <= lat["p99"] for lat in report["latency_ms"].values())
+
+
+def test_bench_table():
+    result = run_cli("bench", "--quick")
+    assert result.returncode == 0, result.stderr
+    assert "vs textbook" in result.stdout and "single-image latency" in result.stdout

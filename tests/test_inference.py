@@ -1,0 +1,47 @@
+"""Classifier: input forms, backends, and ONNX Runtime parity with PyTorch."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from fmnist.errors import UserError
+from fmnist.inference import Classifier
+from fmnist.models import create_model
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return create_model("seed").eval()
+
+
+def test_onnx_backend_agrees_with_torch(model):
+    pytest.importorskip("onnxruntime")
+    images = torch.randint(0, 256, (300, 28, 28), dtype=torch.uint8)
+    fast, reference = Classifier(model, backend="onnx"), Classifier(model, backend="torch")
+    assert fast.backend == "onnx" and reference.backend == "torch"
+    torch.testing.assert_close(fast.predict_proba(images), reference.predict_proba(images), atol=1e-5, rtol=1e-4)
+
+
+def test_auto_prefers_onnx_on_cpu(model):
+    pytest.importorskip("onnxruntime")
+    assert Classifier(model).backend == "onnx"
+
+
+@pytest.mark.parametrize("backend", ["torch", "onnx"])
+def test_accepts_uint8_float_numpy_and_single_images(model, backend):
+    pytest.importorskip("onnxruntime")
+    classifier = Classifier(model, backend=backend)
+    images = np.random.default_rng(0).integers(0, 256, (4, 28, 28), dtype=np.uint8)
+    as_uint8 = classifier.predict_proba(images)
+    as_float = classifier.predict_proba(torch.from_numpy(images).float().div(255).unsqueeze(1))
+    torch.testing.assert_close(as_uint8, as_float)
+    assert as_uint8.shape == (4, 10) and torch.allclose(as_uint8.sum(1), torch.ones(4))
+    assert classifier.predict(images[0]) == classifier.predict(images[:1])
+
+
+def test_unknown_backend(model):
+    with pytest.raises(UserError, match="unknown backend"):
+        Classifier(model, backend="tensorrt")

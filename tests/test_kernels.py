@@ -1,0 +1,64 @@
+"""The fused conv+pool kernel must compute exactly what the stock layers compute."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fmnist import kernels
+from fmnist.models import create_model
+
+pytestmark = pytest.mark.skipif(not kernels.available(), reason="numba not installed")
+
+
+def _inputs(batch: int, seed: int = 0):
+    """Small integers as floats: every sum is exact in float32, whatever the summation order,
+    so the winner of each pooling window is well defined (random floats produce near-ties
+    that rounding can flip either way) and ties are exact ties."""
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, 4, (batch, 1, 28, 28), generator=generator).float()
+    x[:, :, :6] = 0.0  # blank rows, as in real images: every pooling window there is a tie
+    weight = torch.randint(-3, 4, (32, 1, 3, 3), generator=generator).float().requires_grad_()
+    bias = torch.randint(-2, 3, (32,), generator=generator).float().requires_grad_()
+    return x, weight, bias
+
+
+@pytest.mark.parametrize("batch", [1, 7, 64])
+def test_forward_and_gradients_match_stock_layers(batch):
+    x, weight, bias = _inputs(batch)
+    ours = kernels.conv_pool(x, weight, bias)
+    reference = F.max_pool2d(F.conv2d(x, weight, bias), 2)
+    assert ours.shape == reference.shape == (batch, 32, 13, 13)
+    torch.testing.assert_close(ours, reference, atol=0, rtol=0)
+    grad = torch.randint(-5, 6, reference.shape, generator=torch.Generator().manual_seed(1)).float()
+    ours_grads = torch.autograd.grad(ours, (weight, bias), grad)
+    reference_grads = torch.autograd.grad(reference, (weight, bias), grad)
+    for got, expected in zip(ours_grads, reference_grads):
+        torch.testing.assert_close(got, expected, atol=0, rtol=0)
+
+
+def test_ties_go_to_the_first_position_like_pytorch():
+    x = torch.zeros(1, 1, 28, 28)  # all four positions of every window are equal
+    weight = torch.ones(4, 1, 3, 3, requires_grad=True)
+    bias = torch.zeros(4, requires_grad=True)
+    grad = torch.ones(1, 4, 13, 13)
+    x[0, 0, 1, 1] = 1.0  # one window where a later position wins outright
+    ours = torch.autograd.grad(kernels.conv_pool(x, weight, bias), weight, grad)[0]
+    reference = torch.autograd.grad(F.max_pool2d(F.conv2d(x, weight, bias), 2), weight, grad)[0]
+    torch.testing.assert_close(ours, reference)
+
+
+def test_seed_model_is_the_same_function_with_and_without_the_kernel():
+    model = create_model("seed").eval()
+    x = torch.rand(16, 1, 28, 28, generator=torch.Generator().manual_seed(2))
+    fused = model(x)
+    model.fused_first_block = False
+    torch.testing.assert_close(fused, model(x), atol=1e-5, rtol=1e-5)
+
+
+def test_kernel_is_used_only_where_it_applies():
+    x, weight, _ = _inputs(2)
+    assert kernels.supports(x, weight)
+    assert not kernels.supports(x.double(), weight)
+    assert not kernels.supports(torch.zeros(2, 3, 28, 28), torch.zeros(32, 3, 3, 3))
