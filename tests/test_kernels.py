@@ -1,4 +1,4 @@
-"""The fused conv+pool kernel must compute exactly what the stock layers compute."""
+"""The fused conv+pool+ReLU kernel must compute exactly what the stock layers compute."""
 
 from __future__ import annotations
 
@@ -27,8 +27,8 @@ def _inputs(batch: int, seed: int = 0):
 @pytest.mark.parametrize("batch", [1, 7, 64])
 def test_forward_and_gradients_match_stock_layers(batch):
     x, weight, bias = _inputs(batch)
-    ours = kernels.conv_pool(x, weight, bias)
-    reference = F.max_pool2d(F.conv2d(x, weight, bias), 2)
+    ours = kernels.conv_pool_relu(x, weight, bias)
+    reference = F.relu(F.max_pool2d(F.conv2d(x, weight, bias), 2))
     assert ours.shape == reference.shape == (batch, 32, 13, 13)
     torch.testing.assert_close(ours, reference, atol=0, rtol=0)
     grad = torch.randint(-5, 6, reference.shape, generator=torch.Generator().manual_seed(1)).float()
@@ -40,12 +40,12 @@ def test_forward_and_gradients_match_stock_layers(batch):
 
 def test_ties_go_to_the_first_position_like_pytorch():
     x = torch.zeros(1, 1, 28, 28)  # all four positions of every window are equal
-    weight = torch.ones(4, 1, 3, 3, requires_grad=True)
-    bias = torch.zeros(4, requires_grad=True)
-    grad = torch.ones(1, 4, 13, 13)
+    weight = torch.ones(32, 1, 3, 3, requires_grad=True)
+    bias = torch.zeros(32, requires_grad=True)
+    grad = torch.ones(1, 32, 13, 13)
     x[0, 0, 1, 1] = 1.0  # one window where a later position wins outright
-    ours = torch.autograd.grad(kernels.conv_pool(x, weight, bias), weight, grad)[0]
-    reference = torch.autograd.grad(F.max_pool2d(F.conv2d(x, weight, bias), 2), weight, grad)[0]
+    ours = torch.autograd.grad(kernels.conv_pool_relu(x, weight, bias), weight, grad)[0]
+    reference = torch.autograd.grad(F.relu(F.max_pool2d(F.conv2d(x, weight, bias), 2)), weight, grad)[0]
     torch.testing.assert_close(ours, reference)
 
 
@@ -53,7 +53,7 @@ def test_seed_model_is_the_same_function_with_and_without_the_kernel():
     model = create_model("seed").eval()
     x = torch.rand(16, 1, 28, 28, generator=torch.Generator().manual_seed(2))
     fused = model(x)
-    model.fused_first_block = False
+    model.fused_kernels = False
     torch.testing.assert_close(fused, model(x), atol=1e-5, rtol=1e-5)
 
 
@@ -62,3 +62,5 @@ def test_kernel_is_used_only_where_it_applies():
     assert kernels.supports(x, weight)
     assert not kernels.supports(x.double(), weight)
     assert not kernels.supports(torch.zeros(2, 3, 28, 28), torch.zeros(32, 3, 3, 3))
+    assert not kernels.supports(x, torch.zeros(16, 1, 3, 3))  # compiled for 32 channels
+

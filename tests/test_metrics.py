@@ -28,7 +28,8 @@ def test_metrics_match_scikit_learn(seed, missing):
     y, p = labels.numpy(), logits.argmax(1).numpy()
     assert ours["accuracy"] == pytest.approx(skm.accuracy_score(y, p))
     assert ours["top2_accuracy"] == pytest.approx(skm.top_k_accuracy_score(y, logits.numpy(), k=2))
-    assert ours["loss"] == pytest.approx(skm.log_loss(y, logits.double().softmax(1).numpy(), labels=range(10)), rel=1e-4)
+    probabilities = logits.double().softmax(1).numpy()
+    assert ours["loss"] == pytest.approx(skm.log_loss(y, probabilities, labels=range(10)), rel=1e-4)
     assert np.array_equal(np.array(ours["confusion_matrix"]), skm.confusion_matrix(y, p, labels=range(10)))
     report = skm.classification_report(y, p, labels=range(10), target_names=CLASS_NAMES,
                                        output_dict=True, zero_division=0)

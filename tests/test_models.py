@@ -35,7 +35,7 @@ def test_seed_model_layers_follow_the_notebook():
 
 def test_pool_then_relu_equals_relu_then_pool():
     model = create_model("seed").eval()
-    model.fused_first_block = False  # stock layers on both sides: exact equality expected
+    model.fused_kernels = False  # stock layers on both sides: exact equality expected
     x = torch.rand(8, 1, 28, 28, requires_grad=True)
     ours, theirs = model(x), _notebook_order(model)(x)
     assert torch.equal(ours, theirs)

@@ -30,7 +30,7 @@ from torch import nn
 
 from .inference import Classifier
 from .models import create_model, layer_flops
-from .runtime import environment, resolve_device, tune_allocator
+from .runtime import environment, resolve_device
 from .training import TrainConfig, make_optimizer, train_one_epoch
 
 
@@ -228,7 +228,6 @@ def _inference(config: BenchConfig, device: torch.device) -> tuple[list[dict], d
 def run_benchmark(config: BenchConfig | None = None, log=lambda line: None) -> BenchResult:
     config = config or BenchConfig()
     device = resolve_device(config.device)
-    tune_allocator()
     model = create_model("seed")
     result = BenchResult(environment=environment(device), gemm_gflops=gemm_gflops(device),
                          train_flops_per_image=training_flops(model),

@@ -65,8 +65,8 @@ def onnx_session(model: torch.nn.Module, check_images: int = 64):
     import onnxruntime as ort
 
     cpu_model = copy.deepcopy(model).cpu().eval()
-    if hasattr(cpu_model, "fused_first_block"):
-        cpu_model.fused_first_block = False  # export the stock layers, not the Numba kernel
+    if hasattr(cpu_model, "fused_kernels"):
+        cpu_model.fused_kernels = False  # export the stock layers, not the Numba kernels
     buffer = io.BytesIO()
     with warnings.catch_warnings():
         # The TorchScript exporter takes 0.08 s for this model and needs no onnxscript;

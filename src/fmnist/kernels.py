@@ -1,4 +1,4 @@
-"""A fused CPU kernel for the seed CNN's first block: 3x3 conv (1 -> C channels) + 2x2 max-pool.
+"""A fused CPU kernel for the seed CNN's first block: 3x3 conv (1 -> 32 channels), 2x2 max-pool, ReLU.
 
 Why: on a CPU this block is memory-bound, not compute-bound. Stock PyTorch writes the
 26x26xC conv output (11 MB at batch 128), reads it back to pool, and in the backward
@@ -8,9 +8,14 @@ of every training step. Fused, the 26x26 map is never stored: each pooled output
 max of four 3x3 dot products computed in registers, with a 2-bit code saying which won;
 the backward pass uses that code to send each gradient to its one winning position.
 
-Semantics match ``max_pool2d(conv2d(x, w, b), 2)`` exactly, ties included (the first
-maximum in row-major window order wins, as in PyTorch); sums are accumulated in a
-different order, so values agree to float32 rounding, not bit for bit.
+Semantics match ``relu(max_pool2d(conv2d(x, w, b), 2))`` exactly, ties included (the
+first maximum in row-major window order wins, as in PyTorch; ReLU passes no gradient at
+0); sums are accumulated in a different order, so values agree to float32 rounding, not
+bit for bit. (ReLU after the pool equals the notebook's ReLU before it: max and ReLU
+commute.)
+
+The same treatment of the second block's max-pool + ReLU measured +0% at batch 32 and
++3% at batch 128 (its tensors are 4x smaller), so it was not kept.
 
 Compiled by Numba on first use (a few seconds, then cached on disk).
 """
@@ -26,6 +31,8 @@ except ImportError:  # pragma: no cover - numba is a declared dependency; stay u
     numba = None
 
 IN_SIZE, POOLED = 28, 13  # 28x28 input -> 26x26 conv output -> 13x13 after 2x2 pooling
+CHANNELS = 32             # the seed CNN's first layer; a compile-time constant vectorises best
+DEAD = 4                  # code for outputs the ReLU zeroed
 
 
 def available() -> bool:
@@ -33,56 +40,83 @@ def available() -> bool:
 
 
 if numba is not None:
-    @numba.njit(parallel=True, cache=True, fastmath=False)
+    # Loop order: for each pooled output, the four candidate positions are accumulated side
+    # by side over the 3x3 taps (the 4x4 input neighbourhood is read once), with the
+    # channel loop innermost and of constant length so LLVM vectorises it. 'contract' lets
+    # it fuse multiply-adds; nothing is reassociated. Measured at batch 32 on the dev
+    # machine: forward 200 us and backward 125 us, against 435 us and ~1,000 us for the
+    # stock conv + max-pool (forward) and max-pool + conv backward.
+
+    @numba.njit(parallel=True, cache=True, fastmath={"contract"})
     def _forward(x, w, b, out, code):  # pragma: no cover - compiled
-        # x [N, 28, 28]; w [9, C] (tap-major so channels are contiguous); b [C]
-        # out [N, 13, 13, C] float32 (channels last); code [N, 13, 13, C] uint8 in 0..3
-        n_images, channels = x.shape[0], w.shape[1]
-        for n in numba.prange(n_images):
-            acc = np.empty(channels, np.float32)
+        # x [N, 28, 28]; w [9, C] (tap-major: channels contiguous); b [C]
+        # out [N, 13, 13, C] float32 (channels last); code [N, 13, 13, C] uint8: the winning
+        # position 0..3, or DEAD where the ReLU zeroed the output (no gradient flows back)
+        for n in numba.prange(x.shape[0]):
+            acc = np.empty((4, CHANNELS), np.float32)
             for i in range(POOLED):
                 for j in range(POOLED):
                     for p in range(4):
-                        r, s = 2 * i + p // 2, 2 * j + p % 2
-                        for c in range(channels):
-                            acc[c] = b[c]
-                        for kr in range(3):
-                            for kc in range(3):
-                                v = x[n, r + kr, s + kc]
-                                for c in range(channels):
-                                    acc[c] += v * w[kr * 3 + kc, c]
-                        for c in range(channels):
-                            if p == 0 or acc[c] > out[n, i, j, c]:  # strict: first maximum wins
-                                out[n, i, j, c] = acc[c]
-                                code[n, i, j, c] = p
+                        for c in range(CHANNELS):
+                            acc[p, c] = b[c]
+                    for kr in range(3):
+                        for kc in range(3):
+                            r, s = 2 * i + kr, 2 * j + kc
+                            v0, v1, v2, v3 = x[n, r, s], x[n, r, s + 1], x[n, r + 1, s], x[n, r + 1, s + 1]
+                            for c in range(CHANNELS):
+                                wk = w[kr * 3 + kc, c]
+                                acc[0, c] += v0 * wk
+                                acc[1, c] += v1 * wk
+                                acc[2, c] += v2 * wk
+                                acc[3, c] += v3 * wk
+                    for c in range(CHANNELS):  # strict '>': the first maximum wins, as in PyTorch
+                        best, win = acc[0, c], 0
+                        if acc[1, c] > best:
+                            best, win = acc[1, c], 1
+                        if acc[2, c] > best:
+                            best, win = acc[2, c], 2
+                        if acc[3, c] > best:
+                            best, win = acc[3, c], 3
+                        if best <= 0.0:
+                            best, win = 0.0, DEAD
+                        out[n, i, j, c] = best
+                        code[n, i, j, c] = win
 
-    @numba.njit(parallel=True, cache=True, fastmath=False)
+    @numba.njit(parallel=True, cache=True, fastmath={"contract"})
     def _backward(x, grad, code, partial):  # pragma: no cover - compiled
         # grad [N, 13, 13, C]; partial [N, 10, C]: per-image weight (taps 0-8) and bias (9)
         # gradients, summed over images afterwards (deterministic, no atomics).
-        n_images, channels = x.shape[0], grad.shape[3]
-        for n in numba.prange(n_images):
-            routed = np.empty(channels, np.float32)
-            for k in range(10):
-                for c in range(channels):
-                    partial[n, k, c] = 0.0
+        for n in numba.prange(x.shape[0]):
+            routed = np.empty((4, CHANNELS), np.float32)  # the gradient, at the winner only
+            acc = np.zeros((10, CHANNELS), np.float32)
             for i in range(POOLED):
                 for j in range(POOLED):
-                    for c in range(channels):
-                        partial[n, 9, c] += grad[n, i, j, c]
-                    for p in range(4):
-                        r, s = 2 * i + p // 2, 2 * j + p % 2
-                        for c in range(channels):  # gradient only where position p won
-                            routed[c] = grad[n, i, j, c] if code[n, i, j, c] == p else 0.0
-                        for kr in range(3):
-                            for kc in range(3):
-                                v = x[n, r + kr, s + kc]
-                                for c in range(channels):
-                                    partial[n, kr * 3 + kc, c] += v * routed[c]
+                    for c in range(CHANNELS):
+                        g, win = grad[n, i, j, c], code[n, i, j, c]
+                        acc[9, c] += g if win != DEAD else 0.0
+                        routed[0, c] = g if win == 0 else 0.0
+                        routed[1, c] = g if win == 1 else 0.0
+                        routed[2, c] = g if win == 2 else 0.0
+                        routed[3, c] = g if win == 3 else 0.0
+                    for kr in range(3):
+                        for kc in range(3):
+                            r, s = 2 * i + kr, 2 * j + kc
+                            v0, v1, v2, v3 = x[n, r, s], x[n, r, s + 1], x[n, r + 1, s], x[n, r + 1, s + 1]
+                            for c in range(CHANNELS):
+                                acc[kr * 3 + kc, c] += (v0 * routed[0, c] + v1 * routed[1, c]
+                                                        + v2 * routed[2, c] + v3 * routed[3, c])
+            for k in range(10):
+                for c in range(CHANNELS):
+                    partial[n, k, c] = acc[k, c]
 
 
-class ConvPool(torch.autograd.Function):
-    """``max_pool2d(conv2d(x, weight, bias), 2)`` for x [N, 1, 28, 28], 3x3 weight, on the CPU."""
+def _channels_last(t: torch.Tensor) -> torch.Tensor:
+    """[N, C, H, W] -> an [N, H, W, C] contiguous tensor (a free view if already channels-last)."""
+    return t.detach().permute(0, 2, 3, 1).contiguous()
+
+
+class ConvPoolReLU(torch.autograd.Function):
+    """``relu(max_pool2d(conv2d(x, weight, bias), 2))`` for x [N, 1, 28, 28], 32 3x3 filters, on the CPU."""
 
     @staticmethod
     def forward(ctx, x, weight, bias):
@@ -98,7 +132,7 @@ class ConvPool(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         images, code = ctx.saved_tensors
-        grad = grad_out.permute(0, 2, 3, 1).contiguous()  # no copy when already channels-last
+        grad = _channels_last(grad_out)
         partial = torch.empty(images.shape[0], 10, grad.shape[3])
         _backward(images.numpy(), grad.numpy(), code.numpy(), partial.numpy())
         summed = partial.sum(dim=0)
@@ -106,11 +140,11 @@ class ConvPool(torch.autograd.Function):
         return None, grad_weight, summed[9]
 
 
-def conv_pool(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    return ConvPool.apply(x, weight, bias)
+def conv_pool_relu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    return ConvPoolReLU.apply(x, weight, bias)
 
 
 def supports(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """The fused kernel covers float32 CPU tensors of the seed CNN's first layer shape."""
     return (available() and x.device.type == "cpu" and x.dtype == torch.float32
-            and tuple(x.shape[1:]) == (1, IN_SIZE, IN_SIZE) and tuple(weight.shape[1:]) == (1, 3, 3))
+            and tuple(x.shape[1:]) == (1, IN_SIZE, IN_SIZE) and tuple(weight.shape) == (CHANNELS, 1, 3, 3))

@@ -160,8 +160,9 @@ def _html(run_dir: Path, config: dict, history: list[dict], metrics: dict, figur
                      f"{r['val_loss']:.4f}", f"{r['val_accuracy']:.4f}", f"{r['seconds']:.1f}",
                      f"{r['images_per_second']:,.0f}"] for r in history]
     confused = [[p["true"], p["predicted"], p["count"]] for p in metrics["most_confused"]]
-    headline = (f"test accuracy <b>{100 * metrics['accuracy']:.2f}%</b> · top-2 {100 * metrics['top2_accuracy']:.2f}% · "
-                f"loss {metrics['loss']:.4f} · best epoch {metrics.get('best_epoch', '?')} of {len(history)} "
+    headline = (f"test accuracy <b>{100 * metrics['accuracy']:.2f}%</b> · "
+                f"top-2 {100 * metrics['top2_accuracy']:.2f}% · loss {metrics['loss']:.4f} · "
+                f"best epoch {metrics.get('best_epoch', '?')} of {len(history)} "
                 f"· {html.escape(metrics.get('data_release', data['release']))}")
     sections = [
         f"<h1>fmnist run <code>{html.escape(run_dir.name)}</code></h1><p class=headline>{headline}</p>",

@@ -30,7 +30,7 @@ from .errors import Interrupted, UserError
 from .inference import predict_logits
 from .metrics import compute_metrics
 from .models import count_parameters, create_model, forward_flops
-from .runtime import autocast, environment, resolve_device, resolve_precision, seed_everything, tune_allocator
+from .runtime import autocast, environment, resolve_device, resolve_precision, seed_everything
 
 
 @dataclass
@@ -168,7 +168,6 @@ def train(config: TrainConfig | None = None, data_dir: str | os.PathLike | None 
     device = resolve_device(config.device)
     precision = resolve_precision(config.precision, device)
     seed_everything(config.seed, config.deterministic)
-    tune_allocator()
     data = data or load_dataset(data_dir)
 
     train_idx, val_idx = stratified_split(data.train_labels, config.val_fraction, config.seed)
