@@ -121,7 +121,8 @@ def cmd_bench(args) -> int:
 
     config = BenchConfig(device=args.device)
     if args.quick:  # a smoke run: every code path, numbers too rough to quote
-        config = dataclasses.replace(config, rounds=1, train_steps=5, warmup_steps=2, latency_calls=20)
+        config = dataclasses.replace(config, rounds=1, train_steps=5, warmup_steps=2, latency_calls=20,
+                                     inference_images=1024)
     result = run_benchmark(config, log=_log)
     if args.json:
         _print_json(dataclasses.asdict(result))
