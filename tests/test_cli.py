@@ -86,3 +86,64 @@ def test_corrupt_weights_are_a_user_error(trained_run, tmp_path, data_dir):
     (broken / "model.safetensors").write_bytes(b"\x00" * 100)
     result = run_cli("evaluate", broken, "--data", data_dir)
     assert result.returncode == 2 and "cannot load weights" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_ctrl_c_keeps_the_last_epoch_and_resume_finishes(data_dir, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    out = tmp_path / "cut"
+    exe = Path(sys.executable).with_name("fmnist")
+    command = [str(exe), "train", "--epochs", "3", "--limit-train", "3000", "--data", str(data_dir),
+               "--out", str(out), "--quiet"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (out / runs.HISTORY).exists() and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)  # during epoch 2 (or later): as a user's Ctrl-C
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    assert "interrupted" in stderr and f"fmnist train --resume {out}" in stderr and "Traceback" not in stderr
+    assert (out / runs.CHECKPOINT).is_file() and (out / runs.WEIGHTS).is_file()
+    assert not (out / runs.METRICS).exists()
+    resumed = run_cli("train", "--resume", out, "--data", data_dir, "--quiet")
+    assert resumed.returncode == 0, resumed.stderr
+    assert [row["epoch"] for row in runs.read_history(out)] == [1.0, 2.0, 3.0]
+    assert (out / runs.METRICS).is_file() and (out / runs.REPORT).is_file()
+
+
+def test_resume_rejects_new_settings(trained_run):
+    out, _ = trained_run
+    result = run_cli("train", "--resume", out, "--epochs", "20", "--out", "elsewhere")
+    assert result.returncode == 2 and "drop --epochs --out" in result.stderr
+
+
+@pytest.mark.parametrize("content", [b"{}", b"\xff\xfe not utf-8", b'{"train": {"model": "seed"}}'])
+def test_damaged_config_is_a_user_error(trained_run, tmp_path, data_dir, content):
+    out, _ = trained_run
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "model.safetensors").write_bytes((out / "model.safetensors").read_bytes())
+    (broken / "config.json").write_bytes(content)
+    for command in ("evaluate", "report"):
+        result = run_cli(command, broken, "--data", data_dir)
+        assert result.returncode == 2 and "config.json" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_report_without_history(trained_run, tmp_path, data_dir):
+    out, _ = trained_run
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (bare / name).write_bytes((out / name).read_bytes())
+    result = run_cli("report", bare, "--data", data_dir)
+    assert result.returncode == 0, result.stderr
+    assert (bare / "metrics.json").is_file() and "No completed epoch" in (bare / "report.html").read_text()
+
+
+def test_debug_after_the_command_shows_the_traceback():
+    result = run_cli("evaluate", "/no/such/run", "--debug")
+    assert result.returncode != 0 and "Traceback" in result.stderr

@@ -196,3 +196,26 @@ def test_stratified_split_is_seeded_disjoint_and_balanced():
     assert len(set(train_a.tolist()) | set(val_a.tolist())) == 1000
     assert not set(train_a.tolist()) & set(val_a.tolist())
     assert torch.bincount(labels[val_a]).tolist() == [10] * 10
+
+
+def test_corrupt_gzip_body_names_the_file(tmp_path):
+    directory = write_idx_set(tmp_path / "d", n_train=200)
+    path = directory / "train-images-idx3-ubyte.gz"
+    raw = bytearray(path.read_bytes())
+    raw[100:200] = bytes(100)  # damage the deflate stream, keep the gzip header
+    path.write_bytes(bytes(raw))
+    result = run_cli("data", "info", "--data", directory)
+    assert result.returncode == 2 and "train-images-idx3-ubyte.gz" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_empty_split_is_rejected(tmp_path):
+    directory = write_idx_set(tmp_path / "d", n_test=0)
+    with pytest.raises(UserError, match="test set has no images"):
+        fdata.load_dataset(directory)
+
+
+def test_content_hash_ignores_compression(dataset, data_dir, tmp_path):
+    for path in data_dir.glob("*.gz"):
+        (tmp_path / path.stem).write_bytes(gzip.decompress(path.read_bytes()))
+    assert fdata.load_dataset(tmp_path).source.content_sha256 == dataset.source.content_sha256

@@ -45,3 +45,23 @@ def test_accepts_uint8_float_numpy_and_single_images(model, backend):
 def test_unknown_backend(model):
     with pytest.raises(UserError, match="unknown backend"):
         Classifier(model, backend="tensorrt")
+
+
+def test_integer_inputs_of_any_dtype_are_scaled_like_uint8(model):
+    classifier = Classifier(model, backend="torch")
+    pixels = np.random.default_rng(1).integers(0, 256, (3, 28, 28))
+    reference = classifier.predict_proba(pixels.astype(np.uint8))
+    for variant in (pixels, pixels.astype(np.int32), pixels.tolist(), pixels[..., None]):  # int64, list, NHWC
+        torch.testing.assert_close(classifier.predict_proba(variant), reference)
+
+
+@pytest.mark.parametrize("images,message", [
+    (np.zeros((2, 32, 32), np.uint8), "28x28 grayscale"),
+    (np.zeros((2, 3, 28, 28), np.uint8), "28x28 grayscale"),
+    (np.full((1, 28, 28), 200.0), "scaled to \\[0, 1\\]"),
+    (np.full((1, 28, 28), 300), "0-255"),
+    ("not an image", "numeric array|28x28"),
+])
+def test_bad_inputs_are_user_errors(model, images, message):
+    with pytest.raises(UserError, match=message):
+        Classifier(model, backend="torch").predict_proba(images)

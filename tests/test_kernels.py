@@ -64,3 +64,11 @@ def test_kernel_is_used_only_where_it_applies():
     assert not kernels.supports(torch.zeros(2, 3, 28, 28), torch.zeros(32, 3, 3, 3))
     assert not kernels.supports(x, torch.zeros(16, 1, 3, 3))  # compiled for 32 channels
 
+
+
+def test_inputs_that_need_a_gradient_take_the_stock_path():
+    model = create_model("seed").eval()
+    x = torch.rand(2, 1, 28, 28, requires_grad=True)
+    assert not kernels.supports(x, model.conv1.weight)
+    (grad,) = torch.autograd.grad(model(x).sum(), x)  # e.g. saliency maps
+    assert grad.shape == x.shape and grad.abs().sum() > 0

@@ -59,3 +59,34 @@ def test_never_overwrites_a_run(dataset, tmp_path):
 def test_bad_settings_are_user_errors(dataset, tmp_path, field, value):
     with pytest.raises(UserError):
         train(TrainConfig(**{field: value}), data=dataset, out=tmp_path / "x", **_quiet())
+
+
+def test_without_validation_the_last_epoch_is_kept(dataset, tmp_path):
+    result = train(TrainConfig(epochs=2, limit_train=600, val_fraction=0.0), data=dataset, out=tmp_path / "r",
+                   **_quiet())
+    assert result.metrics["best_epoch"] == 2 and result.metrics["best_val_accuracy"] is None
+    assert all(row["val_accuracy"] != row["val_accuracy"] for row in runs.read_history(tmp_path / "r"))  # NaN
+    assert (tmp_path / "r" / runs.REPORT).is_file()
+
+
+def test_resume_before_the_first_epoch_ended_restarts(dataset, tmp_path):
+    config = TrainConfig(epochs=1, limit_train=800, seed=5)
+    straight = train(config, data=dataset, out=tmp_path / "straight", **_quiet())
+    cut = tmp_path / "cut"
+    train(config, data=dataset, out=cut, **_quiet())
+    for name in (runs.CHECKPOINT, runs.HISTORY, runs.WEIGHTS, runs.METRICS, runs.REPORT):
+        (cut / name).unlink()  # what Ctrl-C during epoch 1 leaves: config.json only
+    resumed = train(resume=cut, data=dataset, **_quiet())
+    assert _numbers(resumed.history) == _numbers(straight.history)
+
+
+def test_resume_refuses_other_data_and_finished_runs(dataset, tmp_path):
+    finished = train(TrainConfig(epochs=1, limit_train=300), data=dataset, out=tmp_path / "r", **_quiet())
+    with pytest.raises(UserError, match="already complete"):
+        train(resume=finished.run_dir, data=dataset, **_quiet())
+    config = runs.read_json(finished.run_dir / runs.CONFIG)
+    config["data"]["content_sha256"] = "0" * 64
+    runs.write_json(finished.run_dir / runs.CONFIG, config)
+    (finished.run_dir / runs.METRICS).unlink()
+    with pytest.raises(UserError, match="differs from the data the run started with"):
+        train(resume=finished.run_dir, data=dataset, **_quiet())

@@ -27,7 +27,7 @@ EXAMPLES = {
   fmnist evaluate runs/seed-20261127-120000
   fmnist evaluate runs/seed-20261127-120000 --json""",
     "bench": """examples:
-  fmnist bench                              # about 2 minutes on a 2-core CPU
+  fmnist bench                              # under a minute on a 2-core CPU
   fmnist bench --json > bench.json""",
     "report": """examples:
   fmnist report runs/seed-20261127-120000   # redraws figures/ and report.html""",
@@ -80,12 +80,14 @@ def cmd_train(args) -> int:
     from .metrics import format_report, format_summary
     from .training import TrainConfig, train
 
-    config = None
-    if args.resume is None:
-        config = TrainConfig(model=args.model, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                             seed=args.seed, device=args.device, limit_train=args.limit_train,
-                             val_fraction=args.val_fraction, deterministic=args.deterministic,
-                             precision=args.precision)
+    given = {name: getattr(args, name) for name in TRAIN_OPTIONS if getattr(args, name) is not None}
+    config = TrainConfig(**given)
+    if args.resume is not None:
+        conflicting = [f"--{name.replace('_', '-')}" for name in given] + (["--out"] if args.out else [])
+        if conflicting:
+            raise UserError(f"--resume continues a run with the settings it started with; "
+                            f"drop {' '.join(conflicting)}")
+        config = None
     result = train(config, data_dir=args.data, out=args.out, resume=args.resume,
                    progress=not args.quiet and sys.stderr.isatty(), log=_log)
     if args.json:
@@ -141,6 +143,11 @@ def cmd_report(args) -> int:
 # ----------------------------------------------------------------------------- parser
 
 
+# Options that become TrainConfig fields; unset ones (None) take TrainConfig's defaults.
+TRAIN_OPTIONS = ("model", "epochs", "batch_size", "lr", "seed", "val_fraction", "limit_train", "device",
+                 "precision", "deterministic")
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -160,9 +167,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    # --debug is accepted before or after the command; SUPPRESS keeps a subcommand's
+    # default from overwriting a --debug given before it.
+    debug = argparse.ArgumentParser(add_help=False)
+    debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks on errors")
+
     def command(name, help_text, func):
         sub = commands.add_parser(name, help=help_text, description=help_text, epilog=EXAMPLES.get(name),
-                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+                                  formatter_class=argparse.RawDescriptionHelpFormatter, parents=[debug])
         sub.set_defaults(func=func)
         return sub
 
@@ -173,27 +185,29 @@ def build_parser() -> argparse.ArgumentParser:
 
     data = command("data", "inspect or download the dataset", None)
     data_commands = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
-    info = data_commands.add_parser("info", help="release, checksums, class counts, pixel stats, duplicates")
+    info = data_commands.add_parser("info", help="release, checksums, class counts, pixel stats, duplicates",
+                                    parents=[debug])
     add_data(info)
     info.add_argument("--json", action="store_true", help="machine-readable output")
     info.set_defaults(func=cmd_data_info)
-    download = data_commands.add_parser("download", help="download the current official release")
+    download = data_commands.add_parser("download", help="download the current official release", parents=[debug])
     download.add_argument("--dir", metavar="DIR", help="target folder (default: the user cache)")
     download.set_defaults(func=cmd_data_download)
 
     train = command("train", "train a model and write a run folder", cmd_train)
-    train.add_argument("--model", default="seed", choices=list_models(), help="model name (default: seed)")
-    train.add_argument("--epochs", type=_positive_int, default=10, help="default: 10")
-    train.add_argument("--batch-size", type=_positive_int, default=32, help="default: 32")
-    train.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default: 0.001)")
-    train.add_argument("--seed", type=int, default=0, help="seeds everything, the split included (default: 0)")
-    train.add_argument("--val-fraction", type=float, default=0.1,
-                       help="stratified validation hold-out from train (default: 0.1)")
+    train.add_argument("--model", choices=list_models(), help="model name (default: seed)")
+    train.add_argument("--epochs", type=_positive_int, metavar="N", help="default: 10")
+    train.add_argument("--batch-size", type=_positive_int, metavar="N", help="default: 32")
+    train.add_argument("--lr", type=float, help="Adam learning rate (default: 0.001)")
+    train.add_argument("--seed", type=int, metavar="N", help="seeds everything, the split included (default: 0)")
+    train.add_argument("--val-fraction", type=float, metavar="F",
+                       help="stratified validation hold-out from train; 0 keeps the last epoch (default: 0.1)")
     train.add_argument("--limit-train", type=_positive_int, metavar="N", help="train on the first N images only")
-    train.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
-    train.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
-                       help="auto = bf16 autocast on CUDA, fp32 on CPU; bf16 on CPU pays off with AMX/AVX512-BF16")
-    train.add_argument("--deterministic", action="store_true", help="forbid nondeterministic kernels")
+    train.add_argument("--device", help="auto, cpu or cuda (default: auto)")
+    train.add_argument("--precision", choices=("auto", "fp32", "bf16"),
+                       help="auto = bf16 autocast on GPUs with native bf16, else fp32; bf16 on a CPU pays off "
+                            "with AMX/AVX512-BF16")
+    train.add_argument("--deterministic", action="store_true", default=None, help="forbid nondeterministic kernels")
     train.add_argument("--out", metavar="DIR", help="run folder (default: runs/<model>-<timestamp>)")
     train.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run (its settings win)")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -230,7 +244,8 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:  # unwritable --out, disk full, ...: the user's environment, not a bug
         if args.debug:
             raise
-        print(f"error: {exc.strerror or exc} ({exc.filename})", file=sys.stderr)
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(f"error: {exc.strerror or exc}{where}", file=sys.stderr)
         return 2
     except Interrupted as exc:
         print(f"interrupted: {exc}", file=sys.stderr)

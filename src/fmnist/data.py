@@ -7,8 +7,10 @@ Resolution order for the data folder (first hit wins):
   4. a download of the current official release into that cache (pooch: retries,
      checksum verification, atomic writes).
 
-Two published releases are known by checksum; any other folder of IDX files is
-accepted after structural validation and reported as an unverified copy.
+Two published releases are known by the checksums of their published .gz files; any
+other folder of IDX files (a raw or re-compressed copy included) is accepted after
+structural validation and reported as an unverified copy. Every load also records a
+SHA-256 of the decoded content, the same however the files are compressed.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import os
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -91,6 +94,7 @@ class DataSource:
     release: str  # a Release.name, or UNVERIFIED
     verified: bool
     files: dict[str, dict] = field(default_factory=dict)  # part -> {name, bytes, md5, sha256}
+    content_sha256: str = ""  # of the decoded images and labels: the same for gz and raw copies
 
 
 @dataclass
@@ -189,7 +193,7 @@ def _read_bytes(path: Path) -> bytes:
     if raw[:2] == b"\x1f\x8b":  # gzip magic: decompress whatever the file is called
         try:
             return gzip.decompress(raw)
-        except (OSError, EOFError) as exc:
+        except (OSError, EOFError, zlib.error) as exc:
             raise UserError(f"corrupt or truncated gzip data: {exc} ({path})") from None
     return raw
 
@@ -260,16 +264,22 @@ def load_dataset(data_dir: str | os.PathLike | None = None, download: bool = Tru
               for part, path in paths.items()}
     for split in ("train", "test"):
         n_images, n_labels = len(arrays[f"{split}_images"]), len(arrays[f"{split}_labels"])
+        if n_images == 0:
+            raise UserError(f"the {split} set has no images ({paths[f'{split}_images']})")
         if n_images != n_labels:
             raise UserError(
                 f"{split} set has {n_images} images but {n_labels} labels "
                 f"({paths[f'{split}_labels']})"
             )
+    content = hashlib.sha256()
+    for part in FILES:  # fixed order: train images, train labels, test images, test labels
+        content.update(arrays[part].tobytes())
     source = DataSource(
         directory=str(directory.resolve()),
         release=release.name if release else UNVERIFIED,
         verified=release is not None,
         files=digests,
+        content_sha256=content.hexdigest(),
     )
     tensors = {part: torch.from_numpy(array.copy()) for part, array in arrays.items()}
     return FashionMNIST(

@@ -17,5 +17,7 @@ class Interrupted(Exception):
     """Ctrl-C during training; the run folder keeps the last complete epoch's checkpoint."""
 
     def __init__(self, run_dir, epochs_done: int):
-        super().__init__(f"stopped after {epochs_done} complete epoch(s); checkpoint kept in {run_dir}")
+        kept = (f"checkpoint of epoch {epochs_done} kept in {run_dir}" if epochs_done
+                else f"no epoch had completed; {run_dir} restarts from epoch 1")
+        super().__init__(f"stopped after {epochs_done} complete epoch(s); {kept}")
         self.run_dir = run_dir

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from . import runs
 from .data import FashionMNIST, load_dataset, to_float
+from .errors import UserError
 from .inference import load_run_model, predict_logits
 from .metrics import compute_metrics
 
@@ -19,26 +20,32 @@ def _test_logits(run_dir, data: FashionMNIST, device: str):
 def evaluate(run_dir: str | os.PathLike, data_dir: str | os.PathLike | None = None,
              device: str = "cpu", data: FashionMNIST | None = None) -> dict:
     """Test-set metrics of a run's saved model (the same numbers as its metrics.json)."""
+    runs.require_run_dir(run_dir)  # a typo should not start a download
     data = data or load_dataset(data_dir)
     logits, config = _test_logits(run_dir, data, device)
     metrics = compute_metrics(logits, data.test_labels)
     metrics.update(split="test", data_release=data.source.release)
-    if data.source.release != config["data"]["release"]:
-        metrics["warning"] = (f"trained on '{config['data']['release']}', "
-                              f"evaluated on '{data.source.release}'")
+    trained_on = config["data"].get("content_sha256")
+    if trained_on and trained_on != data.source.content_sha256:
+        metrics["warning"] = (f"evaluated on different data than the run was trained on "
+                              f"('{data.source.release}' vs '{config['data']['release']}')")
     return metrics
 
 
 def report(run_dir: str | os.PathLike, data_dir: str | os.PathLike | None = None,
            device: str = "cpu", data: FashionMNIST | None = None) -> Path:
-    """Redraw figures/ and report.html of a run; writes metrics.json if it is missing."""
+    """Redraw figures/ and report.html of a run from its saved model (metrics.json is written
+    only if missing: the report shows the data given here, the file keeps training's record)."""
     from .report import build_report
 
     run_dir = runs.require_run_dir(run_dir)
     data = data or load_dataset(data_dir)
     logits, _ = _test_logits(run_dir, data, device)
-    if not (run_dir / runs.METRICS).is_file():
-        metrics = compute_metrics(logits, data.test_labels)
-        metrics.update(split="test", data_release=data.source.release)
+    metrics = compute_metrics(logits, data.test_labels)
+    metrics.update(split="test", data_release=data.source.release)
+    try:  # keep what only training knew: which epoch was best
+        saved = runs.read_json(run_dir / runs.METRICS)
+        metrics.update({k: saved[k] for k in ("best_epoch", "best_val_accuracy") if k in saved})
+    except UserError:  # missing or unreadable: write the fresh one
         runs.write_json(run_dir / runs.METRICS, metrics)
-    return build_report(run_dir, data, logits)
+    return build_report(run_dir, data, logits, metrics)

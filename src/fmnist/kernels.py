@@ -71,11 +71,11 @@ if numba is not None:
                                 acc[3, c] += v3 * wk
                     for c in range(CHANNELS):  # strict '>': the first maximum wins, as in PyTorch
                         best, win = acc[0, c], 0
-                        if acc[1, c] > best:
+                        if acc[1, c] > best or acc[1, c] != acc[1, c]:  # NaN wins, as in PyTorch
                             best, win = acc[1, c], 1
-                        if acc[2, c] > best:
+                        if acc[2, c] > best or acc[2, c] != acc[2, c]:  # NaN wins, as in PyTorch
                             best, win = acc[2, c], 2
-                        if acc[3, c] > best:
+                        if acc[3, c] > best or acc[3, c] != acc[3, c]:  # NaN wins, as in PyTorch
                             best, win = acc[3, c], 3
                         if best <= 0.0:
                             best, win = 0.0, DEAD
@@ -145,6 +145,7 @@ def conv_pool_relu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) ->
 
 
 def supports(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """The fused kernel covers float32 CPU tensors of the seed CNN's first layer shape."""
-    return (available() and x.device.type == "cpu" and x.dtype == torch.float32
+    """The fused kernel covers float32 CPU inputs of the seed CNN's first layer shape that
+    need no gradient themselves (images never do; the kernel only returns weight gradients)."""
+    return (available() and x.device.type == "cpu" and x.dtype == torch.float32 and not x.requires_grad
             and tuple(x.shape[1:]) == (1, IN_SIZE, IN_SIZE) and tuple(weight.shape) == (CHANNELS, 1, 3, 3))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import math
 import os
 from pathlib import Path
 
@@ -40,7 +41,8 @@ def _save(fig, path: Path) -> None:
 
 def plot_curves(history: list[dict], path: Path) -> None:
     epochs = [row["epoch"] for row in history]
-    best = max(history, key=lambda row: row["val_accuracy"])
+    validated = [row for row in history if not math.isnan(row["val_accuracy"])]
+    best = max(validated, key=lambda row: row["val_accuracy"]) if validated else history[-1]
     fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(11, 4))
     for ax, key, title in ((ax_acc, "accuracy", "Accuracy"), (ax_loss, "loss", "Loss (cross-entropy)")):
         ax.plot(epochs, [row[f"train_{key}"] for row in history], "o-", label="train")
@@ -147,15 +149,17 @@ def _embedded_png(path: Path, alt: str) -> str:
 
 
 def _html(run_dir: Path, config: dict, history: list[dict], metrics: dict, figures: dict[str, Path]) -> str:
-    train, data, env = config["train"], config["data"], config["environment"]
+    train, data, env = config["train"], config["data"], config.get("environment", {})
     settings = [[k, v] for k, v in train.items()] + [
-        ["parameters", f"{config['model']['parameters']:,}"],
-        ["device", env["device"] + (f" ({env['gpu']})" if "gpu" in env else f" ({env['processor']})")],
-        ["versions", f"fmnist {env['fmnist']}, torch {env['torch']}, python {env['python']}"],
+        ["parameters", f"{config['model'].get('parameters', 0):,}"],
+        ["device", f"{env.get('device', '?')} ({env.get('gpu', env.get('processor', '?'))}), "
+                   f"precision {env.get('precision', '?')}"],
+        ["versions", f"fmnist {env.get('fmnist', '?')}, torch {env.get('torch', '?')}, "
+                     f"python {env.get('python', '?')}"],
     ]
-    data_rows = [["release", data["release"] + ("" if data["verified"] else " (checksums not recognised)")],
+    data_rows = [["release", data["release"] + ("" if data.get("verified") else " (checksums not recognised)")],
                  ["folder", data["directory"]]] + [
-        [f["name"], f"sha256 {f['sha256']}"] for f in data["files"].values()]
+        [f.get("name", part), f"sha256 {f.get('sha256', '?')}"] for part, f in data.get("files", {}).items()]
     history_rows = [[int(r["epoch"]), f"{r['train_loss']:.4f}", f"{r['train_accuracy']:.4f}",
                      f"{r['val_loss']:.4f}", f"{r['val_accuracy']:.4f}", f"{r['seconds']:.1f}",
                      f"{r['images_per_second']:,.0f}"] for r in history]
@@ -166,7 +170,8 @@ def _html(run_dir: Path, config: dict, history: list[dict], metrics: dict, figur
                 f"· {html.escape(metrics.get('data_release', data['release']))}")
     sections = [
         f"<h1>fmnist run <code>{html.escape(run_dir.name)}</code></h1><p class=headline>{headline}</p>",
-        "<h2>Training curves</h2>" + _embedded_png(figures["curves"], "training curves"),
+        "<h2>Training curves</h2>" + (_embedded_png(figures["curves"], "training curves")
+                                      if "curves" in figures else "<p>No completed epoch recorded.</p>"),
         "<h2>Classification report (test set)</h2><pre>" + html.escape(format_report(metrics)) + "</pre>",
         "<h2>Confusion matrix</h2>" + _embedded_png(figures["confusion_matrix"], "confusion matrix"),
         "<h2>Most confused pairs</h2>" + _table(confused, ["true", "predicted as", "count"]),
@@ -186,18 +191,17 @@ def _html(run_dir: Path, config: dict, history: list[dict], metrics: dict, figur
             f"</title><style>{style}</style></head><body>{''.join(sections)}</body></html>\n")
 
 
-def build_report(run_dir: str | os.PathLike, data: FashionMNIST, test_logits: torch.Tensor) -> Path:
+def build_report(run_dir: str | os.PathLike, data: FashionMNIST, test_logits: torch.Tensor, metrics: dict) -> Path:
     """Draw every figure and write report.html; returns the report's path."""
     run_dir = Path(run_dir)
-    config = runs.read_json(run_dir / runs.CONFIG)
-    metrics = runs.read_json(run_dir / runs.METRICS)
+    config = runs.read_config(run_dir)
     history = runs.read_history(run_dir)
     images, labels = data.test_images.numpy(), data.test_labels.numpy()
     probs = test_logits.float().softmax(dim=1).numpy()
     figures_dir = run_dir / runs.FIGURES
-    figures = {name: figures_dir / f"{name}.png"
-               for name in ("curves", "confusion_matrix", "samples", "misclassified")}
-    if history:
+    figures = {name: figures_dir / f"{name}.png" for name in ("confusion_matrix", "samples", "misclassified")}
+    if history:  # a run folder without history (never finished an epoch) has no curves
+        figures = {"curves": figures_dir / "curves.png", **figures}
         plot_curves(history, figures["curves"])
     plot_confusion(np.array(metrics["confusion_matrix"]), figures["confusion_matrix"])
     plot_samples(images, labels, probs, figures["samples"])

@@ -84,9 +84,18 @@ def save_checkpoint(path: Path, state: dict) -> None:
     atomic_write_bytes(path, buffer.getvalue())
 
 
+CHECKPOINT_KEYS = ("model", "optimizer", "shuffle_rng", "torch_rng", "epoch", "best_val_accuracy", "best_epoch")
+
+
 def load_checkpoint(path: Path) -> dict:
     # weights_only: the unpickler accepts tensors and plain containers, never arbitrary code.
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated zip, wrong format, forbidden pickle content
+        raise UserError(f"cannot load checkpoint: {str(exc).splitlines()[0]} ({path})") from None
+    if not isinstance(state, dict) or any(key not in state for key in CHECKPOINT_KEYS):
+        raise UserError(f"not an fmnist checkpoint ({path})")
+    return state
 
 
 def require_run_dir(run_dir: str | os.PathLike) -> Path:
@@ -103,17 +112,32 @@ def require_run_dir(run_dir: str | os.PathLike) -> Path:
 
 def read_json(path: Path):
     try:
-        return json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:  # ValueError: invalid JSON or invalid UTF-8
         raise UserError(f"cannot read JSON: {exc} ({path})") from None
+
+
+def read_config(run_dir: Path) -> dict:
+    """config.json of a run, checked for the entries every command relies on."""
+    path = Path(run_dir) / CONFIG
+    config = read_json(path)
+    required = {"train": ("model", "epochs"), "data": ("release", "directory"), "model": ("name",)}
+    for section, keys in required.items():
+        entry = config.get(section) if isinstance(config, dict) else None
+        if not isinstance(entry, dict) or any(key not in entry for key in keys):
+            raise UserError(f"config.json lacks '{section}' settings: not written by fmnist train? ({path})")
+    return config
 
 
 def read_history(run_dir: Path) -> list[dict]:
     path = Path(run_dir) / HISTORY
     if not path.is_file():
         return []
-    with path.open() as handle:
-        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(handle)]
+    try:
+        with path.open(encoding="utf-8") as handle:
+            return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(handle)]
+    except (ValueError, TypeError, AttributeError) as exc:  # non-numeric cells, ragged rows
+        raise UserError(f"cannot read history: {exc} ({path})") from None
 
 
 def load_weights(path: Path) -> dict[str, torch.Tensor]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import platform
 import random
 
@@ -29,6 +30,9 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
     if deterministic:
+        # cuBLAS needs a fixed workspace for reproducible matmuls; it reads this variable when
+        # it starts, which is after this point (nothing has touched the GPU yet).
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=False)
         torch.backends.cudnn.benchmark = False
 
@@ -66,11 +70,13 @@ PRECISIONS = ("auto", "fp32", "bf16")
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """auto: bf16 autocast on CUDA, fp32 on the CPU (the notebook's numerics)."""
+    """auto: bf16 autocast on a GPU with native bf16 (Ampere and later), else fp32 (the
+    notebook's numerics; on the CPU bf16 is opt-in, see README)."""
     if precision not in PRECISIONS:
         raise UserError(f"unknown precision '{precision}' (choose {', '.join(PRECISIONS)})")
     if precision == "auto":
-        return "bf16" if device.type == "cuda" else "fp32"
+        native = device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
+        return "bf16" if native else "fp32"
     return precision
 
 

@@ -16,6 +16,7 @@ import dataclasses
 import datetime
 import os
 import sys
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,14 +48,16 @@ class TrainConfig:
     device: str = "auto"           # auto = cuda if available, else cpu
     limit_train: int | None = None  # use only the first N training images (quick runs)
     deterministic: bool = False    # forbid nondeterministic kernels (see README for cost)
-    precision: str = "auto"        # auto = bf16 autocast on CUDA, fp32 on CPU; bf16 on CPU is opt-in
+    precision: str = "auto"        # auto = bf16 autocast on GPUs with native bf16, else fp32
 
     def validate(self) -> None:
         for name in ("epochs", "batch_size"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        if self.lr <= 0:
-            raise UserError(f"--lr must be positive, got {self.lr}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise UserError(f"--lr must be a positive number, got {self.lr}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise UserError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
         if self.limit_train is not None and self.limit_train < 1:
             raise UserError(f"--limit-train must be at least 1, got {self.limit_train}")
 
@@ -121,8 +124,8 @@ def _progress_bar(total: int, epoch: int, epochs: int, enabled: bool):
                 file=sys.stderr, leave=False, disable=not enabled, mininterval=0.5)
 
 
-def _checkpoint_state(model, optimizer, generator, epoch, best_val_accuracy, best_epoch) -> dict:
-    return {
+def _checkpoint_state(model, optimizer, generator, epoch, best_val_accuracy, best_epoch, device) -> dict:
+    state = {
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
         "shuffle_rng": generator.get_state(),
@@ -131,6 +134,32 @@ def _checkpoint_state(model, optimizer, generator, epoch, best_val_accuracy, bes
         "best_val_accuracy": best_val_accuracy,
         "best_epoch": best_epoch,
     }
+    if device.type == "cuda":  # dropout on the GPU draws from the CUDA generator
+        state["cuda_rng"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _restore(state: dict, model, optimizer, generator, device) -> None:
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    generator.set_state(state["shuffle_rng"])
+    torch.set_rng_state(state["torch_rng"])
+    if device.type == "cuda" and "cuda_rng" in state:
+        torch.cuda.set_rng_state(state["cuda_rng"], device)
+
+
+def _open_for_resume(resume) -> tuple[Path, TrainConfig, dict]:
+    """The run folder, its training settings and its whole config.json."""
+    run_dir = Path(resume)
+    if not (run_dir / runs.CONFIG).is_file():
+        raise UserError(f"nothing to resume: {runs.CONFIG} is missing ({run_dir})",
+                        hint="pass a folder written by 'fmnist train'")
+    saved = runs.read_config(run_dir)
+    try:
+        config = TrainConfig(**saved["train"])
+    except TypeError as exc:
+        raise UserError(f"unknown training settings in {runs.CONFIG}: {exc} ({run_dir})") from None
+    return run_dir, config, saved
 
 
 def _write_config(run_dir: Path, config: TrainConfig, data: FashionMNIST, model, device, precision: str,
@@ -153,22 +182,23 @@ def train(config: TrainConfig | None = None, data_dir: str | os.PathLike | None 
           data: FashionMNIST | None = None, progress: bool = True, log=print) -> TrainResult:
     """Train, validate each epoch, test the best epoch, write the run folder.
 
-    ``resume`` continues an interrupted run from its last checkpoint (its config wins).
+    ``resume`` continues an interrupted run from its last checkpoint, with the settings
+    and data it started with (a run stopped before its first epoch ended restarts).
     ``log`` receives one line per epoch (the CLI sends it to stderr).
     """
+    saved = None
     if resume is not None:
-        run_dir = Path(resume)
-        for name in (runs.CONFIG, runs.CHECKPOINT):
-            if not (run_dir / name).is_file():
-                raise UserError(f"nothing to resume: {name} is missing ({run_dir})")
-        saved = runs.read_json(run_dir / runs.CONFIG)
-        config = TrainConfig(**saved["train"])
+        run_dir, config, saved = _open_for_resume(resume)
     config = config or TrainConfig()
     config.validate()
     device = resolve_device(config.device)
     precision = resolve_precision(config.precision, device)
     seed_everything(config.seed, config.deterministic)
     data = data or load_dataset(data_dir)
+    if saved is not None and saved["data"].get("content_sha256") not in (None, data.source.content_sha256):
+        raise UserError(f"this data differs from the data the run started with ('{data.source.release}' vs "
+                        f"'{saved['data']['release']}' in {saved['data']['directory']})",
+                        hint="resume with --data pointing at the original folder")
 
     train_idx, val_idx = stratified_split(data.train_labels, config.val_fraction, config.seed)
     if config.limit_train is not None:
@@ -178,24 +208,27 @@ def train(config: TrainConfig | None = None, data_dir: str | os.PathLike | None 
     y_train = data.train_labels[train_idx].to(device)
     x_val, y_val = to_float(data.train_images[val_idx]), data.train_labels[val_idx]
     x_test, y_test = to_float(data.test_images), data.test_labels
+    validating = len(val_idx) > 0  # without a hold-out the last epoch is kept
 
     model = create_model(config.model).to(device, memory_format=torch.channels_last)
     optimizer = make_optimizer(model, config)
     generator = torch.Generator().manual_seed(config.seed)
     history, start_epoch, best_val, best_epoch = [], 1, -1.0, 0
 
-    if resume is not None:
+    if resume is None:
+        run_dir = runs.new_run_dir(out, config.model)
+        _write_config(run_dir, config, data, model, device, precision, len(train_idx), len(val_idx))
+    elif (run_dir / runs.CHECKPOINT).is_file():
         state = runs.load_checkpoint(run_dir / runs.CHECKPOINT)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        generator.set_state(state["shuffle_rng"])
-        torch.set_rng_state(state["torch_rng"])
+        if state["epoch"] >= config.epochs and (run_dir / runs.METRICS).is_file():
+            raise UserError(f"the run is already complete ({state['epoch']}/{config.epochs} epochs) ({run_dir})",
+                            hint=f"fmnist evaluate {run_dir}  or  fmnist report {run_dir}")
+        _restore(state, model, optimizer, generator, device)
         start_epoch, best_val, best_epoch = state["epoch"] + 1, state["best_val_accuracy"], state["best_epoch"]
         history = runs.read_history(run_dir)[:state["epoch"]]
         log(f"resuming {run_dir} after epoch {state['epoch']}")
     else:
-        run_dir = runs.new_run_dir(out, config.model)
-        _write_config(run_dir, config, data, model, device, precision, len(train_idx), len(val_idx))
+        log(f"resuming {run_dir}: no epoch had completed, starting from epoch 1")
 
     epoch = start_epoch - 1
     try:
@@ -205,7 +238,7 @@ def train(config: TrainConfig | None = None, data_dir: str | os.PathLike | None 
                 train_loss, train_acc = train_one_epoch(model, optimizer, x_train, y_train,
                                                         config.batch_size, generator, bar, precision)
             train_seconds = time.perf_counter() - started
-            val_loss, val_acc, _ = evaluate_split(model, x_val, y_val) if len(x_val) else (0.0, 0.0, None)
+            val_loss, val_acc, _ = evaluate_split(model, x_val, y_val) if validating else (math.nan, math.nan, None)
             seconds = time.perf_counter() - started
             history.append({
                 "epoch": epoch, "train_loss": train_loss, "train_accuracy": train_acc,
@@ -213,15 +246,16 @@ def train(config: TrainConfig | None = None, data_dir: str | os.PathLike | None 
                 "lr": optimizer.param_groups[0]["lr"], "seconds": seconds,
                 "images_per_second": len(x_train) / train_seconds,
             })
-            if val_acc > best_val:
-                best_val, best_epoch = val_acc, epoch
+            if not validating or val_acc > best_val:
+                best_val, best_epoch = (val_acc if validating else best_val), epoch
                 runs.save_weights(run_dir / runs.WEIGHTS, model, {"model": config.model, "epoch": str(epoch)})
-            runs.save_checkpoint(run_dir / runs.CHECKPOINT,
-                                 _checkpoint_state(model, optimizer, generator, epoch, best_val, best_epoch))
+            runs.save_checkpoint(run_dir / runs.CHECKPOINT, _checkpoint_state(
+                model, optimizer, generator, epoch, best_val, best_epoch, device))
             runs.write_csv(run_dir / runs.HISTORY, history)
+            validation = f"val loss {val_loss:.4f} acc {val_acc:.4f}" if validating else "no validation set"
             log(f"epoch {epoch:>2}/{config.epochs}  train loss {train_loss:.4f} acc {train_acc:.4f}  "
-                f"val loss {val_loss:.4f} acc {val_acc:.4f}  {seconds:.1f}s  "
-                f"{len(x_train) / train_seconds:,.0f} img/s" + ("  *best" if best_epoch == epoch else ""))
+                f"{validation}  {seconds:.1f}s  {len(x_train) / train_seconds:,.0f} img/s"
+                + ("  *best" if validating and best_epoch == epoch else ""))
     except KeyboardInterrupt:
         raise Interrupted(run_dir, epoch - 1) from None
 
@@ -230,9 +264,9 @@ def train(config: TrainConfig | None = None, data_dir: str | os.PathLike | None 
     test_loss, test_acc, test_logits = evaluate_split(model, x_test, y_test)
     metrics = compute_metrics(test_logits, y_test)
     metrics.update(split="test", data_release=data.source.release, best_epoch=best_epoch,
-                   best_val_accuracy=best_val)
+                   best_val_accuracy=best_val if validating else None)
     runs.write_json(run_dir / runs.METRICS, metrics)
 
     from .report import build_report  # matplotlib is imported only when drawing
-    build_report(run_dir, data, test_logits)
+    build_report(run_dir, data, test_logits, metrics)
     return TrainResult(run_dir=run_dir, history=history, metrics=metrics)
