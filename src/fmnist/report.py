@@ -170,17 +170,17 @@ def _html(run_dir: Path, config: dict, history: list[dict], metrics: dict, figur
                 f"· {html.escape(metrics.get('data_release', data['release']))}")
     sections = [
         f"<h1>fmnist run <code>{html.escape(run_dir.name)}</code></h1><p class=headline>{headline}</p>",
-        "<h2>Training curves</h2>" + (_embedded_png(figures["curves"], "training curves")
+        "<h2 id=curves>Training curves</h2>" + (_embedded_png(figures["curves"], "training curves")
                                       if "curves" in figures else "<p>No completed epoch recorded.</p>"),
         "<h2>Classification report (test set)</h2><pre>" + html.escape(format_report(metrics)) + "</pre>",
-        "<h2>Confusion matrix</h2>" + _embedded_png(figures["confusion_matrix"], "confusion matrix"),
-        "<h2>Most confused pairs</h2>" + _table(confused, ["true", "predicted as", "count"]),
-        "<h2>Sample predictions</h2>" + _embedded_png(figures["samples"], "sample predictions"),
-        "<h2>Most confidently wrong</h2>" + _embedded_png(figures["misclassified"], "misclassified"),
-        "<h2>History</h2>" + _table(history_rows, ["epoch", "train loss", "train acc", "val loss",
+        "<h2 id=confusion>Confusion matrix</h2>" + _embedded_png(figures["confusion_matrix"], "confusion matrix"),
+        "<h2 id=confused>Most confused pairs</h2>" + _table(confused, ["true", "predicted as", "count"]),
+        "<h2 id=samples>Sample predictions</h2>" + _embedded_png(figures["samples"], "sample predictions"),
+        "<h2 id=wrong>Most confidently wrong</h2>" + _embedded_png(figures["misclassified"], "misclassified"),
+        "<h2 id=history>History</h2>" + _table(history_rows, ["epoch", "train loss", "train acc", "val loss",
                                                    "val acc", "seconds", "img/s"]),
-        "<h2>Settings</h2>" + _table(settings),
-        "<h2>Data</h2>" + _table(data_rows),
+        "<h2 id=settings>Settings</h2>" + _table(settings),
+        "<h2 id=data>Data</h2>" + _table(data_rows),
     ]
     style = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
              "img{max-width:100%;border:1px solid #eee}table{border-collapse:collapse;margin:.5em 0}"
