@@ -8,8 +8,8 @@ Every row adds one change to the row above it and runs fmnist's own epoch loop
 DataLoader loop from ``fmnist.bench``. Rows are interleaved round by round and each figure
 is the median of the rounds, so the ratios hold on a noisy shared machine.
 
-Tried and dropped (measured, not kept): torch.compile (slower: 3,700 vs 5,500 images/s at
-batch 32 with its compile time excluded), glibc malloc tuning (mallopt to stop returning
+Tried and dropped (measured, not kept): torch.compile (slower at batch 32 even with its
+compile time excluded: see benchmarks/micro.py), glibc malloc tuning (mallopt to stop returning
 buffers to the OS: +3% at batch 32 and +0.3% at batch 128 once the fused kernel removed the
 big 26x26 maps; not worth a process-wide side effect), conv1 as an im2col GEMM (slower than
 oneDNN's direct conv), and a fused max-pool + ReLU kernel for the second block (+0% at

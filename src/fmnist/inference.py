@@ -17,7 +17,8 @@ from .runtime import resolve_device
 
 # Chunk size for evaluation and prediction: large enough to amortise per-call overhead,
 # small enough that conv1's activations (26*26*32 floats an image) stay in cache.
-# Measured on the 2-core dev machine: 29,500 images/s at 256 vs 13,500 at 1024.
+# Measured on the 2-core dev machine (benchmarks/micro.py): 39,700 images/s in chunks of
+# 256 vs 24,300 in chunks of 1024.
 EVAL_BATCH_SIZE = 256
 
 
@@ -69,7 +70,7 @@ def onnx_session(model: torch.nn.Module, check_images: int = 64):
         cpu_model.fused_kernels = False  # export the stock layers, not the Numba kernels
     buffer = io.BytesIO()
     with warnings.catch_warnings():
-        # The TorchScript exporter takes 0.08 s for this model and needs no onnxscript;
+        # The TorchScript exporter is quick for this model and needs no onnxscript;
         # PyTorch marks it deprecated in favour of the torch.export-based one.
         warnings.simplefilter("ignore", DeprecationWarning)
         torch.onnx.export(cpu_model, (torch.zeros(1, 1, 28, 28),), buffer, input_names=["images"],

@@ -1,0 +1,103 @@
+"""The small measurements behind the README's performance notes, rerunnable.
+
+    python benchmarks/micro.py                 # about 1.5 minutes on the 2-core dev machine
+    python benchmarks/micro.py --skip-compile  # without the torch.compile comparison
+
+  * conv2 (the seed CNN's second convolution) timed alone, forward and backward, at
+    batch 32, as a fraction of the fp32 GEMM rate: how much room the trainer has left;
+  * evaluation throughput in chunks of 256 vs 1024 images (why EVAL_BATCH_SIZE is 256);
+  * how long the in-memory ONNX export of the predict path takes;
+  * torch.compile against eager for the training step at batch 32 (compile time excluded).
+Each figure is the median of several timed repeats after a warm-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from fmnist.bench import gemm_gflops
+from fmnist.inference import onnx_session, predict_logits
+from fmnist.models import create_model
+from fmnist.training import TrainConfig, make_optimizer, train_one_epoch
+
+
+def median_seconds(fn, repeats: int = 7, warmup: int = 3) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def conv2_alone(batch: int = 32) -> dict:
+    x = torch.rand(batch, 32, 13, 13).contiguous(memory_format=torch.channels_last).requires_grad_()
+    weight = torch.randn(64, 32, 3, 3).contiguous(memory_format=torch.channels_last).requires_grad_()
+    bias = torch.randn(64, requires_grad=True)
+    grad = torch.randn(batch, 64, 11, 11).contiguous(memory_format=torch.channels_last)
+    forward_flops = 2 * batch * 64 * 11 * 11 * 32 * 9
+    loops = 50
+    fwd = median_seconds(lambda: [F.conv2d(x, weight, bias) for _ in range(loops)]) / loops
+    out = F.conv2d(x, weight, bias)
+    bwd = median_seconds(lambda: [torch.autograd.grad(out, (x, weight, bias), grad, retain_graph=True)
+                                  for _ in range(loops)]) / loops
+    return {"forward_ms": fwd * 1e3, "backward_ms": bwd * 1e3,
+            "forward_gflops": forward_flops / fwd / 1e9, "backward_gflops": 2 * forward_flops / bwd / 1e9}
+
+
+def eval_chunks() -> dict:
+    model = create_model("seed").to(memory_format=torch.channels_last).eval()
+    images = torch.rand(8192, 1, 28, 28)
+    return {chunk: len(images) / median_seconds(lambda c=chunk: predict_logits(model, images, c), repeats=5)
+            for chunk in (256, 1024)}
+
+
+def onnx_export_seconds() -> float:
+    model = create_model("seed").eval()
+    return median_seconds(lambda: onnx_session(model), repeats=3, warmup=1)
+
+
+def compiled_vs_eager(batch: int = 32, steps: int = 100) -> dict:
+    images = torch.rand(steps * batch, 1, 28, 28)
+    labels = torch.randint(0, 10, (steps * batch,))
+    rates = {}
+    for name in ("eager", "torch.compile"):
+        model = create_model("seed").to(memory_format=torch.channels_last)
+        model.fused_kernels = False  # compile the stock layers (it cannot trace into Numba)
+        optimizer = make_optimizer(model, TrainConfig())
+        runnable = torch.compile(model) if name == "torch.compile" else model
+        generator = torch.Generator().manual_seed(0)
+        run = lambda: train_one_epoch(runnable, optimizer, images, labels, batch, generator)  # noqa: E731
+        run()  # warm-up, compilation included
+        rates[name] = len(images) / median_seconds(run, repeats=3, warmup=0)
+    return rates
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--skip-compile", action="store_true")
+    args = parser.parse_args()
+    gemm = gemm_gflops(torch.device("cpu"))
+    conv = conv2_alone()
+    print(f"fp32 GEMM: {gemm:.0f} GFLOP/s")
+    print(f"conv2 alone, batch 32: forward {conv['forward_ms']:.2f} ms ({conv['forward_gflops']:.0f} GFLOP/s, "
+          f"{100 * conv['forward_gflops'] / gemm:.0f}% of GEMM), backward {conv['backward_ms']:.2f} ms "
+          f"({conv['backward_gflops']:.0f} GFLOP/s, {100 * conv['backward_gflops'] / gemm:.0f}%)")
+    chunks = eval_chunks()
+    print("evaluation: " + ", ".join(f"chunks of {c}: {r:,.0f} images/s" for c, r in chunks.items()))
+    print(f"ONNX export + session + parity check: {onnx_export_seconds():.2f} s")
+    if not args.skip_compile:
+        rates = compiled_vs_eager()
+        print("training step, batch 32, stock layers: "
+              + ", ".join(f"{name} {rate:,.0f} images/s" for name, rate in rates.items()))
+
+
+if __name__ == "__main__":
+    main()
