@@ -19,6 +19,7 @@ batch 32, +3% at batch 128).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import time
@@ -28,7 +29,7 @@ import torch.nn.functional as F
 
 from fmnist import kernels
 from fmnist.bench import textbook_trainer
-from fmnist.models import SeedCNN
+from fmnist.models import SeedCNN, dense_head_precision
 from fmnist.training import TrainConfig, train_one_epoch
 
 ROUNDS, STEPS = 5, 60
@@ -37,9 +38,10 @@ ROUNDS, STEPS = 5, 60
 class Variant(SeedCNN):
     """The seed CNN with each speed-up as a switch (same layers, same function)."""
 
-    def __init__(self, pool_first: bool, fmnist_dropout: bool, fused_kernel: bool):
+    def __init__(self, pool_first: bool, fmnist_dropout: bool, fused_kernel: bool, dense_fp32: bool = False):
         super().__init__()
         self.pool_first, self.fmnist_dropout, self.fused_kernels = pool_first, fmnist_dropout, fused_kernel
+        self.dense_fp32 = dense_fp32
 
     def _dropout(self, layer, x):
         return layer(x) if self.fmnist_dropout else F.dropout(x, layer.p, self.training)
@@ -51,8 +53,9 @@ class Variant(SeedCNN):
             x = F.relu(self.pool(self.conv1(x))) if self.pool_first else self.pool(F.relu(self.conv1(x)))
         x = self.conv2(x)
         x = F.relu(self.pool(x)) if self.pool_first else self.pool(F.relu(x))
-        x = self._dropout(self.dropout1, torch.flatten(x, 1))
-        return self.fc2(self._dropout(self.dropout2, F.relu(self.fc1(x))))
+        with dense_head_precision(x) if self.dense_fp32 else contextlib.nullcontext():
+            x = self._dropout(self.dropout1, torch.flatten(x, 1).float())
+            return self.fc2(self._dropout(self.dropout2, F.relu(self.fc1(x))))
 
 
 STEPS_TAKEN = [  # (label, model switches, fused Adam, precision), each adding one change
@@ -63,6 +66,8 @@ STEPS_TAKEN = [  # (label, model switches, fused Adam, precision), each adding o
     ("+ fused Adam", dict(pool_first=True, fmnist_dropout=True, fused_kernel=False), True, "fp32"),
     ("+ fused conv1/pool/ReLU kernel", dict(pool_first=True, fmnist_dropout=True, fused_kernel=True), True, "fp32"),
     ("+ bf16 autocast (opt-in on CPU)", dict(pool_first=True, fmnist_dropout=True, fused_kernel=True), True, "bf16"),
+    ("+ dense layers kept fp32 under autocast",
+     dict(pool_first=True, fmnist_dropout=True, fused_kernel=True, dense_fp32=True), True, "bf16"),
 ]
 
 
