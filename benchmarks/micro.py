@@ -7,7 +7,9 @@
     batch 32, as a fraction of the fp32 GEMM rate: how much room the trainer has left;
   * evaluation throughput in chunks of 256 vs 1024 images (why EVAL_BATCH_SIZE is 256);
   * how long the in-memory ONNX export of the predict path takes;
-  * torch.compile against eager for the training step at batch 32 (compile time excluded).
+  * torch.compile against eager for the training step at batch 32 (compile time excluded);
+  * one fused Adam step for the seed CNN, and the cost of passing work between Numba's and
+    PyTorch's thread pools (the fused kernel then conv2, against each timed alone).
 Each figure is the median of several timed repeats after a warm-up.
 """
 
@@ -80,6 +82,31 @@ def compiled_vs_eager(batch: int = 32, steps: int = 100) -> dict:
     return rates
 
 
+def adam_step_ms() -> float:
+    model = create_model("seed")
+    for parameter in model.parameters():
+        parameter.grad = torch.randn_like(parameter)
+    optimizer = make_optimizer(model, TrainConfig())
+    loops = 100
+    return median_seconds(lambda: [optimizer.step() for _ in range(loops)]) / loops * 1e3
+
+
+def pool_switch_ms(batch: int = 32) -> dict:
+    from fmnist import kernels
+
+    x = torch.rand(batch, 1, 28, 28)
+    w1, b1 = torch.randn(32, 1, 3, 3), torch.randn(32)
+    h = torch.rand(batch, 32, 13, 13).contiguous(memory_format=torch.channels_last)
+    w2 = torch.randn(64, 32, 3, 3).contiguous(memory_format=torch.channels_last)
+    loops = 50
+    each = {
+        "kernel": lambda: kernels.conv_pool_relu(x, w1, b1),
+        "conv2": lambda: F.conv2d(h, w2),
+        "both": lambda: (kernels.conv_pool_relu(x, w1, b1), F.conv2d(h, w2)),
+    }
+    return {name: median_seconds(lambda f=f: [f() for _ in range(loops)]) / loops * 1e3 for name, f in each.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--skip-compile", action="store_true")
@@ -93,6 +120,10 @@ def main() -> None:
     chunks = eval_chunks()
     print("evaluation: " + ", ".join(f"chunks of {c}: {r:,.0f} images/s" for c, r in chunks.items()))
     print(f"ONNX export + session + parity check: {onnx_export_seconds():.2f} s")
+    print(f"one fused Adam step (225k parameters): {adam_step_ms():.3f} ms")
+    switch = pool_switch_ms()
+    print(f"fused kernel {switch['kernel']:.3f} ms, conv2 {switch['conv2']:.3f} ms, alternating "
+          f"{switch['both']:.3f} ms: {switch['both'] - switch['kernel'] - switch['conv2']:+.3f} ms per pair")
     if not args.skip_compile:
         rates = compiled_vs_eager()
         print("training step, batch 32, stock layers: "
