@@ -5,8 +5,9 @@ Why: on a CPU this block is memory-bound, not compute-bound. Stock PyTorch write
 pass zero-fills and scatters a gradient of the same size before the conv's weight
 gradient reads it again. The block does only 0.4 MFLOP an image, yet it took about half
 of every training step. Fused, the 26x26 map is never stored: each pooled output is the
-max of four 3x3 dot products computed in registers, with a 2-bit code saying which won;
-the backward pass uses that code to send each gradient to its one winning position.
+max of four 3x3 dot products computed side by side, with a one-byte code saying which won
+(or that the ReLU zeroed it); the backward pass uses that code to send each gradient to
+its one winning position.
 
 Semantics match ``relu(max_pool2d(conv2d(x, w, b), 2))`` exactly, ties included (the
 first maximum in row-major window order wins, as in PyTorch; ReLU passes no gradient at
