@@ -158,6 +158,7 @@ def _positive_int(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
     from .models import list_models
+    from .runtime import PRECISIONS
 
     parser = argparse.ArgumentParser(
         prog="fmnist", description="Train, evaluate and understand Fashion-MNIST classifiers.",
@@ -204,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="stratified validation hold-out from train; 0 keeps the last epoch (default: 0.1)")
     train.add_argument("--limit-train", type=_positive_int, metavar="N", help="train on the first N images only")
     train.add_argument("--device", help="auto, cpu or cuda (default: auto)")
-    train.add_argument("--precision", choices=("auto", "fp32", "bf16"),
+    train.add_argument("--precision", choices=PRECISIONS,
                        help="auto = bf16 autocast on GPUs with native bf16, else fp32; bf16 on a CPU pays off "
                             "with AMX/AVX512-BF16")
     train.add_argument("--deterministic", action="store_true", default=None, help="forbid nondeterministic kernels")

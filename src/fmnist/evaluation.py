@@ -9,7 +9,7 @@ from . import runs
 from .data import FashionMNIST, load_dataset, to_float
 from .errors import UserError
 from .inference import load_run_model, predict_logits
-from .metrics import compute_metrics
+from .metrics import metrics_on_test_set
 
 
 def _test_logits(run_dir, data: FashionMNIST, device: str):
@@ -23,8 +23,7 @@ def evaluate(run_dir: str | os.PathLike, data_dir: str | os.PathLike | None = No
     runs.require_run_dir(run_dir)  # a typo should not start a download
     data = data or load_dataset(data_dir)
     logits, config = _test_logits(run_dir, data, device)
-    metrics = compute_metrics(logits, data.test_labels)
-    metrics.update(split="test", data_release=data.source.release)
+    metrics = metrics_on_test_set(logits, data)
     trained_on = config["data"].get("content_sha256")
     if trained_on and trained_on != data.source.content_sha256:
         metrics["warning"] = (f"evaluated on different data than the run was trained on "
@@ -41,8 +40,7 @@ def report(run_dir: str | os.PathLike, data_dir: str | os.PathLike | None = None
     run_dir = runs.require_run_dir(run_dir)
     data = data or load_dataset(data_dir)
     logits, _ = _test_logits(run_dir, data, device)
-    metrics = compute_metrics(logits, data.test_labels)
-    metrics.update(split="test", data_release=data.source.release)
+    metrics = metrics_on_test_set(logits, data)
     try:  # keep what only training knew: which epoch was best
         saved = runs.read_json(run_dir / runs.METRICS)
         metrics.update({k: saved[k] for k in ("best_epoch", "best_val_accuracy") if k in saved})

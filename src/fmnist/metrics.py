@@ -71,6 +71,13 @@ def compute_metrics(logits: torch.Tensor, labels: torch.Tensor, class_names=CLAS
     }
 
 
+def metrics_on_test_set(logits: torch.Tensor, data) -> dict:
+    """compute_metrics on a FashionMNIST's test labels, labelled with the split and data release."""
+    metrics = compute_metrics(logits, data.test_labels)
+    metrics.update(split="test", data_release=data.source.release)
+    return metrics
+
+
 def format_report(metrics: dict, digits: int = 4) -> str:
     """The classification report as a text table, laid out like scikit-learn's."""
     names = list(metrics["per_class"])

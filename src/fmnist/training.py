@@ -29,7 +29,7 @@ from . import runs
 from .data import FashionMNIST, load_dataset, stratified_split, to_float
 from .errors import Interrupted, UserError
 from .inference import predict_logits
-from .metrics import compute_metrics
+from .metrics import metrics_on_test_set
 from .models import count_parameters, create_model, forward_flops
 from .runtime import autocast, environment, resolve_device, resolve_precision, seed_everything
 
@@ -207,7 +207,7 @@ def train(config: TrainConfig | None = None, data_dir: str | os.PathLike | None 
     x_train = to_float(data.train_images[train_idx]).to(device)
     y_train = data.train_labels[train_idx].to(device)
     x_val, y_val = to_float(data.train_images[val_idx]), data.train_labels[val_idx]
-    x_test, y_test = to_float(data.test_images), data.test_labels
+    x_test = to_float(data.test_images)
     validating = len(val_idx) > 0  # without a hold-out the last epoch is kept
 
     model = create_model(config.model).to(device, memory_format=torch.channels_last)
@@ -261,9 +261,9 @@ def train(config: TrainConfig | None = None, data_dir: str | os.PathLike | None 
 
     # Test the best-by-validation weights, not merely the last epoch's.
     model.load_state_dict(runs.load_weights(run_dir / runs.WEIGHTS))
-    test_loss, test_acc, test_logits = evaluate_split(model, x_test, y_test)
-    metrics = compute_metrics(test_logits, y_test)
-    metrics.update(split="test", data_release=data.source.release, best_epoch=best_epoch,
+    test_logits = predict_logits(model, x_test)
+    metrics = metrics_on_test_set(test_logits, data)
+    metrics.update(best_epoch=best_epoch,
                    best_val_accuracy=best_val if validating else None)
     runs.write_json(run_dir / runs.METRICS, metrics)
 
