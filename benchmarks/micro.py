@@ -5,6 +5,7 @@
 
   * conv2 (the seed CNN's second convolution) timed alone, forward and backward, at
     batch 32, as a fraction of the fp32 GEMM rate: how much room the trainer has left;
+  * dropout masks: PyTorch's, a float compared with p, and fmnist's byte masks;
   * evaluation throughput in chunks of 256 vs 1024 images (why EVAL_BATCH_SIZE is 256);
   * how long the in-memory ONNX export of the predict path takes;
   * torch.compile against eager for the training step at batch 32 (compile time excluded);
@@ -39,12 +40,13 @@ def median_seconds(fn, repeats: int = 7, warmup: int = 3) -> float:
     return statistics.median(times)
 
 
-def conv2_alone(batch: int = 32) -> dict:
-    x = torch.rand(batch, 32, 13, 13).contiguous(memory_format=torch.channels_last).requires_grad_()
+def conv2_alone(batch: int = 32, size: int = 12) -> dict:
+    """conv2 as fmnist runs it: on the 12x12 maps that reach the output (13x13 in the notebook)."""
+    x = torch.rand(batch, 32, size, size).contiguous(memory_format=torch.channels_last).requires_grad_()
     weight = torch.randn(64, 32, 3, 3).contiguous(memory_format=torch.channels_last).requires_grad_()
     bias = torch.randn(64, requires_grad=True)
-    grad = torch.randn(batch, 64, 11, 11).contiguous(memory_format=torch.channels_last)
-    forward_flops = 2 * batch * 64 * 11 * 11 * 32 * 9
+    grad = torch.randn(batch, 64, size - 2, size - 2).contiguous(memory_format=torch.channels_last)
+    forward_flops = 2 * batch * 64 * (size - 2) ** 2 * 32 * 9
     loops = 50
     fwd = median_seconds(lambda: [F.conv2d(x, weight, bias) for _ in range(loops)]) / loops
     out = F.conv2d(x, weight, bias)
@@ -91,12 +93,27 @@ def adam_step_ms() -> float:
     return median_seconds(lambda: [optimizer.step() for _ in range(loops)]) / loops * 1e3
 
 
+def dropout_mask_ms(batch: int = 128) -> dict:
+    """Dropout on the flattened conv features: PyTorch's, a float per value compared with p,
+    and fmnist's Dropout (one random byte per value)."""
+    from fmnist.models import Dropout
+
+    x = torch.rand(batch, 1600)
+    loops = 50
+    each = {
+        "F.dropout": lambda: F.dropout(x, 0.25, True),
+        "rand >= p": lambda: x * (torch.rand(x.shape) >= 0.25) * (1 / 0.75),
+        "fmnist Dropout": lambda layer=Dropout(0.25).train(): layer(x),
+    }
+    return {name: median_seconds(lambda f=f: [f() for _ in range(loops)]) / loops * 1e3 for name, f in each.items()}
+
+
 def pool_switch_ms(batch: int = 32) -> dict:
     from fmnist import kernels
 
-    x = torch.rand(batch, 1, 28, 28)
+    x = torch.rand(batch, 1, 28, 28)[:, :, :26, :26]
     w1, b1 = torch.randn(32, 1, 3, 3), torch.randn(32)
-    h = torch.rand(batch, 32, 13, 13).contiguous(memory_format=torch.channels_last)
+    h = torch.rand(batch, 32, 12, 12).contiguous(memory_format=torch.channels_last)
     w2 = torch.randn(64, 32, 3, 3).contiguous(memory_format=torch.channels_last)
     loops = 50
     each = {
@@ -121,6 +138,8 @@ def main() -> None:
     print("evaluation: " + ", ".join(f"chunks of {c}: {r:,.0f} images/s" for c, r in chunks.items()))
     print(f"ONNX export + session + parity check: {onnx_export_seconds():.2f} s")
     print(f"one fused Adam step (225k parameters): {adam_step_ms():.3f} ms")
+    masks = dropout_mask_ms()
+    print("dropout on 128 x 1600 features: " + ", ".join(f"{name} {ms:.3f} ms" for name, ms in masks.items()))
     switch = pool_switch_ms()
     print(f"fused kernel {switch['kernel']:.3f} ms, conv2 {switch['conv2']:.3f} ms, alternating "
           f"{switch['both']:.3f} ms: {switch['both'] - switch['kernel'] - switch['conv2']:+.3f} ms per pair")

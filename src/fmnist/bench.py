@@ -51,8 +51,9 @@ class BenchConfig:
 class BenchResult:
     environment: dict
     gemm_gflops: float
-    train_flops_per_image: int
+    train_flops_per_image: int           # the notebook's network as written: the issue's yardstick
     forward_flops_per_image: int
+    executed_train_flops_per_image: int  # what fmnist's seed model actually computes (see SeedCNN)
     training: list[dict] = field(default_factory=list)
     inference: list[dict] = field(default_factory=list)
     latency_ms: dict = field(default_factory=dict)
@@ -236,11 +237,15 @@ def _inference(config: BenchConfig, device: torch.device) -> tuple[list[dict], d
 def run_benchmark(config: BenchConfig | None = None, log=lambda line: None) -> BenchResult:
     config = config or BenchConfig()
     device = resolve_device(config.device)
-    model = create_model("seed")
+    notebook = TextbookCNN()
     result = BenchResult(environment=environment(device), gemm_gflops=gemm_gflops(device),
-                         train_flops_per_image=training_flops(model),
-                         forward_flops_per_image=sum(layer_flops(model)))
+                         train_flops_per_image=training_flops(notebook),
+                         forward_flops_per_image=sum(layer_flops(notebook)),
+                         executed_train_flops_per_image=training_flops(create_model("seed")))
     log(f"fp32 GEMM: {result.gemm_gflops:.0f} GFLOP/s")
+    # The ceiling in images/s counts the notebook network's FLOPs, as the issue defines it.
+    # fmnist computes fewer (it skips outputs the pooling discards), so its arithmetic rate
+    # is reported separately: hardware use, executed FLOP/s over the GEMM rate.
     ceiling = result.gemm_gflops * 1e9 / result.train_flops_per_image
 
     for batch in config.batch_sizes:
@@ -250,9 +255,12 @@ def run_benchmark(config: BenchConfig | None = None, log=lambda line: None) -> B
         rates = _interleaved_rates(contenders, batch * config.train_steps, config, device)
         baseline = rates["textbook fp32"]
         for name, rate in rates.items():
+            executed = result.train_flops_per_image if name.startswith("textbook") else \
+                result.executed_train_flops_per_image
             result.training.append({
                 "loop": name, "batch": batch, "images_per_second": rate,
                 "vs_textbook": rate / baseline, "fraction_of_gemm_ceiling": rate / ceiling,
+                "hardware_use": rate * executed / (result.gemm_gflops * 1e9),
             })
         log(f"training, batch {batch}: " + ", ".join(f"{k} {v:,.0f} img/s" for k, v in rates.items()))
 
@@ -277,12 +285,16 @@ def format_table(result: BenchResult) -> str:
         f"{result.forward_flops_per_image / 1e6:.2f} MFLOP/image forward, "
         f"{result.train_flops_per_image / 1e6:.2f} MFLOP/image per training step "
         f"-> ceiling {result.gemm_gflops * 1e9 / result.train_flops_per_image:,.0f} images/s",
+        f"fmnist computes {result.executed_train_flops_per_image / 1e6:.2f} MFLOP/image per step "
+        "(it skips conv outputs the pooling discards); 'hardware use' = executed FLOP/s / GEMM rate",
         "",
-        f"{'training loop':<16} {'batch':>5} {'images/s':>10} {'vs textbook':>12} {'of ceiling':>11}",
+        f"{'training loop':<16} {'batch':>5} {'images/s':>10} {'vs textbook':>12} {'of ceiling':>11} "
+        f"{'hardware use':>13}",
     ]
     for row in result.training:
         lines.append(f"{row['loop']:<16} {row['batch']:>5} {row['images_per_second']:>10,.0f} "
-                     f"{row['vs_textbook']:>11.2f}x {100 * row['fraction_of_gemm_ceiling']:>10.0f}%")
+                     f"{row['vs_textbook']:>11.2f}x {100 * row['fraction_of_gemm_ceiling']:>10.0f}% "
+                     f"{100 * row['hardware_use']:>12.0f}%")
     for row in result.keras:
         lines.append(f"{'keras fit':<16} {row['batch']:>5} {row['images_per_second']:>10,.0f}")
     lines += ["", f"{'predict_proba':<16} {'batch':>5} {'images/s':>10}"]

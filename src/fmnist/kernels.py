@@ -1,10 +1,10 @@
 """A fused CPU kernel for the seed CNN's first block: 3x3 conv (1 -> 32 channels), 2x2 max-pool, ReLU.
 
 Why: on a CPU this block is memory-bound, not compute-bound. Stock PyTorch writes the
-26x26xC conv output (11 MB at batch 128), reads it back to pool, and in the backward
-pass zero-fills and scatters a gradient of the same size before the conv's weight
-gradient reads it again. The block does only 0.4 MFLOP an image, yet it took about half
-of every training step. Fused, the 26x26 map is never stored: each pooled output is the
+conv output (26x26x32 floats an image, 11 MB at batch 128), reads it back to pool, and in
+the backward pass zero-fills and scatters a gradient of the same size before the conv's
+weight gradient reads it again. The block does only 0.4 MFLOP an image, yet it took about
+half of every training step. Fused, the conv map is never stored: each pooled output is the
 max of four 3x3 dot products computed side by side, with a one-byte code saying which won
 (or that the ReLU zeroed it); the backward pass uses that code to send each gradient to
 its one winning position.
@@ -15,8 +15,12 @@ first maximum in row-major window order wins, as in PyTorch; ReLU passes no grad
 bit for bit. (ReLU after the pool equals the notebook's ReLU before it: max and ReLU
 commute.)
 
-The same treatment of the second block's max-pool + ReLU measured +0% at batch 32 and
-+3% at batch 128 (its tensors are 4x smaller), so it was not kept.
+Any input size works (the seed model passes the 26x26 crop that reaches its output, as a
+strided view: nothing is copied); odd conv outputs lose their last row or column to the
+pooling, as in PyTorch.
+
+The same treatment of the second block's max-pool + ReLU measured +0-2% (its tensors are
+4x smaller; measured twice, before and after the crop), so it was not kept.
 
 Compiled by Numba on first use (a few seconds, then cached on disk).
 """
@@ -31,7 +35,6 @@ try:
 except ImportError:  # pragma: no cover - numba is a declared dependency; stay usable without it
     numba = None
 
-IN_SIZE, POOLED = 28, 13  # 28x28 input -> 26x26 conv output -> 13x13 after 2x2 pooling
 CHANNELS = 32             # the seed CNN's first layer; a compile-time constant vectorises best
 DEAD = 4                  # code for outputs the ReLU zeroed
 
@@ -44,19 +47,19 @@ if numba is not None:
     # Loop order: for each pooled output, the four candidate positions are accumulated side
     # by side over the 3x3 taps (the 4x4 input neighbourhood is read once), with the
     # channel loop innermost and of constant length so LLVM vectorises it. 'contract' lets
-    # it fuse multiply-adds; nothing is reassociated. Measured at batch 32 on the dev
-    # machine: forward 200 us and backward 125 us, against 435 us and ~1,000 us for the
-    # stock conv + max-pool (forward) and max-pool + conv backward.
+    # it fuse multiply-adds; nothing is reassociated. Forward at batch 32 on the dev
+    # machine: 0.16 ms (benchmarks/micro.py); what it does to a whole training step:
+    # +21% at batch 32, +30% at batch 128 (benchmarks/ablation.py).
 
     @numba.njit(parallel=True, cache=True, fastmath={"contract"})
     def _forward(x, w, b, out, code):  # pragma: no cover - compiled
-        # x [N, 28, 28]; w [9, C] (tap-major: channels contiguous); b [C]
-        # out [N, 13, 13, C] float32 (channels last); code [N, 13, 13, C] uint8: the winning
-        # position 0..3, or DEAD where the ReLU zeroed the output (no gradient flows back)
+        # x [N, H, W]; w [9, C] (tap-major: channels contiguous); b [C]
+        # out [N, (H-2)//2, (W-2)//2, C] float32 (channels last); code (same shape) uint8: the
+        # winning position 0..3, or DEAD where the ReLU zeroed the output (no gradient flows back)
         for n in numba.prange(x.shape[0]):
             acc = np.empty((4, CHANNELS), np.float32)
-            for i in range(POOLED):
-                for j in range(POOLED):
+            for i in range(out.shape[1]):
+                for j in range(out.shape[2]):
                     for p in range(4):
                         for c in range(CHANNELS):
                             acc[p, c] = b[c]
@@ -85,13 +88,13 @@ if numba is not None:
 
     @numba.njit(parallel=True, cache=True, fastmath={"contract"})
     def _backward(x, grad, code, partial):  # pragma: no cover - compiled
-        # grad [N, 13, 13, C]; partial [N, 10, C]: per-image weight (taps 0-8) and bias (9)
+        # grad [N, PH, PW, C] (as code); partial [N, 10, C]: per-image weight (taps 0-8) and bias (9)
         # gradients, summed over images afterwards (deterministic, no atomics).
         for n in numba.prange(x.shape[0]):
             routed = np.empty((4, CHANNELS), np.float32)  # the gradient, at the winner only
             acc = np.zeros((10, CHANNELS), np.float32)
-            for i in range(POOLED):
-                for j in range(POOLED):
+            for i in range(grad.shape[1]):
+                for j in range(grad.shape[2]):
                     for c in range(CHANNELS):
                         g, win = grad[n, i, j, c], code[n, i, j, c]
                         acc[9, c] += g if win != DEAD else 0.0
@@ -117,15 +120,16 @@ def _channels_last(t: torch.Tensor) -> torch.Tensor:
 
 
 class ConvPoolReLU(torch.autograd.Function):
-    """``relu(max_pool2d(conv2d(x, weight, bias), 2))`` for x [N, 1, 28, 28], 32 3x3 filters, on the CPU."""
+    """``relu(max_pool2d(conv2d(x, weight, bias), 2))`` for x [N, 1, H, W], 32 3x3 filters, on the CPU."""
 
     @staticmethod
     def forward(ctx, x, weight, bias):
-        images = x.detach().reshape(-1, IN_SIZE, IN_SIZE).contiguous()
+        n, _, height, width = x.shape
+        images = x.detach()[:, 0]  # [N, H, W], strided as it comes (a crop is not copied)
         taps = weight.detach().reshape(weight.shape[0], 9).t().contiguous()
-        n, channels = images.shape[0], weight.shape[0]
-        out = torch.empty(n, POOLED, POOLED, channels)
-        code = torch.empty(n, POOLED, POOLED, channels, dtype=torch.uint8)
+        pooled_shape = (n, (height - 2) // 2, (width - 2) // 2, weight.shape[0])
+        out = torch.empty(pooled_shape)
+        code = torch.empty(pooled_shape, dtype=torch.uint8)
         _forward(images.numpy(), taps.numpy(), bias.detach().contiguous().numpy(), out.numpy(), code.numpy())
         ctx.save_for_backward(images, code)
         return out.permute(0, 3, 1, 2)  # [N, C, 13, 13] view, channels-last in memory
@@ -146,7 +150,9 @@ def conv_pool_relu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) ->
 
 
 def supports(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """The fused kernel covers float32 CPU inputs of the seed CNN's first layer shape that
-    need no gradient themselves (images never do; the kernel only returns weight gradients)."""
+    """The fused kernel covers float32 CPU one-channel images (of at least 4x4) with the seed
+    CNN's first-layer weights, when the images need no gradient themselves (images never do;
+    the kernel only returns weight gradients)."""
     return (available() and x.device.type == "cpu" and x.dtype == torch.float32 and not x.requires_grad
-            and tuple(x.shape[1:]) == (1, IN_SIZE, IN_SIZE) and tuple(weight.shape) == (CHANNELS, 1, 3, 3))
+            and x.dim() == 4 and x.shape[1] == 1 and min(x.shape[2:]) >= 4
+            and tuple(weight.shape) == (CHANNELS, 1, 3, 3))

@@ -56,18 +56,28 @@ def dense_head_precision(x: torch.Tensor):
 
 
 class Dropout(nn.Dropout):
-    """``nn.Dropout`` with the mask drawn as ``uniform >= p`` on the CPU.
+    """``nn.Dropout`` with a cheaper mask on the CPU: one random byte per value.
 
-    Same distribution (keep with probability 1-p, scale kept values by 1/(1-p)), but
-    PyTorch's CPU ``bernoulli_`` kernel is several times slower than one uniform draw and
-    a compare; on CUDA the stock fused kernel is already fast and is used as is.
+    Same distribution (keep with probability 1-p, scale kept values by 1/(1-p)). PyTorch's
+    CPU ``bernoulli_`` draws a double per value and ``rand`` a float; a byte compared with
+    256p is exact whenever 256p is a whole number (0.25 and 0.5 are), and the bytes come
+    from 64-bit draws, so eight values cost one draw: the mask is about 6x cheaper, which
+    was 5% of a training step at batch 128. Other rates fall back to ``rand >= p``. On
+    CUDA the stock fused kernel is already fast and is used as is.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0.0 or x.is_cuda:
             return super().forward(x)
-        keep = torch.rand(x.shape, device=x.device) >= self.p
-        return x * keep * (1.0 / (1.0 - self.p))
+        cut = self.p * 256
+        if cut.is_integer():
+            words = torch.empty((x.numel() + 7) // 8, dtype=torch.int64, device=x.device)
+            words.random_(-2**63, None)  # this range draws all 64 bits; the default leaves the top one 0
+            keep = words.view(torch.uint8)[:x.numel()].view(x.shape) >= int(cut)
+        else:
+            keep = torch.rand(x.shape, device=x.device) >= self.p
+        # One float mask with the scale folded in: x * mask is a single fwd and bwd pass.
+        return x * keep.to(x.dtype).mul_(1.0 / (1.0 - self.p))
 
 
 class SeedCNN(nn.Module):
@@ -78,11 +88,18 @@ class SeedCNN(nn.Module):
     default: 28 -> 26 -> 13 -> 11 -> 5, so the flattened vector has 5*5*64 = 1600 values.
     About 5.3 MFLOP per image forward.
 
-    Two rewrites that leave the function and its gradients unchanged, for speed:
-    each ReLU runs after its max-pool rather than before (max and ReLU commute, and the
-    ReLU then touches 4x fewer values), and on the CPU the first conv + pool + ReLU runs
-    as one fused kernel (fmnist.kernels) instead of materialising the 26x26x32 map.
+    Three rewrites that leave the function and its gradients unchanged, for speed:
+    - only the top-left 26x26 pixels are fed in: the second pool floors 11 -> 5 and drops
+      conv2's last row and column, which are all that pixel rows and columns 26-27 reach.
+      The network then runs 26 -> 24 -> 12 -> 10 -> 5, doing 16% fewer FLOPs (4.4 MFLOP an
+      image forward instead of 5.3) for the same logits;
+    - each ReLU runs after its max-pool rather than before (max and ReLU commute, and the
+      ReLU then touches 4x fewer values);
+    - on the CPU the first conv + pool + ReLU runs as one fused kernel (fmnist.kernels)
+      instead of materialising the 24x24x32 map.
     """
+
+    SEEN = 26  # pixels per side that can reach the output (see above)
 
     def __init__(self, dropout_features: float = 0.25, dropout_hidden: float = 0.5):
         super().__init__()
@@ -97,6 +114,7 @@ class SeedCNN(nn.Module):
         self.apply(_keras_init)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x[:, :, :self.SEEN, :self.SEEN]
         if self.fused_kernels and kernels.supports(x, self.conv1.weight):
             x = kernels.conv_pool_relu(x, self.conv1.weight, self.conv1.bias)
         else:
