@@ -44,12 +44,14 @@ def available() -> bool:
 
 
 if numba is not None:
-    # Loop order: for each pooled output, the four candidate positions are accumulated side
-    # by side over the 3x3 taps (the 4x4 input neighbourhood is read once), with the
-    # channel loop innermost and of constant length so LLVM vectorises it. 'contract' lets
-    # it fuse multiply-adds; nothing is reassociated. Forward at batch 32 on the dev
-    # machine: 0.16 ms (benchmarks/micro.py); what it does to a whole training step:
-    # +21% at batch 32, +30% at batch 128 (benchmarks/ablation.py).
+    # Loop order: for each pooled output and channel, the four candidate positions are
+    # accumulated side by side over the 3x3 taps in scalar variables; the channel loop,
+    # of constant length, is the one LLVM vectorises (the taps unroll inside it), so the
+    # accumulators live in registers. (Keeping them in a [4, C] array instead, with the
+    # taps outside the channel loop, was 2.7x slower forward and 1.6x slower backward.)
+    # 'contract' lets LLVM fuse multiply-adds; nothing is reassociated. Forward at batch 32
+    # on the dev machine: 0.12 ms through the autograd wrapper (benchmarks/micro.py); what
+    # the kernel does to a whole training step is in benchmarks/ablation.py.
 
     @numba.njit(parallel=True, cache=True, fastmath={"contract"})
     def _forward(x, w, b, out, code):  # pragma: no cover - compiled
@@ -57,30 +59,25 @@ if numba is not None:
         # out [N, (H-2)//2, (W-2)//2, C] float32 (channels last); code (same shape) uint8: the
         # winning position 0..3, or DEAD where the ReLU zeroed the output (no gradient flows back)
         for n in numba.prange(x.shape[0]):
-            acc = np.empty((4, CHANNELS), np.float32)
             for i in range(out.shape[1]):
                 for j in range(out.shape[2]):
-                    for p in range(4):
-                        for c in range(CHANNELS):
-                            acc[p, c] = b[c]
-                    for kr in range(3):
-                        for kc in range(3):
-                            r, s = 2 * i + kr, 2 * j + kc
-                            v0, v1, v2, v3 = x[n, r, s], x[n, r, s + 1], x[n, r + 1, s], x[n, r + 1, s + 1]
-                            for c in range(CHANNELS):
-                                wk = w[kr * 3 + kc, c]
-                                acc[0, c] += v0 * wk
-                                acc[1, c] += v1 * wk
-                                acc[2, c] += v2 * wk
-                                acc[3, c] += v3 * wk
-                    for c in range(CHANNELS):  # strict '>': the first maximum wins, as in PyTorch
-                        best, win = acc[0, c], 0
-                        if acc[1, c] > best or acc[1, c] != acc[1, c]:  # NaN wins, as in PyTorch
-                            best, win = acc[1, c], 1
-                        if acc[2, c] > best or acc[2, c] != acc[2, c]:  # NaN wins, as in PyTorch
-                            best, win = acc[2, c], 2
-                        if acc[3, c] > best or acc[3, c] != acc[3, c]:  # NaN wins, as in PyTorch
-                            best, win = acc[3, c], 3
+                    for c in range(CHANNELS):
+                        a0 = a1 = a2 = a3 = b[c]
+                        for kr in range(3):
+                            for kc in range(3):
+                                r, s, wk = 2 * i + kr, 2 * j + kc, w[kr * 3 + kc, c]
+                                a0 += x[n, r, s] * wk
+                                a1 += x[n, r, s + 1] * wk
+                                a2 += x[n, r + 1, s] * wk
+                                a3 += x[n, r + 1, s + 1] * wk
+                        # strict '>': the first maximum wins, and a NaN wins, as in PyTorch
+                        best, win = a0, 0
+                        if a1 > best or a1 != a1:
+                            best, win = a1, 1
+                        if a2 > best or a2 != a2:
+                            best, win = a2, 2
+                        if a3 > best or a3 != a3:
+                            best, win = a3, 3
                         if best <= 0.0:
                             best, win = 0.0, DEAD
                         out[n, i, j, c] = best
@@ -90,25 +87,22 @@ if numba is not None:
     def _backward(x, grad, code, partial):  # pragma: no cover - compiled
         # grad [N, PH, PW, C] (as code); partial [N, 10, C]: per-image weight (taps 0-8) and bias (9)
         # gradients, summed over images afterwards (deterministic, no atomics).
+        zero = np.float32(0.0)
         for n in numba.prange(x.shape[0]):
-            routed = np.empty((4, CHANNELS), np.float32)  # the gradient, at the winner only
             acc = np.zeros((10, CHANNELS), np.float32)
             for i in range(grad.shape[1]):
                 for j in range(grad.shape[2]):
                     for c in range(CHANNELS):
                         g, win = grad[n, i, j, c], code[n, i, j, c]
-                        acc[9, c] += g if win != DEAD else 0.0
-                        routed[0, c] = g if win == 0 else 0.0
-                        routed[1, c] = g if win == 1 else 0.0
-                        routed[2, c] = g if win == 2 else 0.0
-                        routed[3, c] = g if win == 3 else 0.0
-                    for kr in range(3):
-                        for kc in range(3):
-                            r, s = 2 * i + kr, 2 * j + kc
-                            v0, v1, v2, v3 = x[n, r, s], x[n, r, s + 1], x[n, r + 1, s], x[n, r + 1, s + 1]
-                            for c in range(CHANNELS):
-                                acc[kr * 3 + kc, c] += (v0 * routed[0, c] + v1 * routed[1, c]
-                                                        + v2 * routed[2, c] + v3 * routed[3, c])
+                        # the gradient goes to the winning position only
+                        r0, r1 = (g if win == 0 else zero), (g if win == 1 else zero)
+                        r2, r3 = (g if win == 2 else zero), (g if win == 3 else zero)
+                        acc[9, c] += g if win != DEAD else zero
+                        for kr in range(3):
+                            for kc in range(3):
+                                r, s = 2 * i + kr, 2 * j + kc
+                                acc[kr * 3 + kc, c] += (x[n, r, s] * r0 + x[n, r, s + 1] * r1
+                                                        + x[n, r + 1, s] * r2 + x[n, r + 1, s + 1] * r3)
             for k in range(10):
                 for c in range(CHANNELS):
                     partial[n, k, c] = acc[k, c]
@@ -132,7 +126,7 @@ class ConvPoolReLU(torch.autograd.Function):
         code = torch.empty(pooled_shape, dtype=torch.uint8)
         _forward(images.numpy(), taps.numpy(), bias.detach().contiguous().numpy(), out.numpy(), code.numpy())
         ctx.save_for_backward(images, code)
-        return out.permute(0, 3, 1, 2)  # [N, C, 13, 13] view, channels-last in memory
+        return out.permute(0, 3, 1, 2)  # [N, C, PH, PW] view, channels-last in memory
 
     @staticmethod
     def backward(ctx, grad_out):
