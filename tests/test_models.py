@@ -55,6 +55,13 @@ def test_the_rewrites_compute_the_notebook_function():
                                atol=1e-6, rtol=1e-6)
 
 
+def test_seed_model_refuses_other_image_sizes():
+    model = create_model("seed")
+    for shape in [(2, 1, 32, 32), (2, 1, 27, 27), (2, 3, 28, 28)]:
+        with pytest.raises(ValueError, match=r"\[N, 1, 28, 28\]"):
+            model(torch.zeros(shape))
+
+
 def test_keras_initialisation():
     model = create_model("seed")
     assert all(torch.all(m.bias == 0) for m in (model.conv1, model.conv2, model.fc1, model.fc2))
@@ -82,6 +89,14 @@ def test_dropout_masks_are_uniform_over_positions(p):
     kept = Dropout(p).train()(torch.ones(40_000, 8)) > 0
     assert kept.float().mean(dim=0).tolist() == pytest.approx([1 - p] * 8, abs=0.015)
     assert kept.shape == (40_000, 8)
+
+
+def test_dropout_edge_rates():
+    from fmnist.models import Dropout
+
+    x = torch.rand(4, 16)
+    assert torch.equal(Dropout(1.0).train()(x), torch.zeros_like(x))
+    assert torch.equal(Dropout(0.0).train()(x), x)
 
 
 def test_unknown_model():

@@ -67,7 +67,7 @@ class Dropout(nn.Dropout):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.p == 0.0 or x.is_cuda:
+        if not self.training or self.p in (0.0, 1.0) or x.is_cuda:
             return super().forward(x)
         cut = self.p * 256
         if cut.is_integer():
@@ -114,6 +114,10 @@ class SeedCNN(nn.Module):
         self.apply(_keras_init)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # The crop below would quietly accept larger images. (Not while tracing for the ONNX
+        # export, which traces with 28x28 images and would warn about a constant branch.)
+        if not torch.jit.is_tracing() and x.shape[1:] != (1, 28, 28):
+            raise ValueError(f"SeedCNN takes [N, 1, 28, 28] images, got {list(x.shape)}")
         x = x[:, :, :self.SEEN, :self.SEEN]
         if self.fused_kernels and kernels.supports(x, self.conv1.weight):
             x = kernels.conv_pool_relu(x, self.conv1.weight, self.conv1.bias)
