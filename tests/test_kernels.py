@@ -50,6 +50,21 @@ def test_ties_go_to_the_first_position_like_pytorch():
     torch.testing.assert_close(ours, reference)
 
 
+def test_nan_wins_its_window_and_poisons_its_gradients_like_pytorch():
+    x, weight, bias = _inputs(3)
+    x[0, 0, 10, 10] = float("nan")  # reaches several windows, at different positions
+    x[1, 0, 4, 4] = x[1, 0, 5, 7] = float("nan")
+    x[2, 0, 20, 3] = float("inf")
+    ours = kernels.conv_pool_relu(x, weight, bias)
+    reference = F.relu(F.max_pool2d(F.conv2d(x, weight, bias), 2))
+    assert torch.isnan(reference).any()
+    torch.testing.assert_close(ours, reference, atol=0, rtol=0, equal_nan=True)
+    grad = torch.randint(-5, 6, reference.shape, generator=torch.Generator().manual_seed(1)).float()
+    for got, expected in zip(torch.autograd.grad(ours, (weight, bias), grad),
+                             torch.autograd.grad(reference, (weight, bias), grad)):
+        torch.testing.assert_close(got, expected, atol=0, rtol=0, equal_nan=True)
+
+
 def test_seed_model_is_the_same_function_with_and_without_the_kernel():
     model = create_model("seed").eval()
     x = torch.rand(16, 1, 28, 28, generator=torch.Generator().manual_seed(2))

@@ -46,13 +46,26 @@ def test_seed_model_layers_follow_the_notebook():
 
 def test_the_rewrites_compute_the_notebook_function():
     model = create_model("seed").eval()
-    model.fused_kernels = False  # stock layers on both sides: exact equality expected
+    model.fused_kernels = False  # stock layers on both sides (the kernel takes no pixel gradients)
     x = torch.rand(8, 1, 28, 28, requires_grad=True)
     ours, theirs = model(x), _notebook_order(model)(x)
     # Equal up to float rounding: the cropped conv2 may pick another oneDNN algorithm.
     torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(*(torch.autograd.grad(out.sum(), x)[0] for out in (ours, theirs)),
                                atol=1e-6, rtol=1e-6)
+
+
+def test_fused_and_cropped_training_step_gives_the_notebook_weight_gradients():
+    model = create_model("seed").train()
+    x = torch.rand(16, 1, 28, 28, generator=torch.Generator().manual_seed(3))
+    labels = torch.arange(16) % 10
+    grads = []
+    for network in (model, _notebook_order(model)):
+        torch.manual_seed(0)  # the same dropout masks on both sides
+        loss = torch.nn.functional.cross_entropy(network(x), labels)
+        grads.append(torch.autograd.grad(loss, list(model.parameters())))
+    for ours, theirs in zip(*grads):
+        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-4)
 
 
 def test_seed_model_refuses_other_image_sizes():

@@ -1,7 +1,8 @@
 """A fused CPU kernel for the seed CNN's first block: 3x3 conv (1 -> 32 channels), 2x2 max-pool, ReLU.
 
 Why: on a CPU this block is memory-bound, not compute-bound. Stock PyTorch writes the
-conv output (26x26x32 floats an image, 11 MB at batch 128), reads it back to pool, and in
+conv output (24x24x32 floats an image on the seed model's 26x26 crop, 9 MB at batch 128),
+reads it back to pool, and in
 the backward pass zero-fills and scatters a gradient of the same size before the conv's
 weight gradient reads it again. The block does only 0.4 MFLOP an image, yet it took about
 half of every training step. Fused, the conv map is never stored: each pooled output is the
@@ -10,9 +11,11 @@ max of four 3x3 dot products computed side by side, with a one-byte code saying 
 its one winning position.
 
 Semantics match ``relu(max_pool2d(conv2d(x, w, b), 2))`` exactly, ties included (the
-first maximum in row-major window order wins, as in PyTorch; ReLU passes no gradient at
-0); sums are accumulated in a different order, so values agree to float32 rounding, not
-bit for bit. (ReLU after the pool equals the notebook's ReLU before it: max and ReLU
+first maximum in row-major window order wins, and a NaN wins, as in PyTorch; ReLU passes
+no gradient at 0); sums are accumulated in a different order, so values agree to float32
+rounding, not bit for bit. One difference: for odd sizes, a NaN in the row or column the
+pooling drops makes PyTorch's weight gradient NaN (it multiplies a zero gradient by it);
+the kernel never reads that row. (ReLU after the pool equals the notebook's ReLU before it: max and ReLU
 commute.)
 
 Any input size works (the seed model passes the 26x26 crop that reaches its output, as a
@@ -45,10 +48,12 @@ def available() -> bool:
 
 if numba is not None:
     # Loop order: for each pooled output and channel, the four candidate positions are
-    # accumulated side by side over the 3x3 taps in scalar variables; the channel loop,
-    # of constant length, is the one LLVM vectorises (the taps unroll inside it), so the
-    # accumulators live in registers. (Keeping them in a [4, C] array instead, with the
-    # taps outside the channel loop, was 2.7x slower forward and 1.6x slower backward.)
+    # accumulated side by side over the 3x3 taps in scalar variables (in the backward
+    # pass, the gradient routed to each of the four); the channel loop, of constant length,
+    # is the one LLVM vectorises (the taps unroll inside it), so these live in registers.
+    # Keeping them in [4, C] arrays instead, with the taps outside the channel loop, made
+    # the raw kernels 2.7x slower forward and 1.6-1.7x backward (a throwaway probe; through the
+    # autograd wrapper, 1.5x and 1.2-1.3x).
     # 'contract' lets LLVM fuse multiply-adds; nothing is reassociated. Forward at batch 32
     # on the dev machine: 0.12 ms through the autograd wrapper (benchmarks/micro.py); what
     # the kernel does to a whole training step is in benchmarks/ablation.py.
