@@ -31,7 +31,7 @@ def test_bench_quick_json():
     # the ceiling counts the notebook network; hardware use what fmnist executes
     assert report["train_flops_per_image"] == 3 * 5_262_080 - 389_376
     assert report["executed_train_flops_per_image"] == 3 * 4_430_336 - 331_776
-    assert {row["batch"] for row in report["inference"]} == {256, 1024}
+    assert {row["batch"] for row in report["inference"]} == {16, 256, 1024}
     assert all(lat["p50"] <= lat["p99"] for lat in report["latency_ms"].values())
 
 

@@ -42,6 +42,19 @@ def test_accepts_uint8_float_numpy_and_single_images(model, backend):
     assert classifier.predict(images[0]) == classifier.predict(images[:1])
 
 
+def test_onnx_path_runs_no_pytorch_kernels(model):
+    # PyTorch's spinning OpenMP threads would fight ONNX Runtime's (see Classifier):
+    # checking, scaling and softmax all happen in NumPy.
+    pytest.importorskip("onnxruntime")
+    classifier = Classifier(model, backend="onnx")
+    images = np.random.default_rng(0).integers(0, 256, (32, 28, 28), dtype=np.uint8)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        classifier.predict_proba(images)
+        classifier.predict(images)
+    ran = {event.name for event in profile.events() if event.name.startswith("aten::")}
+    assert ran <= {"aten::lift_fresh"}  # wrapping the NumPy result as a tensor; no kernel runs
+
+
 def test_unknown_backend(model):
     with pytest.raises(UserError, match="unknown backend"):
         Classifier(model, backend="tensorrt")
@@ -61,6 +74,8 @@ def test_integer_inputs_of_any_dtype_are_scaled_like_uint8(model):
     (np.full((1, 28, 28), 200.0), "scaled to \\[0, 1\\]"),
     (np.full((1, 28, 28), 300), "0-255"),
     ("not an image", "numeric array|28x28"),
+    (np.full((1, 28, 28), np.nan), "scaled to \\[0, 1\\]"),
+    (np.zeros((1, 28, 28), bool), "integer pixels 0-255 or floats"),
 ])
 def test_bad_inputs_are_user_errors(model, images, message):
     with pytest.raises(UserError, match=message):

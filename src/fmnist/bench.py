@@ -11,7 +11,7 @@ Measured:
   * the same CNN in a textbook PyTorch loop (DataLoader over a TensorDataset, NCHW,
     stock layers and Adam, ``loss.item()`` every step), defined below so the baseline
     always exists; the ratio fmnist / textbook at the same batch size;
-  * inference throughput of ``Classifier.predict_proba`` on 256 and 1024 images at once,
+  * inference throughput of ``Classifier.predict_proba`` on 16, 256 and 1024 images at once,
     and its single-image latency (p50, p99), for each backend (PyTorch, ONNX Runtime);
   * when TensorFlow happens to be installed, the Keras seed model's ``fit`` throughput.
 Synthetic images (uniform noise, random labels) stand in for the data: speed does not
@@ -41,7 +41,7 @@ class BenchConfig:
     warmup_steps: int = 20       # first steps pay for allocation and kernel selection
     batch_sizes: tuple = (32, 128)
     precisions: tuple = ("fp32", "bf16")
-    inference_batches: tuple = (256, 1024)
+    inference_batches: tuple = (16, 256, 1024)  # 16: a web request's worth, not just bulk
     inference_images: int = 8192  # images predicted per round and backend
     latency_calls: int = 300     # enough for a stable p99
     device: str = "auto"
