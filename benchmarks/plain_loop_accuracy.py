@@ -22,15 +22,13 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from fmnist.bench import TextbookCNN
 from fmnist.data import load_dataset, stratified_split, to_float
+from fmnist.inference import predict_logits
 from fmnist.models import _keras_init
 from fmnist.training import TrainConfig
 
 
 def accuracy(model, images, labels) -> float:
-    model.eval()
-    with torch.no_grad():
-        predictions = torch.cat([model(images[i:i + 1000]).argmax(1) for i in range(0, len(images), 1000)])
-    return (predictions == labels).float().mean().item()
+    return (predict_logits(model, images).argmax(1) == labels).float().mean().item()
 
 
 def plain_run(seed: int, data, config: TrainConfig) -> float:
