@@ -34,10 +34,11 @@ ROUNDS, STEPS = 5, 60
 class Variant(SeedCNN):
     """The seed CNN with each speed-up as a switch (same layers, same function)."""
 
-    def __init__(self, pool_first: bool, fmnist_dropout: bool, fused_kernel: bool, crop: bool, dense_fp32: bool):
+    def __init__(self, pool_first: bool, fmnist_dropout: bool, fused_kernel: bool, crop: bool, routed: bool,
+                 dense_fp32: bool):
         super().__init__()
         self.pool_first, self.fmnist_dropout, self.fused_kernels = pool_first, fmnist_dropout, fused_kernel
-        self.crop, self.dense_fp32 = crop, dense_fp32
+        self.crop, self.routed, self.dense_fp32 = crop, routed, dense_fp32
 
     def _dropout(self, layer, x):
         return layer(x) if self.fmnist_dropout else F.dropout(x, layer.p, self.training)
@@ -49,14 +50,17 @@ class Variant(SeedCNN):
             x = kernels.conv_pool_relu(x, self.conv1.weight, self.conv1.bias)
         else:
             x = F.relu(self.pool(self.conv1(x))) if self.pool_first else self.pool(F.relu(self.conv1(x)))
-        x = self.conv2(x)
-        x = F.relu(self.pool(x)) if self.pool_first else self.pool(F.relu(x))
+        if self.routed and kernels.supports_routed(x, self.conv2.weight):
+            x = kernels.conv_pool_relu_routed(x, self.conv2.weight, self.conv2.bias)
+        else:
+            x = self.conv2(x)
+            x = F.relu(self.pool(x)) if self.pool_first else self.pool(F.relu(x))
         with dense_head_precision(x) if self.dense_fp32 else contextlib.nullcontext():
             x = self._dropout(self.dropout1, torch.flatten(x, 1).float())
             return self.fc2(self._dropout(self.dropout2, F.relu(self.fc1(x))))
 
 
-START = dict(pool_first=False, fmnist_dropout=False, fused_kernel=False, crop=False, dense_fp32=False,
+START = dict(pool_first=False, fmnist_dropout=False, fused_kernel=False, crop=False, routed=False, dense_fp32=False,
              fused_adam=False, precision="fp32")
 CHANGES = [  # each row adds one change to the row above it
     ("in-memory tensors + channels_last", {}),
@@ -65,6 +69,7 @@ CHANGES = [  # each row adds one change to the row above it
     ("+ fused Adam", {"fused_adam": True}),
     ("+ fused conv1/pool/ReLU kernel", {"fused_kernel": True}),
     ("+ only the 26x26 pixels that reach the output", {"crop": True}),
+    ("+ conv2 backward through the pool winners only", {"routed": True}),
     ("+ bf16 autocast (opt-in on CPU)", {"precision": "bf16"}),
     ("+ dense layers kept fp32 under autocast", {"dense_fp32": True}),
 ]

@@ -15,6 +15,10 @@ def test_training_flops_match_the_hand_count():
     assert training_flops(TextbookCNN()) == 3 * 5_262_080 - 389_376
     # fmnist's seed model runs on the 26x26 pixels that reach the output
     assert training_flops(create_model("seed")) == 3 * 4_430_336 - 331_776
+    # ... and in fp32 on the CPU conv2 (3,686,400 FLOPs forward) backpropagates through the
+    # pooling winners only: a quarter of its two backward convolutions
+    conv2 = 2 * 10 * 10 * 64 * 32 * 9
+    assert training_flops(create_model("seed"), winners_only=(1,)) == 3 * 4_430_336 - 331_776 - 2 * conv2 * 3 // 4
 
 
 def test_bench_quick_json():
@@ -30,7 +34,10 @@ def test_bench_quick_json():
             assert row["vs_textbook"] == 1.0
     # the ceiling counts the notebook network; hardware use what fmnist executes
     assert report["train_flops_per_image"] == 3 * 5_262_080 - 389_376
-    assert report["executed_train_flops_per_image"] == 3 * 4_430_336 - 331_776
+    routed = 3 * 4_430_336 - 331_776 - 2 * 3_686_400 * 3 // 4
+    assert report["executed_train_flops_per_image"] == routed
+    executed = {row["loop"]: row["executed_flops_per_image"] for row in report["training"]}
+    assert executed["fmnist fp32"] == routed and executed["textbook fp32"] == report["train_flops_per_image"]
     assert {row["batch"] for row in report["inference"]} == {16, 256, 1024}
     assert all(lat["p50"] <= lat["p99"] for lat in report["latency_ms"].values())
 

@@ -88,3 +88,60 @@ def test_inputs_that_need_a_gradient_take_the_stock_path():
     assert not kernels.supports(x, model.conv1.weight)
     (grad,) = torch.autograd.grad(model(x).sum(), x)  # e.g. saliency maps
     assert grad.shape == x.shape and grad.abs().sum() > 0
+
+
+def _conv2_inputs(batch: int, size: int = 12, seed: int = 0):
+    """Integer-valued maps and filters, as in _inputs: exact sums, so exact comparisons."""
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, 3, (batch, 32, size, size), generator=generator).float()
+    x = x.contiguous(memory_format=torch.channels_last).requires_grad_()
+    weight = torch.randint(-2, 3, (64, 32, 3, 3), generator=generator).float()
+    weight = weight.contiguous(memory_format=torch.channels_last).requires_grad_()
+    bias = torch.randint(-40, 20, (64,), generator=generator).float().requires_grad_()  # many dead outputs
+    return x, weight, bias
+
+
+@pytest.mark.parametrize("batch, size", [(1, 12), (5, 12), (33, 12), (3, 13), (2, 6)])
+def test_routed_block_matches_stock_layers_exactly(batch, size):
+    x, weight, bias = _conv2_inputs(batch, size)
+    ours = kernels.conv_pool_relu_routed(x, weight, bias)
+    reference = F.relu(F.max_pool2d(F.conv2d(x, weight, bias), 2))
+    torch.testing.assert_close(ours, reference, atol=0, rtol=0)
+    assert 0.2 < (reference > 0).float().mean() < 0.8  # both live and dead outputs are exercised
+    grad = torch.randint(-5, 6, reference.shape, generator=torch.Generator().manual_seed(1)).float()
+    ours_grads = torch.autograd.grad(ours, (x, weight, bias), grad)
+    reference_grads = torch.autograd.grad(reference, (x, weight, bias), grad)
+    for got, expected in zip(ours_grads, reference_grads):
+        assert got.shape == expected.shape
+        torch.testing.assert_close(got, expected, atol=0, rtol=0)
+    # gradients come back in the parameters' own (channels-last) layout: no copy to accumulate them
+    assert ours_grads[1].stride() == weight.stride()
+
+
+def test_routed_gradients_do_not_depend_on_the_thread_count():
+    numba = pytest.importorskip("numba")
+    x, weight, bias = _conv2_inputs(9)
+    x = (x.detach() + torch.rand(x.shape)).requires_grad_()  # real-valued: summation order shows
+    grads = []
+    threads = numba.get_num_threads()
+    for count in (1, threads):
+        numba.set_num_threads(count)
+        try:
+            out = kernels.conv_pool_relu_routed(x, weight, bias)
+            grads.append(torch.autograd.grad(out.sum(), (x, weight, bias)))
+        finally:
+            numba.set_num_threads(threads)
+    for one, many in zip(*grads):
+        torch.testing.assert_close(one, many, atol=1e-3, rtol=1e-5)
+
+
+def test_routed_block_is_used_only_where_it_applies():
+    x, weight, _ = _conv2_inputs(2)
+    assert kernels.supports_routed(x, weight)
+    assert not kernels.supports_routed(x.double(), weight.double())
+    assert not kernels.supports_routed(torch.zeros(2, 16, 12, 12), torch.zeros(64, 16, 3, 3))
+    assert not kernels.supports_routed(x, torch.zeros(64, 32, 5, 5))
+    with torch.no_grad():
+        assert not kernels.supports_routed(x, weight)  # evaluation skips the pooling indices
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not kernels.supports_routed(x, weight)

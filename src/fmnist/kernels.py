@@ -1,6 +1,7 @@
-"""A fused CPU kernel for the seed CNN's first block: 3x3 conv (1 -> 32 channels), 2x2 max-pool, ReLU.
+"""Two CPU kernels for the seed CNN's conv + 2x2 max-pool + ReLU blocks.
 
-Why: on a CPU this block is memory-bound, not compute-bound. Stock PyTorch writes the
+``conv_pool_relu`` fuses the whole first block (3x3 conv, 1 -> 32 channels). Why: on a CPU
+this block is memory-bound, not compute-bound. Stock PyTorch writes the
 conv output (24x24x32 floats an image on the seed model's 26x26 crop, 9 MB at batch 128),
 reads it back to pool, and in
 the backward pass zero-fills and scatters a gradient of the same size before the conv's
@@ -22,8 +23,14 @@ Any input size works (the seed model passes the 26x26 crop that reaches its outp
 strided view: nothing is copied); odd conv outputs lose their last row or column to the
 pooling, as in PyTorch.
 
-The same treatment of the second block's max-pool + ReLU measured +0-2% (its tensors are
-4x smaller; measured twice, before and after the crop), so it was not kept.
+``conv_pool_relu_routed`` is the second block (32 -> 64 channels, 85% of the FLOPs). Its
+forward pass is stock (oneDNN's convolution runs it at about 75% of the GEMM rate). Its
+backward pass is where the waste is: only one conv output in four wins its pooling window,
+and only those the ReLU kept (about 60% here) receive a gradient, yet PyTorch's backward
+scatters the gradient into a dense 10x10 map and runs two dense convolutions over it. The
+kernel routes each gradient through its winner only: a quarter of the multiply-adds at most,
+and only for live outputs. The gradients are the same up to float32 summation order.
+(Forward, fusing the second max-pool + ReLU alone measured +0-2%: its tensors are 4x smaller.)
 
 Compiled by Numba on first use (a few seconds, then cached on disk).
 """
@@ -32,6 +39,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 try:
     import numba
@@ -40,6 +48,9 @@ except ImportError:  # pragma: no cover - numba is a declared dependency; stay u
 
 CHANNELS = 32             # the seed CNN's first layer; a compile-time constant vectorises best
 DEAD = 4                  # code for outputs the ReLU zeroed
+ROUTED_IN_CHANNELS = 32   # the seed CNN's second layer takes 32 channels:
+ROW = 3 * ROUTED_IN_CHANNELS  # so one kernel row (3 taps x 32 channels) is 96 contiguous floats, channels-last
+GROUP = 4                 # gradients added per read-modify-write of an accumulator row (8 measured slower)
 
 
 def available() -> bool:
@@ -113,6 +124,117 @@ if numba is not None:
                     partial[n, k, c] = acc[k, c]
 
 
+    # The routed backward of the second block. Every live pooled output (n, i, j, co) has one
+    # winning conv position; its gradient g adds g * (the 3x3x32 input patch there) to the
+    # weight gradient of channel co, and g * (co's 3x3x32 filter) to the input gradient over
+    # that patch. Channels-last, a patch row is 96 contiguous floats in both, so the inner loop
+    # is a 96-long multiply-add that LLVM vectorises; GROUP gradients that land on the same
+    # accumulator row are added in one pass, to cut its loads and stores. Live entries are
+    # first gathered into lists without branches (which windows win is unpredictable).
+    # The inner loops live in plain functions called from the prange loop: inside Numba's
+    # parallel loop body LLVM left them scalar (checked in the assembly), 2x slower.
+
+    @numba.njit(inline="always")
+    def _window_position(index, i, j, conv_width):  # pragma: no cover - compiled
+        # Which of pooling window (i, j)'s four conv outputs won (0-3, row-major), from
+        # max_pool2d's flat index into the conv output plane.
+        offset = index - (2 * i * conv_width + 2 * j)  # 0, 1, conv_width or conv_width + 1
+        down = np.int64(offset >= conv_width)
+        return 2 * down + offset - down * conv_width
+
+    @numba.njit(inline="always")
+    def _patch_start(i, j, position, width):  # pragma: no cover - compiled
+        # Flat channels-last offset of the 3x3 input patch under that conv output.
+        return ((2 * i + position // 2) * width + 2 * j + position % 2) * ROUTED_IN_CHANNELS
+
+    @numba.njit(cache=True, fastmath={"contract"})
+    def _routed_weight_grad_images(x, grad, index, out, acc, bias_acc, first, last):  # pragma: no cover
+        # Sums images first..last-1 into acc [CO, 3 * ROW] and bias_acc [CO].
+        _, ph, pw, co_count = grad.shape
+        width = x.shape[2]
+        row_stride = width * ROUTED_IN_CHANNELS
+        acc[:] = 0.0
+        bias_acc[:] = 0.0
+        starts = np.zeros((co_count, ph * pw + GROUP), np.int64)  # each channel's live patches
+        grads = np.zeros((co_count, ph * pw + GROUP), np.float32)
+        live = np.zeros(co_count, np.int64)
+        for n in range(first, last):
+            image = x[n].ravel()
+            live[:] = 0
+            for i in range(ph):
+                for j in range(pw):
+                    for co in range(co_count):
+                        m = live[co]
+                        position = _window_position(index[n, i, j, co], i, j, width - 2)
+                        starts[co, m] = _patch_start(i, j, position, width)
+                        grads[co, m] = grad[n, i, j, co]
+                        live[co] = m + (out[n, i, j, co] > 0.0)  # a dead entry is overwritten next
+            for co in range(co_count):
+                m = live[co]
+                for e in range(m):
+                    bias_acc[co] += grads[co, e]
+                starts[co, m:m + GROUP] = 0  # pad the last group with zero gradients
+                grads[co, m:m + GROUP] = 0.0
+                for e in range(0, m, GROUP):
+                    g0, g1, g2, g3 = grads[co, e], grads[co, e + 1], grads[co, e + 2], grads[co, e + 3]
+                    for ky in range(3):
+                        row = acc[co, ky * ROW:(ky + 1) * ROW]
+                        s0, s1 = starts[co, e] + ky * row_stride, starts[co, e + 1] + ky * row_stride
+                        s2, s3 = starts[co, e + 2] + ky * row_stride, starts[co, e + 3] + ky * row_stride
+                        p0, p1 = image[s0:s0 + ROW], image[s1:s1 + ROW]
+                        p2, p3 = image[s2:s2 + ROW], image[s3:s3 + ROW]
+                        for q in range(ROW):
+                            row[q] += g0 * p0[q] + g1 * p1[q] + g2 * p2[q] + g3 * p3[q]
+
+    @numba.njit(parallel=True, cache=True)
+    def _routed_weight_grad(x, grad, index, out, partial, bias_partial):  # pragma: no cover
+        # One partial sum per thread, over a fixed slice of the batch: deterministic, no atomics.
+        parts, n = partial.shape[0], x.shape[0]
+        for t in numba.prange(parts):
+            _routed_weight_grad_images(x, grad, index, out, partial[t], bias_partial[t],
+                                       t * n // parts, (t + 1) * n // parts)
+
+    @numba.njit(cache=True, fastmath={"contract"})
+    def _routed_input_grad_image(filters, grad, index, out, n, acc, width):  # pragma: no cover
+        # acc: image n's input gradient, [H * W * ROUTED_IN_CHANNELS] flat, channels-last.
+        _, ph, pw, co_count = grad.shape
+        row_stride = width * ROUTED_IN_CHANNELS
+        acc[:] = 0.0
+        channels = np.zeros((4, co_count + GROUP), np.int64)  # live channels, by winning position
+        grads = np.zeros((4, co_count + GROUP), np.float32)
+        live = np.zeros(4, np.int64)
+        for i in range(ph):
+            for j in range(pw):
+                live[:] = 0
+                for co in range(co_count):
+                    position = _window_position(index[n, i, j, co], i, j, width - 2)
+                    m = live[position]
+                    channels[position, m] = co
+                    grads[position, m] = grad[n, i, j, co]
+                    live[position] = m + (out[n, i, j, co] > 0.0)
+                for position in range(4):
+                    m = live[position]
+                    channels[position, m:m + GROUP] = 0
+                    grads[position, m:m + GROUP] = 0.0
+                    start = _patch_start(i, j, position, width)
+                    for e in range(0, m, GROUP):
+                        g0, g1 = grads[position, e], grads[position, e + 1]
+                        g2, g3 = grads[position, e + 2], grads[position, e + 3]
+                        c0, c1 = channels[position, e], channels[position, e + 1]
+                        c2, c3 = channels[position, e + 2], channels[position, e + 3]
+                        for ky in range(3):
+                            row = acc[start + ky * row_stride:start + ky * row_stride + ROW]
+                            f0, f1 = filters[c0, ky * ROW:(ky + 1) * ROW], filters[c1, ky * ROW:(ky + 1) * ROW]
+                            f2, f3 = filters[c2, ky * ROW:(ky + 1) * ROW], filters[c3, ky * ROW:(ky + 1) * ROW]
+                            for q in range(ROW):
+                                row[q] += g0 * f0[q] + g1 * f1[q] + g2 * f2[q] + g3 * f3[q]
+
+    @numba.njit(parallel=True, cache=True)
+    def _routed_input_grad(filters, grad, index, out, grad_x):  # pragma: no cover
+        for n in numba.prange(grad_x.shape[0]):
+            _routed_input_grad_image(filters, grad, index, out, n, grad_x[n].ravel(), grad_x.shape[2])
+
+
 def _channels_last(t: torch.Tensor) -> torch.Tensor:
     """[N, C, H, W] -> an [N, H, W, C] contiguous tensor (a free view if already channels-last)."""
     return t.detach().permute(0, 2, 3, 1).contiguous()
@@ -146,6 +268,52 @@ class ConvPoolReLU(torch.autograd.Function):
 
 def conv_pool_relu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     return ConvPoolReLU.apply(x, weight, bias)
+
+
+class ConvPoolReLURouted(torch.autograd.Function):
+    """``relu(max_pool2d(conv2d(x, weight, bias), 2))`` for x [N, 32, H, W] and 3x3 filters on the
+    CPU: stock forward, backward through the pooling winners only (see the module docstring)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        pooled, index = F.max_pool2d(F.conv2d(x, weight, bias), 2, return_indices=True)
+        out = pooled.clamp_min_(0.0)  # the ReLU, in place: the pooled map is not needed again
+        ctx.save_for_backward(x, weight, index, out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, index, out = ctx.saved_tensors
+        n, channels, height, width = x.shape
+        # Channels-last [N, H, W, C] arrays: free views of the channels-last activations.
+        images, index_nhwc, out_nhwc = (_channels_last(t).numpy() for t in (x, index, out))
+        grad = _channels_last(grad_out).numpy()
+        filters = weight.detach().permute(0, 2, 3, 1).contiguous().reshape(weight.shape[0], -1)
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.empty(n, height, width, channels)
+            _routed_input_grad(filters.numpy(), grad, index_nhwc, out_nhwc, grad_x.numpy())
+            grad_x = grad_x.permute(0, 3, 1, 2)
+        parts = numba.get_num_threads()
+        partial = torch.empty(parts, *filters.shape)
+        bias_partial = torch.empty(parts, filters.shape[0])
+        _routed_weight_grad(images, grad, index_nhwc, out_nhwc, partial.numpy(), bias_partial.numpy())
+        grad_weight = partial.sum(dim=0).view(-1, 3, 3, channels).permute(0, 3, 1, 2)  # channels-last, like weight
+        return grad_x, grad_weight, bias_partial.sum(dim=0)
+
+
+def conv_pool_relu_routed(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    return ConvPoolReLURouted.apply(x, weight, bias)
+
+
+def supports_routed(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """The routed backward covers float32 CPU maps of 32 channels (at least 4x4) with 3x3 filters,
+    when autograd is on (without it the stock layers are the same and skip the pooling indices)
+    and outside autocast (under bf16 autocast the stock layers run in bf16)."""
+    return (available() and torch.is_grad_enabled() and x.device.type == "cpu"
+            and x.dtype == weight.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
+            and x.dim() == 4 and x.shape[1] == ROUTED_IN_CHANNELS
+            and min(x.shape[2:]) >= 4 and weight.shape[1:] == (ROUTED_IN_CHANNELS, 3, 3))
 
 
 def supports(x: torch.Tensor, weight: torch.Tensor) -> bool:

@@ -113,7 +113,7 @@ class SeedCNN(nn.Module):
         self.fc1 = nn.Linear(5 * 5 * 64, 128)
         self.dropout2 = Dropout(dropout_hidden)    # the classic 0.5 before the classifier
         self.fc2 = nn.Linear(128, 10)
-        self.fused_kernels = True                  # fmnist.kernels.conv_pool_relu where it applies
+        self.fused_kernels = True                  # fmnist.kernels where they apply
         self.apply(_keras_init)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -126,7 +126,10 @@ class SeedCNN(nn.Module):
             x = kernels.conv_pool_relu(x, self.conv1.weight, self.conv1.bias)
         else:
             x = F.relu(self.pool(self.conv1(x)))
-        x = F.relu(self.pool(self.conv2(x)))
+        if self.fused_kernels and kernels.supports_routed(x, self.conv2.weight):
+            x = kernels.conv_pool_relu_routed(x, self.conv2.weight, self.conv2.bias)
+        else:
+            x = F.relu(self.pool(self.conv2(x)))
         with dense_head_precision(x):
             x = self.dropout1(torch.flatten(x, 1).float())
             x = self.dropout2(F.relu(self.fc1(x)))
