@@ -66,10 +66,10 @@ CHANGES = [  # each row adds one change to the row above it
     ("in-memory tensors + channels_last", {}),
     ("+ ReLU after max-pool", {"pool_first": True}),
     ("+ one-byte dropout masks", {"fmnist_dropout": True}),
-    ("+ fused Adam", {"fused_adam": True}),
+    ("+ fused Adam, kernel called directly", {"fused_adam": True}),
     ("+ fused conv1/pool/ReLU kernel", {"fused_kernel": True}),
     ("+ only the 26x26 pixels that reach the output", {"crop": True}),
-    ("+ conv2 backward through the pool winners only", {"routed": True}),
+    ("+ conv2 backward through the pool winners", {"routed": True}),
     ("+ bf16 autocast (opt-in on CPU)", {"precision": "bf16"}),
     ("+ dense layers kept fp32 under autocast", {"dense_fp32": True}),
 ]

@@ -90,3 +90,29 @@ def test_resume_refuses_other_data_and_finished_runs(dataset, tmp_path):
     (finished.run_dir / runs.METRICS).unlink()
     with pytest.raises(UserError, match="differs from the data the run started with"):
         train(resume=finished.run_dir, data=dataset, **_quiet())
+
+
+def test_adam_step_is_optimizer_step_bit_for_bit():
+    import torch
+
+    from fmnist.models import create_model
+    from fmnist.training import adam_step, make_optimizer
+
+    models = [create_model("seed").to(memory_format=torch.channels_last) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    optimizers = [make_optimizer(model, TrainConfig(lr=0.01)) for model in models]
+    initial = models[0].fc1.weight.detach().clone()
+    generator = torch.Generator().manual_seed(0)
+    for step in range(4):
+        grads = [torch.randn(p.shape, generator=generator) for p in models[0].parameters()]
+        if step == 2:  # through a checkpoint round trip, as a resumed run does
+            optimizers[1].load_state_dict(optimizers[1].state_dict())
+        for model, optimizer, stepper in zip(models, optimizers, (lambda o: o.step(), adam_step)):
+            for p, g in zip(model.parameters(), grads):
+                p.grad = g.clone()
+            stepper(optimizer)
+    for a, b in zip(*(model.parameters() for model in models)):
+        assert torch.equal(a, b)
+    for a, b in zip(*(optimizer.state_dict()["state"].values() for optimizer in optimizers)):
+        assert all(torch.equal(a[key], b[key]) for key in ("step", "exp_avg", "exp_avg_sq"))
+    assert not torch.equal(models[1].fc1.weight, initial)  # the steps did move the weights

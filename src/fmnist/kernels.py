@@ -24,13 +24,16 @@ strided view: nothing is copied); odd conv outputs lose their last row or column
 pooling, as in PyTorch.
 
 ``conv_pool_relu_routed`` is the second block (32 -> 64 channels, 85% of the FLOPs). Its
-forward pass is stock (oneDNN's convolution runs it at about 75% of the GEMM rate). Its
-backward pass is where the waste is: only one conv output in four wins its pooling window,
-and only those the ReLU kept (about 60% here) receive a gradient, yet PyTorch's backward
-scatters the gradient into a dense 10x10 map and runs two dense convolutions over it. The
-kernel routes each gradient through its winner only: a quarter of the multiply-adds at most,
-and only for live outputs. The gradients are the same up to float32 summation order.
-(Forward, fusing the second max-pool + ReLU alone measured +0-2%: its tensors are 4x smaller.)
+convolution runs in oneDNN (about 75% of the GEMM rate forward); the waste is in the backward
+pass: only one conv output in four wins its pooling window, and only those the ReLU kept
+(about 60% here) receive a gradient, yet PyTorch's backward scatters the gradient into a
+dense 10x10 map and runs two dense convolutions over it. The kernel routes each gradient
+through its winner only: a quarter of the multiply-adds at most, and only for live outputs.
+The max-pool + ReLU after the convolution is a small kernel too, recording the same one-byte
+winner code as the first block, and writing plain NCHW so that the flatten after it is free
+(PyTorch's pooling keeps channels-last, so flatten copied it, and the gradient was copied back
+on the way down). Same semantics as the stock layers, ties and NaN included; the gradients
+are the same up to float32 summation order.
 
 Compiled by Numba on first use (a few seconds, then cached on disk).
 """
@@ -47,7 +50,7 @@ except ImportError:  # pragma: no cover - numba is a declared dependency; stay u
     numba = None
 
 CHANNELS = 32             # the seed CNN's first layer; a compile-time constant vectorises best
-DEAD = 4                  # code for outputs the ReLU zeroed
+DEAD = 4                  # code for outputs the ReLU passes no gradient (winners are 0-3)
 ROUTED_IN_CHANNELS = 32   # the seed CNN's second layer takes 32 channels:
 ROW = 3 * ROUTED_IN_CHANNELS  # so one kernel row (3 taps x 32 channels) is 96 contiguous floats, channels-last
 GROUP = 4                 # gradients added per read-modify-write of an accumulator row (8 measured slower)
@@ -69,6 +72,19 @@ if numba is not None:
     # on the dev machine: 0.12 ms through the autograd wrapper (benchmarks/micro.py); what
     # the kernel does to a whole training step is in benchmarks/ablation.py.
 
+    @numba.njit(inline="always")
+    def _first_max(a0, a1, a2, a3):  # pragma: no cover - compiled
+        # max_pool2d's choice in a 2x2 window (row-major order): strict '>', so the first
+        # maximum wins, and a NaN wins, as in PyTorch. Returns (value, position 0-3).
+        best, win = a0, 0
+        if a1 > best or a1 != a1:
+            best, win = a1, 1
+        if a2 > best or a2 != a2:
+            best, win = a2, 2
+        if a3 > best or a3 != a3:
+            best, win = a3, 3
+        return best, win
+
     @numba.njit(parallel=True, cache=True, fastmath={"contract"})
     def _forward(x, w, b, out, code):  # pragma: no cover - compiled
         # x [N, H, W]; w [9, C] (tap-major: channels contiguous); b [C]
@@ -86,14 +102,7 @@ if numba is not None:
                                 a1 += x[n, r, s + 1] * wk
                                 a2 += x[n, r + 1, s] * wk
                                 a3 += x[n, r + 1, s + 1] * wk
-                        # strict '>': the first maximum wins, and a NaN wins, as in PyTorch
-                        best, win = a0, 0
-                        if a1 > best or a1 != a1:
-                            best, win = a1, 1
-                        if a2 > best or a2 != a2:
-                            best, win = a2, 2
-                        if a3 > best or a3 != a3:
-                            best, win = a3, 3
+                        best, win = _first_max(a0, a1, a2, a3)
                         if best <= 0.0:
                             best, win = 0.0, DEAD
                         out[n, i, j, c] = best
@@ -102,7 +111,7 @@ if numba is not None:
     @numba.njit(parallel=True, cache=True, fastmath={"contract"})
     def _backward(x, grad, code, partial):  # pragma: no cover - compiled
         # grad [N, PH, PW, C] (as code); partial [N, 10, C]: per-image weight (taps 0-8) and bias (9)
-        # gradients, summed over images afterwards (deterministic, no atomics).
+        # gradients, summed over images into partial[0] at the end (deterministic, no atomics).
         zero = np.float32(0.0)
         for n in numba.prange(x.shape[0]):
             acc = np.zeros((10, CHANNELS), np.float32)
@@ -122,6 +131,16 @@ if numba is not None:
             for k in range(10):
                 for c in range(CHANNELS):
                     partial[n, k, c] = acc[k, c]
+        _sum_into_first(partial)
+
+    @numba.njit(cache=True)
+    def _sum_into_first(partial):  # pragma: no cover - compiled
+        # partial[0] += partial[1:], one thread: a few thousand adds, cheaper than a PyTorch
+        # reduction call (about 35 us at batch 32, most of it starting the parallel region)
+        flat = partial.reshape(partial.shape[0], -1)
+        for t in range(1, flat.shape[0]):
+            for k in range(flat.shape[1]):
+                flat[0, k] += flat[t, k]
 
 
     # The routed backward of the second block. Every live pooled output (n, i, j, co) has one
@@ -134,13 +153,20 @@ if numba is not None:
     # The inner loops live in plain functions called from the prange loop: inside Numba's
     # parallel loop body LLVM left them scalar (checked in the assembly), 2x slower.
 
-    @numba.njit(inline="always")
-    def _window_position(index, i, j, conv_width):  # pragma: no cover - compiled
-        # Which of pooling window (i, j)'s four conv outputs won (0-3, row-major), from
-        # max_pool2d's flat index into the conv output plane.
-        offset = index - (2 * i * conv_width + 2 * j)  # 0, 1, conv_width or conv_width + 1
-        down = np.int64(offset >= conv_width)
-        return 2 * down + offset - down * conv_width
+    @numba.njit(parallel=True, cache=True)
+    def _pool_relu(y, out, code):  # pragma: no cover - compiled
+        # y [N, OH, OW, C] conv output (channels-last); out [N, C, PH, PW] (plain NCHW, so the
+        # flatten that follows is free); code [N, PH, PW, C]: the winner 0-3, or DEAD where the
+        # ReLU passes no gradient (0 or NaN: relu(NaN) is NaN, as in PyTorch, with no gradient).
+        for n in numba.prange(y.shape[0]):
+            for i in range(code.shape[1]):
+                for j in range(code.shape[2]):
+                    for c in range(y.shape[3]):
+                        best, win = _first_max(y[n, 2 * i, 2 * j, c], y[n, 2 * i, 2 * j + 1, c],
+                                               y[n, 2 * i + 1, 2 * j, c], y[n, 2 * i + 1, 2 * j + 1, c])
+                        alive = best > 0.0
+                        out[n, c, i, j] = best if alive or best != best else 0.0
+                        code[n, i, j, c] = win if alive else DEAD
 
     @numba.njit(inline="always")
     def _patch_start(i, j, position, width):  # pragma: no cover - compiled
@@ -148,9 +174,9 @@ if numba is not None:
         return ((2 * i + position // 2) * width + 2 * j + position % 2) * ROUTED_IN_CHANNELS
 
     @numba.njit(cache=True, fastmath={"contract"})
-    def _routed_weight_grad_images(x, grad, index, out, acc, bias_acc, first, last):  # pragma: no cover
+    def _routed_weight_grad_images(x, grad, code, acc, bias_acc, first, last):  # pragma: no cover
         # Sums images first..last-1 into acc [CO, 3 * ROW] and bias_acc [CO].
-        _, ph, pw, co_count = grad.shape
+        _, ph, pw, co_count = code.shape
         width = x.shape[2]
         row_stride = width * ROUTED_IN_CHANNELS
         acc[:] = 0.0
@@ -165,10 +191,10 @@ if numba is not None:
                 for j in range(pw):
                     for co in range(co_count):
                         m = live[co]
-                        position = _window_position(index[n, i, j, co], i, j, width - 2)
+                        position = code[n, i, j, co]
                         starts[co, m] = _patch_start(i, j, position, width)
-                        grads[co, m] = grad[n, i, j, co]
-                        live[co] = m + (out[n, i, j, co] > 0.0)  # a dead entry is overwritten next
+                        grads[co, m] = grad[n, co, i, j]
+                        live[co] = m + (position != DEAD)  # a dead entry is overwritten next
             for co in range(co_count):
                 m = live[co]
                 for e in range(m):
@@ -186,32 +212,25 @@ if numba is not None:
                         for q in range(ROW):
                             row[q] += g0 * p0[q] + g1 * p1[q] + g2 * p2[q] + g3 * p3[q]
 
-    @numba.njit(parallel=True, cache=True)
-    def _routed_weight_grad(x, grad, index, out, partial, bias_partial):  # pragma: no cover
-        # One partial sum per thread, over a fixed slice of the batch: deterministic, no atomics.
-        parts, n = partial.shape[0], x.shape[0]
-        for t in numba.prange(parts):
-            _routed_weight_grad_images(x, grad, index, out, partial[t], bias_partial[t],
-                                       t * n // parts, (t + 1) * n // parts)
-
     @numba.njit(cache=True, fastmath={"contract"})
-    def _routed_input_grad_image(filters, grad, index, out, n, acc, width):  # pragma: no cover
+    def _routed_input_grad_image(filters, grad, code, n, acc, width):  # pragma: no cover
         # acc: image n's input gradient, [H * W * ROUTED_IN_CHANNELS] flat, channels-last.
-        _, ph, pw, co_count = grad.shape
+        _, ph, pw, co_count = code.shape
         row_stride = width * ROUTED_IN_CHANNELS
         acc[:] = 0.0
-        channels = np.zeros((4, co_count + GROUP), np.int64)  # live channels, by winning position
-        grads = np.zeros((4, co_count + GROUP), np.float32)
-        live = np.zeros(4, np.int64)
+        # live channels by winning position; row DEAD collects the dead ones and is never read
+        channels = np.zeros((DEAD + 1, co_count + GROUP), np.int64)
+        grads = np.zeros((DEAD + 1, co_count + GROUP), np.float32)
+        live = np.zeros(DEAD + 1, np.int64)
         for i in range(ph):
             for j in range(pw):
                 live[:] = 0
                 for co in range(co_count):
-                    position = _window_position(index[n, i, j, co], i, j, width - 2)
+                    position = code[n, i, j, co]
                     m = live[position]
                     channels[position, m] = co
-                    grads[position, m] = grad[n, i, j, co]
-                    live[position] = m + (out[n, i, j, co] > 0.0)
+                    grads[position, m] = grad[n, co, i, j]
+                    live[position] = m + 1
                 for position in range(4):
                     m = live[position]
                     channels[position, m:m + GROUP] = 0
@@ -230,9 +249,19 @@ if numba is not None:
                                 row[q] += g0 * f0[q] + g1 * f1[q] + g2 * f2[q] + g3 * f3[q]
 
     @numba.njit(parallel=True, cache=True)
-    def _routed_input_grad(filters, grad, index, out, grad_x):  # pragma: no cover
-        for n in numba.prange(grad_x.shape[0]):
-            _routed_input_grad_image(filters, grad, index, out, n, grad_x[n].ravel(), grad_x.shape[2])
+    def _routed_backward(x, filters, grad, code, partial, bias_partial, grad_x):  # pragma: no cover
+        # One parallel region for both gradients (each hand-over between Numba's and PyTorch's
+        # thread pools costs time). Thread t takes a fixed slice of the batch: its own partial
+        # weight gradient (summed afterwards: deterministic, no atomics) and those images'
+        # input gradients (grad_x has no images when no input gradient is wanted).
+        parts, n = partial.shape[0], x.shape[0]
+        for t in numba.prange(parts):
+            first, last = t * n // parts, (t + 1) * n // parts
+            _routed_weight_grad_images(x, grad, code, partial[t], bias_partial[t], first, last)
+            for image in range(first, min(last, grad_x.shape[0])):
+                _routed_input_grad_image(filters, grad, code, image, grad_x[image].ravel(), x.shape[2])
+        _sum_into_first(partial)
+        _sum_into_first(bias_partial)
 
 
 def _channels_last(t: torch.Tensor) -> torch.Tensor:
@@ -261,7 +290,7 @@ class ConvPoolReLU(torch.autograd.Function):
         grad = _channels_last(grad_out)
         partial = torch.empty(images.shape[0], 10, grad.shape[3])
         _backward(images.numpy(), grad.numpy(), code.numpy(), partial.numpy())
-        summed = partial.sum(dim=0)
+        summed = partial[0]
         grad_weight = summed[:9].t().reshape(-1, 1, 3, 3)
         return None, grad_weight, summed[9]
 
@@ -272,34 +301,34 @@ def conv_pool_relu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) ->
 
 class ConvPoolReLURouted(torch.autograd.Function):
     """``relu(max_pool2d(conv2d(x, weight, bias), 2))`` for x [N, 32, H, W] and 3x3 filters on the
-    CPU: stock forward, backward through the pooling winners only (see the module docstring)."""
+    CPU: oneDNN's convolution, then a pooling kernel that records each window's winner, and a
+    backward pass through the winners only (see the module docstring)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias):
-        pooled, index = F.max_pool2d(F.conv2d(x, weight, bias), 2, return_indices=True)
-        out = pooled.clamp_min_(0.0)  # the ReLU, in place: the pooled map is not needed again
-        ctx.save_for_backward(x, weight, index, out)
+        conv = _channels_last(F.conv2d(x, weight, bias))  # a free view: x is channels-last
+        n, conv_height, conv_width, channels = conv.shape
+        out = torch.empty(n, channels, conv_height // 2, conv_width // 2)
+        code = torch.empty(n, conv_height // 2, conv_width // 2, channels, dtype=torch.uint8)
+        _pool_relu(conv.numpy(), out.numpy(), code.numpy())
+        ctx.save_for_backward(x, weight, code)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, weight, index, out = ctx.saved_tensors
+        x, weight, code = ctx.saved_tensors
         n, channels, height, width = x.shape
-        # Channels-last [N, H, W, C] arrays: free views of the channels-last activations.
-        images, index_nhwc, out_nhwc = (_channels_last(t).numpy() for t in (x, index, out))
-        grad = _channels_last(grad_out).numpy()
+        images = _channels_last(x).numpy()  # a free view of the channels-last activations
+        grad = grad_out.detach().contiguous().numpy()  # NCHW, as the flatten after the block hands it back
         filters = weight.detach().permute(0, 2, 3, 1).contiguous().reshape(weight.shape[0], -1)
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            grad_x = torch.empty(n, height, width, channels)
-            _routed_input_grad(filters.numpy(), grad, index_nhwc, out_nhwc, grad_x.numpy())
-            grad_x = grad_x.permute(0, 3, 1, 2)
+        grad_x = torch.empty(n if ctx.needs_input_grad[0] else 0, height, width, channels)
         parts = numba.get_num_threads()
         partial = torch.empty(parts, *filters.shape)
         bias_partial = torch.empty(parts, filters.shape[0])
-        _routed_weight_grad(images, grad, index_nhwc, out_nhwc, partial.numpy(), bias_partial.numpy())
-        grad_weight = partial.sum(dim=0).view(-1, 3, 3, channels).permute(0, 3, 1, 2)  # channels-last, like weight
-        return grad_x, grad_weight, bias_partial.sum(dim=0)
+        _routed_backward(images, filters.numpy(), grad, code.numpy(), partial.numpy(), bias_partial.numpy(),
+                         grad_x.numpy())
+        grad_weight = partial[0].view(-1, 3, 3, channels).permute(0, 3, 1, 2)  # channels-last, like weight
+        return (grad_x.permute(0, 3, 1, 2) if len(grad_x) else None), grad_weight, bias_partial[0]
 
 
 def conv_pool_relu_routed(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -307,9 +336,9 @@ def conv_pool_relu_routed(x: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
 
 
 def supports_routed(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """The routed backward covers float32 CPU maps of 32 channels (at least 4x4) with 3x3 filters,
-    when autograd is on (without it the stock layers are the same and skip the pooling indices)
-    and outside autocast (under bf16 autocast the stock layers run in bf16)."""
+    """The routed block covers float32 CPU maps of 32 channels (at least 4x4) with 3x3 filters,
+    in training: when autograd is on (evaluation keeps the stock layers, which record no
+    winners) and outside autocast (under bf16 autocast the stock layers run in bf16)."""
     return (available() and torch.is_grad_enabled() and x.device.type == "cpu"
             and x.dtype == weight.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
             and x.dim() == 4 and x.shape[1] == ROUTED_IN_CHANNELS
