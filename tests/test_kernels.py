@@ -142,6 +142,27 @@ def test_routed_block_is_used_only_where_it_applies():
     assert not kernels.supports_routed(torch.zeros(2, 16, 12, 12), torch.zeros(64, 16, 3, 3))
     assert not kernels.supports_routed(x, torch.zeros(64, 32, 5, 5))
     with torch.no_grad():
-        assert not kernels.supports_routed(x, weight)  # evaluation skips the pooling indices
+        assert not kernels.supports_routed(x, weight)  # evaluation keeps the stock layers
+
+
+def test_under_bf16_autocast_only_the_convolution_is_bf16():
+    # Small integers keep every conv output exact in bf16 (|sum| < 256), so the bf16 forward
+    # pass picks the same winners as fp32 and the fp32 backward pass matches fp32 exactly.
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randint(0, 2, (4, 32, 12, 12), generator=generator).float()
+    x = x.contiguous(memory_format=torch.channels_last).requires_grad_()
+    weight = torch.randint(-1, 2, (64, 32, 3, 3), generator=generator).float()
+    weight = weight.contiguous(memory_format=torch.channels_last).requires_grad_()
+    bias = torch.randint(-8, 4, (64,), generator=generator).float().requires_grad_()
+    reference = F.relu(F.max_pool2d(F.conv2d(x, weight, bias), 2))
+    assert F.conv2d(x, weight, bias).abs().max() < 256
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert not kernels.supports_routed(x, weight)
+        assert kernels.supports_routed(x, weight)
+        ours = kernels.conv_pool_relu_routed(x, weight, bias)
+        assert F.conv2d(x, weight, bias).dtype == torch.bfloat16  # autocast is really on
+    assert ours.dtype == torch.float32
+    torch.testing.assert_close(ours, reference, atol=0, rtol=0)
+    grad = torch.randint(-5, 6, reference.shape, generator=generator).float()
+    for got, expected in zip(torch.autograd.grad(ours, (x, weight, bias), grad),
+                             torch.autograd.grad(reference, (x, weight, bias), grad)):
+        torch.testing.assert_close(got, expected, atol=0, rtol=0)

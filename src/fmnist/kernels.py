@@ -264,9 +264,13 @@ if numba is not None:
         _sum_into_first(bias_partial)
 
 
-def _channels_last(t: torch.Tensor) -> torch.Tensor:
-    """[N, C, H, W] -> an [N, H, W, C] contiguous tensor (a free view if already channels-last)."""
-    return t.detach().permute(0, 2, 3, 1).contiguous()
+def _nhwc(t: torch.Tensor) -> np.ndarray:
+    """[N, C, H, W] tensor -> C-contiguous [N, H, W, C] array (a free view of a channels-last tensor)."""
+    return np.ascontiguousarray(t.detach().numpy().transpose(0, 2, 3, 1))
+
+
+# The wrappers below shape arrays with NumPy, not PyTorch: a small PyTorch op costs 5-15 us
+# of dispatch, a NumPy view or small copy well under 1 us, and these run four times a step.
 
 
 class ConvPoolReLU(torch.autograd.Function):
@@ -275,24 +279,23 @@ class ConvPoolReLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias):
         n, _, height, width = x.shape
-        images = x.detach()[:, 0]  # [N, H, W], strided as it comes (a crop is not copied)
-        taps = weight.detach().reshape(weight.shape[0], 9).t().contiguous()
+        images = x.detach().numpy()[:, 0]  # [N, H, W], strided as it comes (a crop is not copied)
+        taps = np.ascontiguousarray(weight.detach().numpy().reshape(weight.shape[0], 9).T)
         pooled_shape = (n, (height - 2) // 2, (width - 2) // 2, weight.shape[0])
-        out = torch.empty(pooled_shape)
-        code = torch.empty(pooled_shape, dtype=torch.uint8)
-        _forward(images.numpy(), taps.numpy(), bias.detach().contiguous().numpy(), out.numpy(), code.numpy())
-        ctx.save_for_backward(images, code)
-        return out.permute(0, 3, 1, 2)  # [N, C, PH, PW] view, channels-last in memory
+        out = np.empty(pooled_shape, np.float32)
+        code = np.empty(pooled_shape, np.uint8)
+        _forward(images, taps, bias.detach().numpy(), out, code)
+        ctx.save_for_backward(x)  # for autograd's check that nobody changed it in place
+        ctx.images, ctx.code = images, code
+        return torch.from_numpy(out).permute(0, 3, 1, 2)  # [N, C, PH, PW] view, channels-last in memory
 
     @staticmethod
     def backward(ctx, grad_out):
-        images, code = ctx.saved_tensors
-        grad = _channels_last(grad_out)
-        partial = torch.empty(images.shape[0], 10, grad.shape[3])
-        _backward(images.numpy(), grad.numpy(), code.numpy(), partial.numpy())
-        summed = partial[0]
-        grad_weight = summed[:9].t().reshape(-1, 1, 3, 3)
-        return None, grad_weight, summed[9]
+        ctx.saved_tensors  # raises if x was modified in place since the forward pass
+        partial = np.empty((ctx.images.shape[0], 10, CHANNELS), np.float32)
+        _backward(ctx.images, _nhwc(grad_out), ctx.code, partial)
+        grad_weight = torch.from_numpy(np.ascontiguousarray(partial[0, :9].T)).view(-1, 1, 3, 3)
+        return None, grad_weight, torch.from_numpy(partial[0, 9])
 
 
 def conv_pool_relu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -306,29 +309,31 @@ class ConvPoolReLURouted(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias):
-        conv = _channels_last(F.conv2d(x, weight, bias))  # a free view: x is channels-last
+        # Under bf16 autocast the convolution runs in bf16 (the pooling and the backward pass
+        # stay fp32, on the fp32 weights). x is channels-last, so _nhwc is a free view.
+        conv = _nhwc(F.conv2d(x, weight, bias).float())
         n, conv_height, conv_width, channels = conv.shape
-        out = torch.empty(n, channels, conv_height // 2, conv_width // 2)
-        code = torch.empty(n, conv_height // 2, conv_width // 2, channels, dtype=torch.uint8)
-        _pool_relu(conv.numpy(), out.numpy(), code.numpy())
-        ctx.save_for_backward(x, weight, code)
-        return out
+        out = np.empty((n, channels, conv_height // 2, conv_width // 2), np.float32)
+        code = np.empty((n, conv_height // 2, conv_width // 2, channels), np.uint8)
+        _pool_relu(conv, out, code)
+        ctx.save_for_backward(x, weight)
+        ctx.code = code
+        return torch.from_numpy(out)
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, weight, code = ctx.saved_tensors
+        x, weight = ctx.saved_tensors
         n, channels, height, width = x.shape
-        images = _channels_last(x).numpy()  # a free view of the channels-last activations
-        grad = grad_out.detach().contiguous().numpy()  # NCHW, as the flatten after the block hands it back
-        filters = weight.detach().permute(0, 2, 3, 1).contiguous().reshape(weight.shape[0], -1)
-        grad_x = torch.empty(n if ctx.needs_input_grad[0] else 0, height, width, channels)
+        grad = np.ascontiguousarray(grad_out.detach().numpy())  # NCHW, as the flatten after the block hands it back
+        filters = _nhwc(weight).reshape(weight.shape[0], -1)  # [CO, 3 * 3 * CI], a view if weight is channels-last
+        grad_x = np.empty((n if ctx.needs_input_grad[0] else 0, height, width, channels), np.float32)
         parts = numba.get_num_threads()
-        partial = torch.empty(parts, *filters.shape)
-        bias_partial = torch.empty(parts, filters.shape[0])
-        _routed_backward(images, filters.numpy(), grad, code.numpy(), partial.numpy(), bias_partial.numpy(),
-                         grad_x.numpy())
-        grad_weight = partial[0].view(-1, 3, 3, channels).permute(0, 3, 1, 2)  # channels-last, like weight
-        return (grad_x.permute(0, 3, 1, 2) if len(grad_x) else None), grad_weight, bias_partial[0]
+        partial = np.empty((parts, *filters.shape), np.float32)
+        bias_partial = np.empty((parts, filters.shape[0]), np.float32)
+        _routed_backward(_nhwc(x), filters, grad, ctx.code, partial, bias_partial, grad_x)
+        grad_weight = torch.from_numpy(partial[0]).view(-1, 3, 3, channels).permute(0, 3, 1, 2)  # channels-last
+        grad_input = torch.from_numpy(grad_x).permute(0, 3, 1, 2) if len(grad_x) else None
+        return grad_input, grad_weight, torch.from_numpy(bias_partial[0])
 
 
 def conv_pool_relu_routed(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -337,11 +342,10 @@ def conv_pool_relu_routed(x: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
 
 def supports_routed(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """The routed block covers float32 CPU maps of 32 channels (at least 4x4) with 3x3 filters,
-    in training: when autograd is on (evaluation keeps the stock layers, which record no
-    winners) and outside autocast (under bf16 autocast the stock layers run in bf16)."""
+    in training, when autograd is on (evaluation keeps the stock layers, which record no
+    winners). Under bf16 autocast only the convolution runs in bf16."""
     return (available() and torch.is_grad_enabled() and x.device.type == "cpu"
-            and x.dtype == weight.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
-            and x.dim() == 4 and x.shape[1] == ROUTED_IN_CHANNELS
+            and x.dtype == weight.dtype == torch.float32 and x.dim() == 4 and x.shape[1] == ROUTED_IN_CHANNELS
             and min(x.shape[2:]) >= 4 and weight.shape[1:] == (ROUTED_IN_CHANNELS, 3, 3))
 
 
