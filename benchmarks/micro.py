@@ -9,8 +9,10 @@
   * evaluation throughput in chunks of 256 vs 1024 images (why EVAL_BATCH_SIZE is 256);
   * how long the in-memory ONNX export of the predict path takes;
   * torch.compile against eager for the training step at batch 32 (compile time excluded);
-  * one fused Adam step for the seed CNN, and the cost of passing work between Numba's and
-    PyTorch's thread pools (the fused kernel then conv2, against each timed alone).
+  * one fused Adam step for the seed CNN (Optimizer.step and fmnist's adam_step), and the cost
+    of passing work between Numba's and PyTorch's thread pools (the fused kernel then conv2,
+    against each timed alone);
+  * conv2 + max-pool + ReLU backward: the stock layers against the routed kernel.
 Each figure is the median of several timed repeats after a warm-up.
 """
 
@@ -26,7 +28,7 @@ import torch.nn.functional as F
 from fmnist.bench import gemm_gflops
 from fmnist.inference import onnx_session, predict_logits
 from fmnist.models import create_model
-from fmnist.training import TrainConfig, make_optimizer, train_one_epoch
+from fmnist.training import TrainConfig, adam_step, make_optimizer, train_one_epoch
 
 
 def median_seconds(fn, repeats: int = 7, warmup: int = 3) -> float:
@@ -84,13 +86,35 @@ def compiled_vs_eager(batch: int = 32, steps: int = 100) -> dict:
     return rates
 
 
-def adam_step_ms() -> float:
-    model = create_model("seed")
+def adam_step_ms() -> dict:
+    """One fused Adam step for the seed CNN: through Optimizer.step, and as fmnist's trainer calls it."""
+    model = create_model("seed").to(memory_format=torch.channels_last)
     for parameter in model.parameters():
         parameter.grad = torch.randn_like(parameter)
     optimizer = make_optimizer(model, TrainConfig())
     loops = 100
-    return median_seconds(lambda: [optimizer.step() for _ in range(loops)]) / loops * 1e3
+    return {name: median_seconds(lambda f=f: [f(optimizer) for _ in range(loops)]) / loops * 1e3
+            for name, f in (("Optimizer.step", lambda o: o.step()), ("adam_step", adam_step))}
+
+
+def conv2_backward_ms(batch: int) -> dict:
+    """conv2 + max-pool + ReLU backward, stock layers against fmnist's routed kernel, on the
+    activations the seed CNN's first block gives for random images (realistic dead outputs)."""
+    from fmnist import kernels
+
+    model = create_model("seed").to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        features = kernels.conv_pool_relu(torch.rand(batch, 1, 26, 26), model.conv1.weight, model.conv1.bias)
+    x = features.detach().requires_grad_()
+    weight, bias = model.conv2.weight, model.conv2.bias
+    stock = F.relu(F.max_pool2d(F.conv2d(x, weight, bias), 2))
+    routed = kernels.conv_pool_relu_routed(x, weight, bias)
+    grad = torch.randn(stock.shape)
+    loops = 20
+    timed = {name: median_seconds(lambda out=out: [torch.autograd.grad(out, (x, weight, bias), grad, retain_graph=True)
+                                                   for _ in range(loops)]) / loops * 1e3
+             for name, out in (("stock", stock), ("routed", routed))}
+    return {**timed, "live": (stock > 0).float().mean().item()}
 
 
 def dropout_mask_ms(batch: int = 128) -> dict:
@@ -137,7 +161,12 @@ def main() -> None:
     chunks = eval_chunks()
     print("evaluation: " + ", ".join(f"chunks of {c}: {r:,.0f} images/s" for c, r in chunks.items()))
     print(f"ONNX export + session + parity check: {onnx_export_seconds():.2f} s")
-    print(f"one fused Adam step (225k parameters): {adam_step_ms():.3f} ms")
+    adam = adam_step_ms()
+    print("one fused Adam step (225k parameters): " + ", ".join(f"{k} {v:.3f} ms" for k, v in adam.items()))
+    for batch in (32, 128):
+        backward = conv2_backward_ms(batch)
+        print(f"conv2 + pool + ReLU backward, batch {batch}: stock {backward['stock']:.3f} ms, routed "
+              f"{backward['routed']:.3f} ms ({100 * backward['live']:.0f}% of pooled outputs live)")
     masks = dropout_mask_ms()
     print("dropout on 128 x 1600 features: " + ", ".join(f"{name} {ms:.3f} ms" for name, ms in masks.items()))
     switch = pool_switch_ms()
