@@ -166,3 +166,40 @@ def test_under_bf16_autocast_only_the_convolution_is_bf16():
     for got, expected in zip(torch.autograd.grad(ours, (x, weight, bias), grad),
                              torch.autograd.grad(reference, (x, weight, bias), grad)):
         torch.testing.assert_close(got, expected, atol=0, rtol=0)
+
+
+def test_a_nan_passes_the_relu_gradient_like_pytorch():
+    x, weight, bias = _conv2_inputs(2)
+    x.detach()[0, 3, 5, 5] = float("nan")  # NaN conv outputs win their windows
+    ours = kernels.conv_pool_relu_routed(x, weight, bias)
+    reference = F.relu(F.max_pool2d(F.conv2d(x, weight, bias), 2))
+    assert torch.isnan(reference).any()
+    torch.testing.assert_close(ours, reference, atol=0, rtol=0, equal_nan=True)
+    grad = torch.randint(-5, 6, reference.shape, generator=torch.Generator().manual_seed(1)).float()
+    # the bias gradient sums the gradients the ReLU lets through: NaN outputs included
+    ours_bias, reference_bias = (torch.autograd.grad(out, bias, grad)[0] for out in (ours, reference))
+    torch.testing.assert_close(ours_bias, reference_bias, atol=0, rtol=0)
+
+
+def test_kernels_refuse_double_backward_instead_of_returning_wrong_gradients():
+    # e.g. a gradient penalty: the squares make the incoming gradient depend on the weights
+    for block, (x, weight, bias) in ((kernels.conv_pool_relu, _inputs(2)),
+                                     (kernels.conv_pool_relu_routed, _conv2_inputs(2))):
+        (grad,) = torch.autograd.grad(block(x, weight, bias).pow(2).sum(), weight, create_graph=True)
+        with pytest.raises(RuntimeError, match="once_differentiable"):
+            grad.sum().backward()
+
+
+def test_empty_batches_and_a_missing_bias():
+    x, weight, bias = _inputs(0)
+    grads = torch.autograd.grad(kernels.conv_pool_relu(x, weight, bias).sum(), (weight, bias))
+    assert all(torch.equal(g, torch.zeros_like(g)) for g in grads)
+    x, weight, bias = _conv2_inputs(0)
+    grads = torch.autograd.grad(kernels.conv_pool_relu_routed(x, weight, bias).sum(), (x, weight, bias))
+    assert grads[0].shape == x.shape and all(torch.equal(g, torch.zeros_like(g)) for g in grads)
+    x, weight, _ = _conv2_inputs(3)
+    ours = kernels.conv_pool_relu_routed(x, weight, None)
+    reference = F.relu(F.max_pool2d(F.conv2d(x, weight), 2))
+    for got, expected in zip(torch.autograd.grad(ours.sum(), (x, weight)),
+                             torch.autograd.grad(reference.sum(), (x, weight))):
+        torch.testing.assert_close(got, expected, atol=0, rtol=0)

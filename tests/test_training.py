@@ -105,6 +105,8 @@ def test_adam_step_is_optimizer_step_bit_for_bit():
     generator = torch.Generator().manual_seed(0)
     for step in range(4):
         grads = [torch.randn(p.shape, generator=generator) for p in models[0].parameters()]
+        if step == 0:  # reading the state before the first step creates empty entries
+            assert all(len(optimizers[1].state[p]) == 0 for p in models[1].parameters())
         if step == 2:  # through a checkpoint round trip, as a resumed run does
             optimizers[1].load_state_dict(optimizers[1].state_dict())
         for model, optimizer, stepper in zip(models, optimizers, (lambda o: o.step(), adam_step)):

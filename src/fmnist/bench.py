@@ -259,7 +259,7 @@ def run_benchmark(config: BenchConfig | None = None, log=lambda line: None) -> B
                          executed_train_flops_per_image=executed_training_flops(device))
     log(f"fp32 GEMM: {result.gemm_gflops:.0f} GFLOP/s")
     # The ceiling in images/s counts the notebook network's FLOPs, as the issue defines it.
-    # fmnist computes fewer (it skips conv outputs the pooling discards, and in fp32 on the CPU
+    # fmnist computes fewer (it skips conv outputs the pooling discards, and on the CPU
     # backpropagates through the pooling winners only), so its arithmetic rate is reported
     # separately: hardware use, executed FLOP/s over the GEMM rate.
     ceiling = result.gemm_gflops * 1e9 / result.train_flops_per_image

@@ -32,8 +32,11 @@ through its winner only: a quarter of the multiply-adds at most, and only for li
 The max-pool + ReLU after the convolution is a small kernel too, recording the same one-byte
 winner code as the first block, and writing plain NCHW so that the flatten after it is free
 (PyTorch's pooling keeps channels-last, so flatten copied it, and the gradient was copied back
-on the way down). Same semantics as the stock layers, ties and NaN included; the gradients
-are the same up to float32 summation order.
+on the way down). Same semantics as the stock layers, ties included, and a NaN wins its window
+and passes the ReLU's gradient as in PyTorch; the gradients are the same up to float32
+summation order. With NaN or inf in the inputs or weights both give NaN gradients, but not in
+the same places: the stock backward multiplies zero gradients by them (0 x NaN), the kernel
+only some (it pads its groups of four with zero gradients).
 
 Compiled by Numba on first use (a few seconds, then cached on disk).
 """
@@ -43,6 +46,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 try:
     import numba
@@ -157,16 +161,16 @@ if numba is not None:
     def _pool_relu(y, out, code):  # pragma: no cover - compiled
         # y [N, OH, OW, C] conv output (channels-last); out [N, C, PH, PW] (plain NCHW, so the
         # flatten that follows is free); code [N, PH, PW, C]: the winner 0-3, or DEAD where the
-        # ReLU passes no gradient (0 or NaN: relu(NaN) is NaN, as in PyTorch, with no gradient).
+        # ReLU passes no gradient (at or below 0; a NaN passes, as in PyTorch and the first block).
         for n in numba.prange(y.shape[0]):
             for i in range(code.shape[1]):
                 for j in range(code.shape[2]):
                     for c in range(y.shape[3]):
                         best, win = _first_max(y[n, 2 * i, 2 * j, c], y[n, 2 * i, 2 * j + 1, c],
                                                y[n, 2 * i + 1, 2 * j, c], y[n, 2 * i + 1, 2 * j + 1, c])
-                        alive = best > 0.0
-                        out[n, c, i, j] = best if alive or best != best else 0.0
-                        code[n, i, j, c] = win if alive else DEAD
+                        dead = best <= 0.0
+                        out[n, c, i, j] = 0.0 if dead else best
+                        code[n, i, j, c] = DEAD if dead else win
 
     @numba.njit(inline="always")
     def _patch_start(i, j, position, width):  # pragma: no cover - compiled
@@ -290,9 +294,11 @@ class ConvPoolReLU(torch.autograd.Function):
         return torch.from_numpy(out).permute(0, 3, 1, 2)  # [N, C, PH, PW] view, channels-last in memory
 
     @staticmethod
+    @once_differentiable  # its gradients are not differentiable again: say so rather than be wrong
     def backward(ctx, grad_out):
         ctx.saved_tensors  # raises if x was modified in place since the forward pass
-        partial = np.empty((ctx.images.shape[0], 10, CHANNELS), np.float32)
+        images = len(ctx.images)
+        partial = np.empty((images, 10, CHANNELS), np.float32) if images else np.zeros((1, 10, CHANNELS), np.float32)
         _backward(ctx.images, _nhwc(grad_out), ctx.code, partial)
         grad_weight = torch.from_numpy(np.ascontiguousarray(partial[0, :9].T)).view(-1, 1, 3, 3)
         return None, grad_weight, torch.from_numpy(partial[0, 9])
@@ -321,19 +327,21 @@ class ConvPoolReLURouted(torch.autograd.Function):
         return torch.from_numpy(out)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out):
         x, weight = ctx.saved_tensors
         n, channels, height, width = x.shape
         grad = np.ascontiguousarray(grad_out.detach().numpy())  # NCHW, as the flatten after the block hands it back
         filters = _nhwc(weight).reshape(weight.shape[0], -1)  # [CO, 3 * 3 * CI], a view if weight is channels-last
-        grad_x = np.empty((n if ctx.needs_input_grad[0] else 0, height, width, channels), np.float32)
+        want_x, _, want_bias = ctx.needs_input_grad
+        grad_x = np.empty((n if want_x else 0, height, width, channels), np.float32)
         parts = numba.get_num_threads()
         partial = np.empty((parts, *filters.shape), np.float32)
         bias_partial = np.empty((parts, filters.shape[0]), np.float32)
         _routed_backward(_nhwc(x), filters, grad, ctx.code, partial, bias_partial, grad_x)
         grad_weight = torch.from_numpy(partial[0]).view(-1, 3, 3, channels).permute(0, 3, 1, 2)  # channels-last
-        grad_input = torch.from_numpy(grad_x).permute(0, 3, 1, 2) if len(grad_x) else None
-        return grad_input, grad_weight, torch.from_numpy(bias_partial[0])
+        grad_input = torch.from_numpy(grad_x).permute(0, 3, 1, 2) if want_x else None
+        return grad_input, grad_weight, torch.from_numpy(bias_partial[0]) if want_bias else None
 
 
 def conv_pool_relu_routed(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:

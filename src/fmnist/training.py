@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimizer_pre_hooks
 from tqdm import tqdm
 
 from . import runs
@@ -91,13 +92,15 @@ def adam_step(optimizer: torch.optim.Optimizer) -> None:
     groups = optimizer.param_groups
     group = groups[0]
     params = group["params"]
+    states = [optimizer.state.get(p) for p in params]  # .get: the state is a defaultdict
     if (len(groups) != 1 or not group["fused"] or group["amsgrad"] or group["maximize"] or group["capturable"]
-            or group["differentiable"] or group["decoupled_weight_decay"] or getattr(optimizer, "grad_scale", None)
+            or group["differentiable"] or group["decoupled_weight_decay"]
+            or getattr(optimizer, "grad_scale", None) is not None
             or optimizer._optimizer_step_pre_hooks or optimizer._optimizer_step_post_hooks
-            or len(optimizer.state) != len(params) or any(p.grad is None for p in params)):
+            or _global_optimizer_pre_hooks or _global_optimizer_post_hooks
+            or any(not state or "step" not in state for state in states) or any(p.grad is None for p in params)):
         optimizer.step()
         return
-    states = [optimizer.state[p] for p in params]
     steps = [state["step"] for state in states]
     torch._foreach_add_(steps, 1)
     beta1, beta2 = group["betas"]
