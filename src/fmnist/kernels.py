@@ -146,7 +146,6 @@ if numba is not None:
             for k in range(flat.shape[1]):
                 flat[0, k] += flat[t, k]
 
-
     # The routed backward of the second block. Every live pooled output (n, i, j, co) has one
     # winning conv position; its gradient g adds g * (the 3x3x32 input patch there) to the
     # weight gradient of channel co, and g * (co's 3x3x32 filter) to the input gradient over
