@@ -146,16 +146,6 @@ if numba is not None:
             for k in range(flat.shape[1]):
                 flat[0, k] += flat[t, k]
 
-    # The routed backward of the second block. Every live pooled output (n, i, j, co) has one
-    # winning conv position; its gradient g adds g * (the 3x3x32 input patch there) to the
-    # weight gradient of channel co, and g * (co's 3x3x32 filter) to the input gradient over
-    # that patch. Channels-last, a patch row is 96 contiguous floats in both, so the inner loop
-    # is a 96-long multiply-add that LLVM vectorises; GROUP gradients that land on the same
-    # accumulator row are added in one pass, to cut its loads and stores. Live entries are
-    # first gathered into lists without branches (which windows win is unpredictable).
-    # The inner loops live in plain functions called from the prange loop: inside Numba's
-    # parallel loop body LLVM left them scalar (checked in the assembly), 2x slower.
-
     @numba.njit(parallel=True, cache=True)
     def _pool_relu(y, out, code):  # pragma: no cover - compiled
         # y [N, OH, OW, C] conv output (channels-last); out [N, C, PH, PW] (plain NCHW, so the
@@ -170,6 +160,16 @@ if numba is not None:
                         dead = best <= 0.0
                         out[n, c, i, j] = 0.0 if dead else best
                         code[n, i, j, c] = DEAD if dead else win
+
+    # The routed backward of the second block. Every live pooled output (n, i, j, co) has one
+    # winning conv position; its gradient g adds g * (the 3x3x32 input patch there) to the
+    # weight gradient of channel co, and g * (co's 3x3x32 filter) to the input gradient over
+    # that patch. Channels-last, a patch row is 96 contiguous floats in both, so the inner loop
+    # is a 96-long multiply-add that LLVM vectorises; GROUP gradients that land on the same
+    # accumulator row are added in one pass, to cut its loads and stores. Live entries are
+    # first gathered into lists without branches (which windows win is unpredictable).
+    # The inner loops live in plain functions called from the prange loop: inside Numba's
+    # parallel loop body LLVM left them scalar (checked in the assembly), 2x slower.
 
     @numba.njit(inline="always")
     def _patch_start(i, j, position, width):  # pragma: no cover - compiled
@@ -296,8 +296,7 @@ class ConvPoolReLU(torch.autograd.Function):
     @once_differentiable  # its gradients are not differentiable again: say so rather than be wrong
     def backward(ctx, grad_out):
         ctx.saved_tensors  # raises if x was modified in place since the forward pass
-        images = len(ctx.images)
-        partial = np.empty((images, 10, CHANNELS), np.float32) if images else np.zeros((1, 10, CHANNELS), np.float32)
+        partial = np.zeros((max(len(ctx.images), 1), 10, CHANNELS), np.float32)  # row 0 exists for an empty batch
         _backward(ctx.images, _nhwc(grad_out), ctx.code, partial)
         grad_weight = torch.from_numpy(np.ascontiguousarray(partial[0, :9].T)).view(-1, 1, 3, 3)
         return None, grad_weight, torch.from_numpy(partial[0, 9])

@@ -92,13 +92,13 @@ def adam_step(optimizer: torch.optim.Optimizer) -> None:
     groups = optimizer.param_groups
     group = groups[0]
     params = group["params"]
-    states = [optimizer.state.get(p) for p in params]  # .get: the state is a defaultdict
+    states = [optimizer.state.get(p, {}) for p in params]  # .get: the state is a defaultdict
     if (len(groups) != 1 or not group["fused"] or group["amsgrad"] or group["maximize"] or group["capturable"]
             or group["differentiable"] or group["decoupled_weight_decay"]
             or getattr(optimizer, "grad_scale", None) is not None
             or optimizer._optimizer_step_pre_hooks or optimizer._optimizer_step_post_hooks
             or _global_optimizer_pre_hooks or _global_optimizer_post_hooks
-            or any(not state or "step" not in state for state in states) or any(p.grad is None for p in params)):
+            or any("step" not in state for state in states) or any(p.grad is None for p in params)):
         optimizer.step()
         return
     steps = [state["step"] for state in states]
