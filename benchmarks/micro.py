@@ -10,8 +10,10 @@
   * how long the in-memory ONNX export of the predict path takes;
   * torch.compile against eager for the training step at batch 32 (compile time excluded);
   * one fused Adam step for the seed CNN (Optimizer.step and fmnist's adam_step), and the cost
-    of passing work between Numba's and PyTorch's thread pools (the fused kernel then conv2,
-    against each timed alone);
+    of alternating a Numba kernel with a PyTorch op (the fused kernel then conv2, against each
+    timed alone);
+  * which threads do the work of a Numba kernel and of a PyTorch op: the same worker threads,
+    because Numba's OpenMP layer binds to the OpenMP runtime PyTorch loaded first;
   * conv2 + max-pool + ReLU backward: the stock layers against the routed kernel.
 Each figure is the median of several timed repeats after a warm-up.
 """
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 
 import torch
@@ -148,6 +151,34 @@ def pool_switch_ms(batch: int = 32) -> dict:
     return {name: median_seconds(lambda f=f: [f() for _ in range(loops)]) / loops * 1e3 for name, f in each.items()}
 
 
+def busy_threads(seconds: float = 1.0) -> dict:
+    """CPU time (clock ticks) each of the process's threads spent while Numba's fused kernel ran
+    in a loop, then while a PyTorch matmul did, read from /proc (Linux only)."""
+    import os
+
+    from fmnist import kernels
+
+    def ticks() -> dict:
+        out = {}
+        for tid in os.listdir("/proc/self/task"):
+            fields = open(f"/proc/self/task/{tid}/stat").read().rsplit(")", 1)[1].split()
+            out[tid] = int(fields[11]) + int(fields[12])  # utime + stime
+        return out
+
+    x, w, b = torch.rand(256, 1, 26, 26), torch.randn(32, 1, 3, 3), torch.randn(32)
+    a = torch.randn(1024, 1024)
+    each = {"Numba kernel": lambda: kernels.conv_pool_relu(x, w, b), "PyTorch matmul": lambda: a @ a}
+    result = {}
+    for name, fn in each.items():
+        fn()
+        before, end = ticks(), time.perf_counter() + seconds
+        while time.perf_counter() < end:
+            fn()
+        after = ticks()
+        result[name] = {tid: after[tid] - before.get(tid, 0) for tid in after if after[tid] > before.get(tid, 0)}
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--skip-compile", action="store_true")
@@ -172,6 +203,9 @@ def main() -> None:
     switch = pool_switch_ms()
     print(f"fused kernel {switch['kernel']:.3f} ms, conv2 {switch['conv2']:.3f} ms, alternating "
           f"{switch['both']:.3f} ms: {switch['both'] - switch['kernel'] - switch['conv2']:+.3f} ms per pair")
+    if sys.platform == "linux":
+        print("threads that did the work (thread id: CPU ticks): " + "; ".join(
+            f"{name}: {', '.join(f'{tid}: {t}' for tid, t in busy.items())}" for name, busy in busy_threads().items()))
     if not args.skip_compile:
         rates = compiled_vs_eager()
         print("training step, batch 32, stock layers: "
