@@ -135,7 +135,7 @@ def dropout_mask_ms(batch: int = 128) -> dict:
     return {name: median_seconds(lambda f=f: [f() for _ in range(loops)]) / loops * 1e3 for name, f in each.items()}
 
 
-def pool_switch_ms(batch: int = 32) -> dict:
+def alternation_ms(batch: int = 32) -> dict:
     from fmnist import kernels
 
     x = torch.rand(batch, 1, 28, 28)[:, :, :26, :26]
@@ -161,8 +161,13 @@ def busy_threads(seconds: float = 1.0) -> dict:
     def ticks() -> dict:
         out = {}
         for tid in os.listdir("/proc/self/task"):
-            fields = open(f"/proc/self/task/{tid}/stat").read().rsplit(")", 1)[1].split()
-            out[tid] = int(fields[11]) + int(fields[12])  # utime + stime
+            try:
+                with open(f"/proc/self/task/{tid}/stat") as handle:
+                    fields = handle.read().rsplit(")", 1)[1].split()  # fields from 3 (state) on
+            except FileNotFoundError:  # the thread ended meanwhile
+                continue
+            name = "main" if int(tid) == os.getpid() else f"thread {tid}"
+            out[name] = int(fields[11]) + int(fields[12])  # utime + stime (fields 14 and 15)
         return out
 
     x, w, b = torch.rand(256, 1, 26, 26), torch.randn(32, 1, 3, 3), torch.randn(32)
@@ -175,7 +180,8 @@ def busy_threads(seconds: float = 1.0) -> dict:
         while time.perf_counter() < end:
             fn()
         after = ticks()
-        result[name] = {tid: after[tid] - before.get(tid, 0) for tid in after if after[tid] > before.get(tid, 0)}
+        result[name] = {who: after[who] - before.get(who, 0) for who in sorted(after)
+                        if after[who] > before.get(who, 0)}
     return result
 
 
@@ -200,12 +206,12 @@ def main() -> None:
               f"{backward['routed']:.3f} ms ({100 * backward['live']:.0f}% of pooled outputs live)")
     masks = dropout_mask_ms()
     print("dropout on 128 x 1600 features: " + ", ".join(f"{name} {ms:.3f} ms" for name, ms in masks.items()))
-    switch = pool_switch_ms()
+    switch = alternation_ms()
     print(f"fused kernel {switch['kernel']:.3f} ms, conv2 {switch['conv2']:.3f} ms, alternating "
           f"{switch['both']:.3f} ms: {switch['both'] - switch['kernel'] - switch['conv2']:+.3f} ms per pair")
     if sys.platform == "linux":
-        print("threads that did the work (thread id: CPU ticks): " + "; ".join(
-            f"{name}: {', '.join(f'{tid}: {t}' for tid, t in busy.items())}" for name, busy in busy_threads().items()))
+        for name, busy in busy_threads().items():
+            print(f"CPU ticks by thread while the {name} ran: " + ", ".join(f"{who} {t}" for who, t in busy.items()))
     if not args.skip_compile:
         rates = compiled_vs_eager()
         print("training step, batch 32, stock layers: "

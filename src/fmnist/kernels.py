@@ -38,9 +38,10 @@ summation order. With NaN or inf in the inputs or weights both give NaN gradient
 the same places: the stock backward multiplies zero gradients by them (0 x NaN), the kernel
 only some (it pads its groups of four with zero gradients).
 
-Compiled by Numba on first use (a few seconds, then cached on disk). Their parallel loops
-run on PyTorch's OpenMP worker threads: Numba's "omp" threading layer binds to the OpenMP
-runtime that PyTorch loaded first (``benchmarks/micro.py`` shows which threads do the work).
+Compiled by Numba on first use (a few seconds, then cached on disk). With Numba's OpenMP
+threading layer (its choice when TBB is not installed, as with fmnist's pinned environment)
+their parallel loops run on PyTorch's OpenMP worker threads: Numba's calls bind to the
+OpenMP runtime that PyTorch loaded first (``benchmarks/micro.py`` shows which threads work).
 """
 
 from __future__ import annotations
@@ -256,9 +257,9 @@ if numba is not None:
     @numba.njit(parallel=True, cache=True)
     def _routed_backward(x, filters, grad, code, partial, bias_partial, grad_x):  # pragma: no cover
         # One parallel region for both gradients (starting and joining one costs time at batch
-        # 32). Thread t takes a fixed slice of the batch: its own partial
-        # weight gradient (summed afterwards: deterministic, no atomics) and those images'
-        # input gradients (grad_x has no images when no input gradient is wanted).
+        # 32). Thread t takes a fixed slice of the batch: its own partial weight gradient
+        # (summed afterwards: deterministic, no atomics) and those images' input gradients
+        # (grad_x has no images when no input gradient is wanted).
         parts, n = partial.shape[0], x.shape[0]
         for t in numba.prange(parts):
             first, last = t * n // parts, (t + 1) * n // parts
