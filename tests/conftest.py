@@ -10,8 +10,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+# Tests of the CUDA path: skipped where there is no GPU (CI has none); on a GPU machine
+# `pytest -m cuda` (benchmarks/gpu_check.sh) runs exactly these.
+NEEDS_CUDA = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                   reason="needs a CUDA GPU (benchmarks/gpu_check.sh)")]
 
 
 def _require_data() -> Path:

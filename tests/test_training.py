@@ -8,6 +8,8 @@ from fmnist import runs
 from fmnist.errors import Interrupted, UserError
 from fmnist.training import TrainConfig, train
 
+from .conftest import NEEDS_CUDA
+
 METRIC_COLUMNS = ("train_loss", "train_accuracy", "val_loss", "val_accuracy")
 
 
@@ -92,19 +94,20 @@ def test_resume_refuses_other_data_and_finished_runs(dataset, tmp_path):
         train(resume=finished.run_dir, data=dataset, **_quiet())
 
 
-def test_adam_step_is_optimizer_step_bit_for_bit():
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=NEEDS_CUDA)])
+def test_adam_step_is_optimizer_step_bit_for_bit(device):
     import torch
 
     from fmnist.models import create_model
     from fmnist.training import adam_step, make_optimizer
 
-    models = [create_model("seed").to(memory_format=torch.channels_last) for _ in range(2)]
+    models = [create_model("seed").to(device, memory_format=torch.channels_last) for _ in range(2)]
     models[1].load_state_dict(models[0].state_dict())
     optimizers = [make_optimizer(model, TrainConfig(lr=0.01)) for model in models]
     initial = models[0].fc1.weight.detach().clone()
     generator = torch.Generator().manual_seed(0)
     for step in range(4):
-        grads = [torch.randn(p.shape, generator=generator) for p in models[0].parameters()]
+        grads = [torch.randn(p.shape, generator=generator).to(device) for p in models[0].parameters()]
         if step == 0:  # reading the state before the first step creates empty entries
             assert all(len(optimizers[1].state[p]) == 0 for p in models[1].parameters())
         if step == 2:  # through a checkpoint round trip, as a resumed run does

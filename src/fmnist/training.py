@@ -94,7 +94,7 @@ def adam_step(optimizer: torch.optim.Optimizer) -> None:
     params = group["params"]
     states = [optimizer.state.get(p, {}) for p in params]  # .get: the state is a defaultdict
     if (len(groups) != 1 or not group["fused"] or group["amsgrad"] or group["maximize"] or group["capturable"]
-            or group["differentiable"] or group["decoupled_weight_decay"]
+            or group["differentiable"] or group.get("decoupled_weight_decay")  # (a newer option)
             or getattr(optimizer, "grad_scale", None) is not None
             or optimizer._optimizer_step_pre_hooks or optimizer._optimizer_step_post_hooks
             or _global_optimizer_pre_hooks or _global_optimizer_post_hooks
