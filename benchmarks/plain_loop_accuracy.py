@@ -22,13 +22,12 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from fmnist.bench import TextbookCNN
 from fmnist.data import load_dataset, stratified_split, to_float
-from fmnist.inference import predict_logits
 from fmnist.models import _keras_init
-from fmnist.training import TrainConfig
+from fmnist.training import TrainConfig, evaluate_split
 
 
 def accuracy(model, images, labels) -> float:
-    return (predict_logits(model, images).argmax(1) == labels).float().mean().item()
+    return evaluate_split(model, images, labels)[1]  # fmnist's own evaluation, eval mode, fp32
 
 
 def plain_run(seed: int, data, config: TrainConfig) -> float:
