@@ -4,8 +4,9 @@
     python benchmarks/ablation.py --json
 
 Every row adds one change to the row above it and runs fmnist's own epoch loop
-(``training.train_one_epoch``) on synthetic in-memory data; the first row is the textbook
-DataLoader loop from ``fmnist.bench``. Rows are interleaved round by round and each figure
+(``training.train_one_epoch``) on the same sample of real training images as
+``fmnist bench`` (found as ``fmnist train`` finds them: --data, then $FMNIST_DATA, ...); the
+first row is the textbook DataLoader loop from ``fmnist.bench``. Rows are interleaved round by round and each figure
 is the median of the rounds, so the ratios hold on a noisy shared machine.
 
 What was tried and dropped, with its measurements, is listed in the README's Performance
@@ -24,7 +25,8 @@ import torch
 import torch.nn.functional as F
 
 from fmnist import kernels
-from fmnist.bench import textbook_trainer
+from fmnist.bench import training_sample, textbook_trainer
+from fmnist.data import load_dataset
 from fmnist.models import SeedCNN, dense_head_precision
 from fmnist.training import TrainConfig, train_one_epoch
 
@@ -82,14 +84,13 @@ def steps_taken():
         yield label, dict(settings)
 
 
-def fmnist_variant(batch_size: int, fused_adam: bool, precision: str, **switches):
+def fmnist_variant(data, batch_size: int, fused_adam: bool, precision: str, **switches):
     model = Variant(**switches).to(memory_format=torch.channels_last)
     config = TrainConfig()
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, eps=config.adam_eps,
                                  **({"fused": True} if fused_adam else {"foreach": True}))
     generator = torch.Generator().manual_seed(0)
-    images = torch.rand(STEPS * batch_size, 1, 28, 28, generator=generator)
-    labels = torch.randint(0, 10, (STEPS * batch_size,), generator=generator)
+    images, labels = training_sample(data, STEPS * batch_size, torch.device("cpu"))
 
     def run(n_steps: int = STEPS):
         train_one_epoch(model, optimizer, images[:n_steps * batch_size], labels[:n_steps * batch_size],
@@ -109,11 +110,11 @@ def measure(contenders: dict, images_per_call: int) -> dict:
     return {name: statistics.median(values) for name, values in rates.items()}
 
 
-def ablation(batch_size: int) -> list[dict]:
+def ablation(data, batch_size: int) -> list[dict]:
     cpu = torch.device("cpu")
-    contenders = {"textbook DataLoader loop (fmnist.bench)": textbook_trainer(batch_size, STEPS, cpu)}
+    contenders = {"textbook DataLoader loop (fmnist.bench)": textbook_trainer(data, batch_size, STEPS, cpu)}
     for label, settings in steps_taken():
-        contenders[label] = fmnist_variant(batch_size, **settings)
+        contenders[label] = fmnist_variant(data, batch_size, **settings)
     rates = measure(contenders, batch_size * STEPS)
     baseline = rates["textbook DataLoader loop (fmnist.bench)"]
     return [{"batch": batch_size, "step": name, "images_per_second": rate, "vs_textbook": rate / baseline}
@@ -123,9 +124,11 @@ def ablation(batch_size: int) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[32, 128])
+    parser.add_argument("--data", metavar="DIR", help="the four IDX files (default: as fmnist train finds them)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    rows = [row for batch_size in args.batch_sizes for row in ablation(batch_size)]
+    data = load_dataset(args.data)
+    rows = [row for batch_size in args.batch_sizes for row in ablation(data, batch_size)]
     if args.json:
         print(json.dumps(rows, indent=2))
         return

@@ -26,6 +26,7 @@ def test_bench_quick_json():
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["gemm_gflops"] > 0
+    assert report["data"]["release"] and report["data"]["content_sha256"]  # real images, not noise
     loops = {(row["loop"], row["batch"]) for row in report["training"]}
     assert {("fmnist fp32", 32), ("textbook fp32", 32), ("fmnist fp32", 128), ("textbook fp32", 128)} <= loops
     for row in report["training"]:
@@ -46,3 +47,9 @@ def test_bench_table():
     result = run_cli("bench", "--quick")
     assert result.returncode == 0, result.stderr
     assert "vs textbook" in result.stdout and "single-image latency" in result.stdout
+
+
+def test_bench_without_data_is_a_one_line_error(tmp_path):
+    result = run_cli("bench", "--quick", "--data", str(tmp_path / "missing"))
+    assert result.returncode == 2
+    assert "data folder does not exist" in result.stderr and "Traceback" not in result.stderr
