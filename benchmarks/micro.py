@@ -9,7 +9,8 @@
   * evaluation throughput in chunks of 256 vs 1024 images (why EVAL_BATCH_SIZE is 256);
   * how long the in-memory ONNX export of the predict path takes;
   * torch.compile against eager for the training step at batch 32 (compile time excluded);
-  * one fused Adam step for the seed CNN (Optimizer.step and fmnist's adam_step), and the cost
+  * one fused Adam step for the seed CNN (Optimizer.step and fmnist's adam_step), the same with
+    dead units' moments denormal, with and without flushing denormals to zero, and the cost
     of alternating a Numba kernel with a PyTorch op (the fused kernel then conv2, against each
     timed alone);
   * which threads do the work of a Numba kernel and of a PyTorch op: the same worker threads,
@@ -28,6 +29,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from fmnist import kernels
 from fmnist.bench import gemm_gflops
 from fmnist.inference import onnx_session, predict_logits
 from fmnist.models import create_model
@@ -100,10 +102,33 @@ def adam_step_ms() -> dict:
             for name, f in (("Optimizer.step", lambda o: o.step()), ("adam_step", adam_step))}
 
 
+def denormal_adam_ms(dead_units: int = 20) -> dict:
+    """fmnist's Adam step when dead fc1 units' first moments have decayed into denormals (about
+    20 of 128 units die in a seed CNN run), with and without kernels.denormals_flushed."""
+    model = create_model("seed").to(memory_format=torch.channels_last)
+    for parameter in model.parameters():
+        parameter.grad = torch.randn_like(parameter)
+    model.fc1.weight.grad[:dead_units] = 0.0
+    optimizer = make_optimizer(model, TrainConfig())
+    optimizer.step()
+    moment = optimizer.state[model.fc1.weight]["exp_avg"]
+    denormal = 1e-39 * torch.rand_like(moment[:dead_units])
+    loops = 20
+
+    def steps():
+        for _ in range(loops):
+            moment[:dead_units] = denormal  # as they are before the flush
+            adam_step(optimizer)
+    timings = {}
+    for flush in (False, True):
+        with kernels.denormals_flushed(flush):
+            timings["flushed" if flush else "not flushed"] = median_seconds(steps) / loops * 1e3
+    return timings
+
+
 def conv2_backward_ms(batch: int) -> dict:
     """conv2 + max-pool + ReLU backward, stock layers against fmnist's routed kernel, on the
     activations the seed CNN's first block gives for random images (realistic dead outputs)."""
-    from fmnist import kernels
 
     model = create_model("seed").to(memory_format=torch.channels_last)
     with torch.no_grad():
@@ -136,7 +161,6 @@ def dropout_mask_ms(batch: int = 128) -> dict:
 
 
 def alternation_ms(batch: int = 32) -> dict:
-    from fmnist import kernels
 
     x = torch.rand(batch, 1, 28, 28)[:, :, :26, :26]
     w1, b1 = torch.randn(32, 1, 3, 3), torch.randn(32)
@@ -156,7 +180,6 @@ def busy_threads(seconds: float = 1.0) -> dict:
     in a loop, then while a PyTorch matmul did, read from /proc (Linux only)."""
     import os
 
-    from fmnist import kernels
 
     def ticks() -> dict:
         out = {}
@@ -200,6 +223,9 @@ def main() -> None:
     print(f"ONNX export + session + parity check: {onnx_export_seconds():.2f} s")
     adam = adam_step_ms()
     print("one fused Adam step (225k parameters): " + ", ".join(f"{k} {v:.3f} ms" for k, v in adam.items()))
+    denormal = denormal_adam_ms()
+    print("adam_step with 20 dead fc1 units' moments denormal: "
+          + ", ".join(f"{k} {v:.3f} ms" for k, v in denormal.items()))
     for batch in (32, 128):
         backward = conv2_backward_ms(batch)
         print(f"conv2 + pool + ReLU backward, batch {batch}: stock {backward['stock']:.3f} ms, routed "

@@ -203,3 +203,47 @@ def test_empty_batches_and_a_missing_bias():
     for got, expected in zip(torch.autograd.grad(ours.sum(), (x, weight)),
                              torch.autograd.grad(reference.sum(), (x, weight))):
         torch.testing.assert_close(got, expected, atol=0, rtol=0)
+
+
+X86_WITH_NUMBA = pytest.mark.skipif(not (kernels.available() and kernels.X86), reason="needs x86 and Numba")
+
+
+@X86_WITH_NUMBA
+def test_denormals_are_flushed_on_every_thread_then_restored():
+    denormal = torch.full((2_000_000,), 1e-39)  # big enough for PyTorch to split it over all threads
+
+    def flushed_fraction():
+        return (denormal * 1.0 == 0).float().mean().item()
+
+    assert flushed_fraction() == 0.0
+    with kernels.denormals_flushed():
+        assert flushed_fraction() == 1.0  # not only the calling thread's share
+    assert flushed_fraction() == 0.0
+    with kernels.denormals_flushed(enabled=False):
+        assert flushed_fraction() == 0.0
+
+
+@X86_WITH_NUMBA
+def test_flushing_a_dead_units_denormal_adam_moments_changes_no_weight():
+    # What the trainer flushes in practice: Adam's first moment of weights whose gradient has
+    # been zero for hundreds of steps. Their updates are far below a weight's float resolution.
+    from fmnist.training import TrainConfig, adam_step, make_optimizer
+
+    results = []
+    for flush in (False, True):
+        torch.manual_seed(0)
+        model = create_model("seed")
+        optimizer = make_optimizer(model, TrainConfig())
+        for parameter in model.parameters():
+            parameter.grad = torch.randn_like(parameter)
+        optimizer.step()  # creates the state
+        moment = optimizer.state[model.fc1.weight]["exp_avg"]
+        moment[:20] = 1e-39 * torch.rand_like(moment[:20])  # 20 dead units' rows: denormal
+        model.fc1.weight.grad[:20] = 0.0
+        with kernels.denormals_flushed(flush):
+            for _ in range(3):
+                adam_step(optimizer)
+        results.append((model.state_dict(), moment.clone()))
+    (kept, kept_moment), (flushed, flushed_moment) = results
+    assert all(torch.equal(kept[name], flushed[name]) for name in kept)
+    assert (kept_moment[:20] != 0).any() and (flushed_moment[:20] == 0).all()  # the flush did happen

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimizer_pre_hooks
 from tqdm import tqdm
 
-from . import runs
+from . import kernels, runs
 from .data import FashionMNIST, load_dataset, stratified_split, to_float
 from .errors import Interrupted, UserError
 from .inference import predict_logits
@@ -112,6 +112,11 @@ def adam_step(optimizer: torch.optim.Optimizer) -> None:
 
 def train_one_epoch(model, optimizer, images, labels, batch_size, generator, bar=None, precision="fp32"):
     """One pass over ``images`` in a fresh random order; returns (mean loss, accuracy)."""
+    with kernels.denormals_flushed(images.device.type == "cpu"):  # see kernels.FTZ_DAZ for why
+        return _train_one_epoch(model, optimizer, images, labels, batch_size, generator, bar, precision)
+
+
+def _train_one_epoch(model, optimizer, images, labels, batch_size, generator, bar, precision):
     model.train()
     mixed = autocast(images.device, precision)
     order = torch.randperm(len(images), generator=generator).to(images.device)
