@@ -37,10 +37,11 @@ class Variant(SeedCNN):
     """The seed CNN with each speed-up as a switch (same layers, same function)."""
 
     def __init__(self, pool_first: bool, fmnist_dropout: bool, fused_kernel: bool, crop: bool, routed: bool,
-                 dense_fp32: bool):
+                 dropout_kernel: bool, dense_fp32: bool):
         super().__init__()
         self.pool_first, self.fmnist_dropout, self.fused_kernels = pool_first, fmnist_dropout, fused_kernel
         self.crop, self.routed, self.dense_fp32 = crop, routed, dense_fp32
+        self.dropout1.use_kernel = self.dropout2.use_kernel = dropout_kernel
 
     def _dropout(self, layer, x):
         return layer(x) if self.fmnist_dropout else F.dropout(x, layer.p, self.training)
@@ -62,8 +63,8 @@ class Variant(SeedCNN):
             return self.fc2(self._dropout(self.dropout2, F.relu(self.fc1(x))))
 
 
-START = dict(pool_first=False, fmnist_dropout=False, fused_kernel=False, crop=False, routed=False, dense_fp32=False,
-             fused_adam=False, precision="fp32")
+START = dict(pool_first=False, fmnist_dropout=False, fused_kernel=False, crop=False, routed=False,
+             dropout_kernel=False, dense_fp32=False, fused_adam=False, precision="fp32")
 CHANGES = [  # each row adds one change to the row above it
     ("in-memory tensors + channels_last", {}),
     ("+ ReLU after max-pool", {"pool_first": True}),
@@ -72,6 +73,7 @@ CHANGES = [  # each row adds one change to the row above it
     ("+ fused conv1/pool/ReLU kernel", {"fused_kernel": True}),
     ("+ only the 26x26 pixels that reach the output", {"crop": True}),
     ("+ conv2 backward through the pool winners", {"routed": True}),
+    ("+ dropout masks in one Numba loop", {"dropout_kernel": True}),
     ("+ bf16 autocast (opt-in on CPU)", {"precision": "bf16"}),
     ("+ dense layers kept fp32 under autocast", {"dense_fp32": True}),
 ]

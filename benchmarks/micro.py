@@ -152,9 +152,12 @@ def dropout_mask_ms(batch: int = 128) -> dict:
 
     x = torch.rand(batch, 1600)
     loops = 50
+    torch_ops = Dropout(0.25).train()
+    torch_ops.use_kernel = False
     each = {
         "F.dropout": lambda: F.dropout(x, 0.25, True),
         "rand >= p": lambda: x * (torch.rand(x.shape) >= 0.25) * (1 / 0.75),
+        "fmnist Dropout, mask by PyTorch ops": lambda: torch_ops(x),
         "fmnist Dropout": lambda layer=Dropout(0.25).train(): layer(x),
     }
     return {name: median_seconds(lambda f=f: [f() for _ in range(loops)]) / loops * 1e3 for name, f in each.items()}

@@ -104,6 +104,23 @@ def test_dropout_masks_are_uniform_over_positions(p):
     assert kept.shape == (40_000, 8)
 
 
+@pytest.mark.parametrize("p", [0.5, 0.25])
+def test_dropout_mask_kernel_gives_the_same_mask_as_pytorch_ops(p):
+    from fmnist import kernels
+    from fmnist.models import Dropout
+
+    if not kernels.available():
+        pytest.skip("needs Numba")
+    x = torch.rand(33, 1600)
+    outputs = []
+    for use_kernel in (True, False):
+        layer = Dropout(p).train()
+        layer.use_kernel = use_kernel
+        torch.manual_seed(0)  # the same random bytes
+        outputs.append(layer(x))
+    assert torch.equal(*outputs)
+
+
 def test_dropout_edge_rates():
     from fmnist.models import Dropout
 

@@ -350,6 +350,22 @@ if numba is not None:
         _sum_into_first(bias_partial)
 
 
+if numba is not None:
+    @numba.njit(cache=True)
+    def _dropout_mask(random_bytes, cut, scale, mask):  # pragma: no cover - compiled
+        # One thread: a few thousand to a few hundred thousand values, less than the cost of
+        # waking a second thread (PyTorch's comparison, cast and scaling were four parallel ops).
+        for i in range(mask.size):
+            mask[i] = scale if random_bytes[i] >= cut else np.float32(0.0)
+
+
+def dropout_mask(random_bytes: torch.Tensor, cut: int, scale: float, shape) -> torch.Tensor:
+    """``(random_bytes >= cut).float() * scale`` shaped as ``shape``, in one pass (CPU uint8 in)."""
+    mask = np.empty(shape, np.float32)
+    _dropout_mask(random_bytes.numpy(), cut, np.float32(scale), mask.reshape(-1))
+    return torch.from_numpy(mask)
+
+
 def _nhwc(t: torch.Tensor) -> np.ndarray:
     """[N, C, H, W] tensor -> C-contiguous [N, H, W, C] array (a free view of a channels-last tensor)."""
     return np.ascontiguousarray(t.detach().numpy().transpose(0, 2, 3, 1))

@@ -64,21 +64,25 @@ class Dropout(nn.Dropout):
     from 64-bit draws, so eight values cost one draw. On 128 x 1600 features: 0.31-0.36 ms,
     against 1.55-1.67 ms for ``F.dropout`` (benchmarks/micro.py). Other rates fall back to
     ``rand >= p``. On CUDA the stock fused kernel is already fast and is used as is, and
-    so is ``nn.Dropout`` for ``inplace=True``.
+    so is ``nn.Dropout`` for ``inplace=True``. With Numba, the mask is made in one loop
+    (``kernels.dropout_mask``) rather than four PyTorch ops.
     """
+
+    use_kernel = True  # kernels.dropout_mask where it applies (benchmarks/ablation.py switches it off)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p in (0.0, 1.0) or self.inplace or x.is_cuda:
             return super().forward(x)
-        cut = self.p * 256
-        if cut.is_integer():
-            words = torch.empty((x.numel() + 7) // 8, dtype=torch.int64, device=x.device)
-            words.random_(-2**63, None)  # this range draws all 64 bits; the default leaves the top one 0
-            keep = words.view(torch.uint8)[:x.numel()].view(x.shape) >= int(cut)
-        else:
-            keep = torch.rand(x.shape, device=x.device) >= self.p
+        cut, scale = self.p * 256, 1.0 / (1.0 - self.p)
+        if not cut.is_integer():
+            return x * (torch.rand(x.shape, device=x.device) >= self.p).to(x.dtype).mul_(scale)
+        words = torch.empty((x.numel() + 7) // 8, dtype=torch.int64, device=x.device)
+        words.random_(-2**63, None)  # this range draws all 64 bits; the default leaves the top one 0
+        random_bytes = words.view(torch.uint8)[:x.numel()]
         # One float mask with the scale folded in: x * mask is a single fwd and bwd pass.
-        return x * keep.to(x.dtype).mul_(1.0 / (1.0 - self.p))
+        if self.use_kernel and kernels.available() and x.dtype == torch.float32:
+            return x * kernels.dropout_mask(random_bytes, int(cut), scale, x.shape)
+        return x * (random_bytes.view(x.shape) >= int(cut)).to(x.dtype).mul_(scale)
 
 
 class SeedCNN(nn.Module):
