@@ -21,8 +21,8 @@ def test_training_flops_match_the_hand_count():
     assert training_flops(create_model("seed"), winners_only=(1,)) == 3 * 4_430_336 - 331_776 - 2 * conv2 * 3 // 4
 
 
-def test_bench_quick_json():
-    result = run_cli("bench", "--quick", "--json")
+def test_bench_quick_json(data_dir):
+    result = run_cli("bench", "--quick", "--json", "--data", data_dir)
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["gemm_gflops"] > 0
@@ -43,8 +43,8 @@ def test_bench_quick_json():
     assert all(lat["p50"] <= lat["p99"] for lat in report["latency_ms"].values())
 
 
-def test_bench_table():
-    result = run_cli("bench", "--quick")
+def test_bench_table(data_dir):
+    result = run_cli("bench", "--quick", "--data", data_dir)
     assert result.returncode == 0, result.stderr
     assert "vs textbook" in result.stdout and "single-image latency" in result.stdout
 

@@ -221,6 +221,14 @@ def test_denormals_are_flushed_on_every_thread_then_restored():
     assert flushed_fraction() == 0.0
     with kernels.denormals_flushed(enabled=False):
         assert flushed_fraction() == 0.0
+    torch.set_flush_denormal(True)  # the calling thread only: each thread gets its own setting back
+    try:
+        assert 0.0 < flushed_fraction() < 1.0
+        with kernels.denormals_flushed():
+            assert flushed_fraction() == 1.0
+        assert 0.0 < flushed_fraction() < 1.0
+    finally:
+        torch.set_flush_denormal(False)
 
 
 @X86_WITH_NUMBA

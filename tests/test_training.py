@@ -121,3 +121,37 @@ def test_adam_step_is_optimizer_step_bit_for_bit(device):
     for a, b in zip(*(optimizer.state_dict()["state"].values() for optimizer in optimizers)):
         assert all(torch.equal(a[key], b[key]) for key in ("step", "exp_avg", "exp_avg_sq"))
     assert not torch.equal(models[1].fc1.weight, initial)  # the steps did move the weights
+
+
+def test_flushing_denormals_changes_no_training_result(dataset, monkeypatch):
+    # 1,250 steps on real images: long enough for dead units' Adam moments to go denormal
+    # (checked below), and the weights come out bit for bit the same with and without the flush.
+    import contextlib
+
+    import torch
+
+    from fmnist import kernels
+    from fmnist.data import to_float
+    from fmnist.models import create_model
+    from fmnist.training import make_optimizer, train_one_epoch
+
+    if not (kernels.available() and kernels.X86):
+        pytest.skip("the flush needs x86 and Numba")
+    images, labels = to_float(dataset.train_images[:20_000]), dataset.train_labels[:20_000]
+
+    def two_epochs():
+        torch.manual_seed(0)
+        model = create_model("seed").to(memory_format=torch.channels_last)
+        optimizer = make_optimizer(model, TrainConfig())
+        generator = torch.Generator().manual_seed(0)
+        for _ in range(2):
+            train_one_epoch(model, optimizer, images, labels, 32, generator)
+        moments = torch.cat([state["exp_avg"].flatten() for state in optimizer.state.values()])
+        denormal = int(((moments != 0) & (moments.abs() < torch.finfo(torch.float32).tiny)).sum())
+        return model.state_dict(), denormal
+
+    flushed, flushed_denormals = two_epochs()
+    monkeypatch.setattr(kernels, "denormals_flushed", lambda enabled=True: contextlib.nullcontext())
+    kept, kept_denormals = two_epochs()
+    assert flushed_denormals == 0 and kept_denormals > 0  # the case the flush exists for did arise
+    assert all(torch.equal(flushed[name], kept[name]) for name in kept)

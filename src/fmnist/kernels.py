@@ -104,47 +104,70 @@ def available() -> bool:
 FTZ_DAZ = np.uint32(0x8040)
 X86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
 
+UNSAVED = np.uint32(0xFFFFFFFF)  # a thread whose setting was not saved: leave it alone
+
 if numba is not None and X86:
     from llvmlite import ir
     from numba.core import cgutils
     from numba.extending import intrinsic
 
+    def _mxcsr_instruction(builder, name, slot):
+        fnty = ir.FunctionType(ir.VoidType(), [slot.type])
+        builder.call(cgutils.get_or_insert_function(builder.module, fnty, f"llvm.x86.sse.{name}"), [slot])
+
     @intrinsic
-    def _swap_mxcsr(typingctx, value):  # pragma: no cover - compiled
-        """Set this thread's MXCSR to ``value``; return the previous value."""
+    def _read_mxcsr(typingctx):  # pragma: no cover - compiled
         def codegen(context, builder, signature, args):
-            old, new = cgutils.alloca_once(builder, ir.IntType(32)), cgutils.alloca_once(builder, ir.IntType(32))
-            builder.store(args[0], new)
-            fnty = ir.FunctionType(ir.VoidType(), [old.type])
-            builder.call(cgutils.get_or_insert_function(builder.module, fnty, "llvm.x86.sse.stmxcsr"), [old])
-            builder.call(cgutils.get_or_insert_function(builder.module, fnty, "llvm.x86.sse.ldmxcsr"), [new])
-            return builder.load(old)
-        return numba.types.uint32(numba.types.uint32), codegen
+            slot = cgutils.alloca_once(builder, ir.IntType(32))
+            _mxcsr_instruction(builder, "stmxcsr", slot)
+            return builder.load(slot)
+        return numba.types.uint32(), codegen
+
+    @intrinsic
+    def _write_mxcsr(typingctx, value):  # pragma: no cover - compiled
+        def codegen(context, builder, signature, args):
+            slot = cgutils.alloca_once(builder, ir.IntType(32))
+            builder.store(args[0], slot)
+            _mxcsr_instruction(builder, "ldmxcsr", slot)
+            return context.get_dummy_value()
+        return numba.types.void(numba.types.uint32), codegen  # the value is cast to 32 bits
 
     @numba.njit(parallel=True, cache=True)
-    def _set_ftz_daz(on, previous):  # pragma: no cover - compiled
-        # One iteration per thread of the OpenMP pool that runs PyTorch's parallel ops too (see
-        # the module docstring): Numba's static schedule hands iteration t to thread t.
-        for t in numba.prange(previous.shape[0]):
-            current = _swap_mxcsr(np.uint32(0))
-            _swap_mxcsr(current | FTZ_DAZ if on[t] else current & ~FTZ_DAZ)
-            previous[t] = current & FTZ_DAZ
+    def _set_ftz_daz(wanted, saved):  # pragma: no cover - compiled
+        # Every thread of Numba's pool sets its FTZ/DAZ bits to wanted[its id] (UNSAVED: leave
+        # them) and saves what they were in saved[its id], unless a previous iteration on the
+        # same thread already did. Indexing by thread id, not by iteration, keeps this right
+        # however the iterations are scheduled. With Numba's OpenMP layer these threads are
+        # the ones that run PyTorch's parallel ops too (see the module docstring).
+        for _ in numba.prange(wanted.shape[0]):
+            thread = numba.get_thread_id()
+            current = _read_mxcsr()
+            if saved[thread] == UNSAVED:
+                saved[thread] = current & FTZ_DAZ
+            if wanted[thread] != UNSAVED:
+                _write_mxcsr((current & ~FTZ_DAZ) | wanted[thread])
 
 
 @contextlib.contextmanager
 def denormals_flushed(enabled: bool = True):
-    """Flush denormal floats to zero on every CPU thread for the duration (x86 with Numba;
-    elsewhere this does nothing), then put each thread's previous setting back."""
+    """Flush denormal floats to zero on the CPU threads for the duration (x86 with Numba;
+    elsewhere this does nothing), then put each thread's previous setting back.
+
+    The threads are the calling thread and Numba's pool, which with Numba's OpenMP layer
+    (fmnist's pinned environment) is the pool PyTorch's parallel ops run on, up to
+    ``numba.get_num_threads()`` threads: a PyTorch configured with more threads than that
+    keeps the slow path on the extra ones.
+    """
     if not (enabled and numba is not None and X86):
         yield
         return
     threads = numba.get_num_threads()
-    previous = np.empty(threads, np.uint32)
-    _set_ftz_daz(np.ones(threads, np.bool_), previous)
+    saved = np.full(threads, UNSAVED, np.uint32)
+    _set_ftz_daz(np.full(threads, FTZ_DAZ, np.uint32), saved)
     try:
         yield
     finally:
-        _set_ftz_daz(previous != 0, np.empty(threads, np.uint32))
+        _set_ftz_daz(saved, np.full(threads, UNSAVED, np.uint32))
 
 
 if numba is not None:
