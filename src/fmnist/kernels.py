@@ -60,6 +60,8 @@ try:
 except ImportError:  # pragma: no cover - numba is a declared dependency; stay usable without it
     numba = None
 
+X86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
+
 
 def _prefer_512_bit_vectors() -> None:
     """Let LLVM use 512-bit vectors on CPUs with AVX-512 (it prefers 256-bit ones there).
@@ -67,15 +69,18 @@ def _prefer_512_bit_vectors() -> None:
     The routed backward's 96-float rows then take 6 vector operations instead of 12. Over
     six alternating pairs of runs of the benchmark's training part on real images (2-core
     AVX-512 Xeon), the ratio to the textbook loop changed by -2% to +7% (median +4%) at
-    batch 32 and by +6% to +18% (median +11%) at batch 128. (On the uniform noise the
+    batch 32 (within noise) and by +6% to +18% (median +11%) at batch 128. (On the uniform noise the
     benchmark once used, where the routed backward had almost nothing to do, it did not
     pay.) Numba reads this setting when it first compiles anything in the process; a
     NUMBA_CPU_FEATURES set by the user is left alone.
     """
-    if numba is None or "NUMBA_CPU_FEATURES" in os.environ or numba.config.CPU_FEATURES is not None:
+    if not X86 or numba is None or "NUMBA_CPU_FEATURES" in os.environ or numba.config.CPU_FEATURES is not None:
         return
     from llvmlite import binding
-    features = binding.get_host_cpu_features()
+    try:
+        features = binding.get_host_cpu_features()
+    except RuntimeError:  # llvmlite could not read them: keep Numba's default
+        return
     if features.get("avx512f"):
         numba.config.CPU_FEATURES = features.flatten() + ",-prefer-256-bit"
 
@@ -102,7 +107,6 @@ def available() -> bool:
 # stack, runs its kernels with these bits set. torch.set_flush_denormal sets them on the
 # calling thread only, so the OpenMP worker threads kept the slow path.
 FTZ_DAZ = np.uint32(0x8040)
-X86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
 
 UNSAVED = np.uint32(0xFFFFFFFF)  # a thread whose setting was not saved: leave it alone
 
