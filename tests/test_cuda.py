@@ -73,11 +73,11 @@ def test_a_short_real_run_on_cuda(dataset, tmp_path):
     assert result.metrics["accuracy"] > 0.6  # one epoch on 5,000 images reaches about 0.75 on the CPU
 
 
-def test_the_benchmark_runs_on_cuda():
+def test_the_benchmark_runs_on_cuda(data_dir):
     from fmnist.bench import BenchConfig, run_benchmark
 
     config = BenchConfig(rounds=1, train_steps=5, warmup_steps=2, inference_batches=(16,), inference_images=64,
-                         latency_calls=10, device="cuda")
+                         latency_calls=10, device="cuda", data_dir=data_dir)
     result = run_benchmark(config)
     assert result.environment["device"].startswith("cuda")
     assert {row["loop"] for row in result.training} == {"fmnist fp32", "fmnist bf16", "textbook fp32"}
