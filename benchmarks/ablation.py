@@ -64,7 +64,7 @@ class Variant(SeedCNN):
 
 
 START = dict(pool_first=False, fmnist_dropout=False, fused_kernel=False, crop=False, routed=False,
-             dropout_kernel=False, dense_fp32=False, fused_adam=False, precision="fp32")
+             dropout_kernel=False, dense_fp32=False, fused_adam=False, precision="fp32", by_hand=False)
 CHANGES = [  # each row adds one change to the row above it
     ("in-memory tensors + channels_last", {}),
     ("+ ReLU after max-pool", {"pool_first": True}),
@@ -74,8 +74,11 @@ CHANGES = [  # each row adds one change to the row above it
     ("+ only the 26x26 pixels that reach the output", {"crop": True}),
     ("+ conv2 backward through the pool winners", {"routed": True}),
     ("+ dropout masks in one Numba loop", {"dropout_kernel": True}),
-    ("+ bf16 autocast (opt-in on CPU)", {"precision": "bf16"}),
+    ("+ the step written out, without autograd", {"dense_fp32": True, "by_hand": True}),
+    # bf16 autocast (opt-in on the CPU), from the row before last: autograd first, then by hand
+    ("row before last + bf16 autocast", {"precision": "bf16", "dense_fp32": False, "by_hand": False}),
     ("+ dense layers kept fp32 under autocast", {"dense_fp32": True}),
+    ("+ the step written out, without autograd (bf16)", {"by_hand": True}),
 ]
 
 
@@ -86,8 +89,9 @@ def steps_taken():
         yield label, dict(settings)
 
 
-def fmnist_variant(data, batch_size: int, fused_adam: bool, precision: str, **switches):
-    model = Variant(**switches).to(memory_format=torch.channels_last)
+def fmnist_variant(data, batch_size: int, fused_adam: bool, precision: str, by_hand: bool, **switches):
+    # by_hand: fmnist's own SeedCNN, whose training step runs without autograd (every switch on)
+    model = (SeedCNN() if by_hand else Variant(**switches)).to(memory_format=torch.channels_last)
     config = TrainConfig()
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, eps=config.adam_eps,
                                  **({"fused": True} if fused_adam else {"foreach": True}))

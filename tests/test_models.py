@@ -133,3 +133,58 @@ def test_unknown_model():
     assert "seed" in list_models()
     with pytest.raises(UserError, match="unknown model 'resnet9000'"):
         create_model("resnet9000")
+
+
+def _twin_seed_models():
+    first = create_model("seed").to(memory_format=torch.channels_last)
+    second = create_model("seed").to(memory_format=torch.channels_last)
+    second.load_state_dict(first.state_dict())
+    return first, second
+
+
+@pytest.mark.parametrize("batch,precision", [(32, "fp32"), (33, "fp32"), (1, "fp32"), (32, "bf16")])
+def test_step_by_hand_is_autograd_bit_for_bit(batch, precision):
+    import torch.nn.functional as F
+
+    from fmnist.runtime import autocast
+
+    by_autograd, by_hand = _twin_seed_models()
+    x, y = torch.rand(batch, 1, 28, 28), torch.randint(0, 10, (batch,))
+    assert by_hand.can_step_by_hand(x, precision)
+    torch.manual_seed(1)  # the same dropout masks
+    with autocast(x.device, precision):  # as the trainer runs the forward pass
+        logits = by_autograd(x)
+    loss = F.cross_entropy(logits.float(), y)
+    loss.backward()
+    torch.manual_seed(1)
+    hand_logits, hand_loss = by_hand.step_by_hand(x, y, precision)
+    assert torch.equal(hand_loss, loss) and torch.equal(hand_logits, logits)
+    for (name, expected), actual in zip(by_autograd.named_parameters(), by_hand.parameters()):
+        assert torch.equal(actual.grad, expected.grad), name
+        assert actual.grad.stride() == expected.grad.stride(), name  # the same layout for the optimizer
+
+
+def test_step_by_hand_steps_aside_where_autograd_would_do_more():
+    x = torch.rand(4, 1, 28, 28)
+    model = create_model("seed")
+    assert model.can_step_by_hand(x, "fp32")
+    assert model.can_step_by_hand(x, "bf16")
+    assert not model.can_step_by_hand(x, "fp16")
+    assert not model.can_step_by_hand(x.double(), "fp32")
+    assert not model.can_step_by_hand(torch.rand(4, 1, 32, 32), "fp32")
+    handle = model.fc1.register_forward_hook(lambda *args: None)    # hooks must still run
+    assert not model.can_step_by_hand(x, "fp32")
+    handle.remove()
+    handle = model.conv2.weight.register_hook(lambda grad: grad)
+    assert not model.can_step_by_hand(x, "fp32")
+    handle.remove()
+    model.conv1.requires_grad_(False)                               # frozen layers get no .grad
+    assert not model.can_step_by_hand(x, "fp32")
+    model.conv1.requires_grad_(True)
+    model.dropout2.p = 0.3                                          # not a whole multiple of 1/256
+    assert not model.can_step_by_hand(x, "fp32")
+    model.dropout2.p = 0.5
+    model.by_hand = False
+    assert not model.can_step_by_hand(x, "fp32")
+    model.by_hand = True
+    assert model.can_step_by_hand(x, "fp32")

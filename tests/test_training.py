@@ -155,3 +155,25 @@ def test_flushing_denormals_changes_no_training_result(dataset, monkeypatch):
     kept, kept_denormals = two_epochs()
     assert flushed_denormals == 0 and kept_denormals > 0  # the case the flush exists for did arise
     assert all(torch.equal(flushed[name], kept[name]) for name in kept)
+
+
+def test_epochs_by_hand_and_by_autograd_train_the_same_weights(dataset):
+    import torch
+
+    from fmnist.data import to_float
+    from fmnist.models import create_model
+    from fmnist.training import make_optimizer, train_one_epoch
+
+    images, labels = to_float(dataset.train_images[:3_000]), dataset.train_labels[:3_000]
+    results = []
+    for by_hand in (True, False):
+        torch.manual_seed(0)
+        model = create_model("seed").to(memory_format=torch.channels_last)
+        model.by_hand = by_hand
+        optimizer = make_optimizer(model, TrainConfig())
+        generator = torch.Generator().manual_seed(0)
+        history = [train_one_epoch(model, optimizer, images, labels, 32, generator) for _ in range(2)]
+        results.append((history, model.state_dict()))
+    (hand_history, hand_weights), (autograd_history, autograd_weights) = results
+    assert hand_history == autograd_history
+    assert all(torch.equal(hand_weights[name], autograd_weights[name]) for name in hand_weights)

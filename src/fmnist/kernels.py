@@ -398,8 +398,56 @@ def _nhwc(t: torch.Tensor) -> np.ndarray:
     return np.ascontiguousarray(t.detach().numpy().transpose(0, 2, 3, 1))
 
 
-# The wrappers below shape arrays with NumPy, not PyTorch: a small PyTorch op costs 5-15 us
+# The functions below shape arrays with NumPy, not PyTorch: a small PyTorch op costs 5-15 us
 # of dispatch, a NumPy view or small copy well under 1 us, and these run four times a step.
+# They are the two blocks' passes on arrays; the autograd Functions after them and
+# SeedCNN.step_by_hand (fmnist.models) both call them.
+
+
+def block1_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor):
+    """First block, forward: (images [N, H, W] view of x, pooled [N, PH, PW, C] channels-last, winner codes)."""
+    n, _, height, width = x.shape
+    images = x.detach().numpy()[:, 0]  # strided as it comes (a crop is not copied)
+    taps = np.ascontiguousarray(weight.detach().numpy().reshape(weight.shape[0], 9).T)
+    pooled_shape = (n, (height - 2) // 2, (width - 2) // 2, weight.shape[0])
+    pooled, code = np.empty(pooled_shape, np.float32), np.empty(pooled_shape, np.uint8)
+    _forward(images, taps, bias.detach().numpy(), pooled, code)
+    return images, pooled, code
+
+
+def block1_backward(images: np.ndarray, grad: np.ndarray, code: np.ndarray):
+    """First block, backward from ``grad`` [N, PH, PW, C] (C-contiguous): (weight grad, bias grad)."""
+    partial = np.zeros((max(len(images), 1), 10, CHANNELS), np.float32)  # row 0 exists for an empty batch
+    _backward(images, grad, code, partial)
+    return torch.from_numpy(np.ascontiguousarray(partial[0, :9].T)).view(-1, 1, 3, 3), torch.from_numpy(partial[0, 9])
+
+
+def block2_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor):
+    """Second block, forward: (pooled [N, C, PH, PW] plain NCHW, winner codes [N, PH, PW, C]).
+
+    Under bf16 autocast the convolution runs in bf16 (pooling and backward stay fp32, on the
+    fp32 weights). x is channels-last, so _nhwc is a free view."""
+    conv = _nhwc(F.conv2d(x, weight, bias).float())
+    n, conv_height, conv_width, channels = conv.shape
+    pooled = np.empty((n, channels, conv_height // 2, conv_width // 2), np.float32)
+    code = np.empty((n, conv_height // 2, conv_width // 2, channels), np.uint8)
+    _pool_relu(conv, pooled, code)
+    return pooled, code
+
+
+def block2_backward(x: np.ndarray, weight: torch.Tensor, grad: np.ndarray, code: np.ndarray, want_x: bool = True):
+    """Second block, backward through the pooling winners from ``grad`` [N, C, PH, PW] (C-contiguous),
+    for the input ``x`` [N, H, W, CI] (C-contiguous): (input grad [N, H, W, CI] or None, weight grad
+    (channels-last), bias grad)."""
+    n, height, width, channels = x.shape
+    filters = _nhwc(weight).reshape(weight.shape[0], -1)  # [CO, 3 * 3 * CI], a view if weight is channels-last
+    grad_x = np.empty((n if want_x else 0, height, width, channels), np.float32)
+    parts = numba.get_num_threads()
+    partial = np.empty((parts, *filters.shape), np.float32)
+    bias_partial = np.empty((parts, filters.shape[0]), np.float32)
+    _routed_backward(x, filters, grad, code, partial, bias_partial, grad_x)
+    grad_weight = torch.from_numpy(partial[0]).view(-1, 3, 3, channels).permute(0, 3, 1, 2)
+    return (grad_x if want_x else None), grad_weight, torch.from_numpy(bias_partial[0])
 
 
 class ConvPoolReLU(torch.autograd.Function):
@@ -407,25 +455,16 @@ class ConvPoolReLU(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias):
-        n, _, height, width = x.shape
-        images = x.detach().numpy()[:, 0]  # [N, H, W], strided as it comes (a crop is not copied)
-        taps = np.ascontiguousarray(weight.detach().numpy().reshape(weight.shape[0], 9).T)
-        pooled_shape = (n, (height - 2) // 2, (width - 2) // 2, weight.shape[0])
-        out = np.empty(pooled_shape, np.float32)
-        code = np.empty(pooled_shape, np.uint8)
-        _forward(images, taps, bias.detach().numpy(), out, code)
+        images, pooled, code = block1_forward(x, weight, bias)
         ctx.save_for_backward(x)  # for autograd's check that nobody changed it in place
         ctx.images, ctx.code = images, code
-        return torch.from_numpy(out).permute(0, 3, 1, 2)  # [N, C, PH, PW] view, channels-last in memory
+        return torch.from_numpy(pooled).permute(0, 3, 1, 2)  # [N, C, PH, PW] view, channels-last in memory
 
     @staticmethod
     @once_differentiable  # its gradients are not differentiable again: say so rather than be wrong
     def backward(ctx, grad_out):
         ctx.saved_tensors  # raises if x was modified in place since the forward pass
-        partial = np.zeros((max(len(ctx.images), 1), 10, CHANNELS), np.float32)  # row 0 exists for an empty batch
-        _backward(ctx.images, _nhwc(grad_out), ctx.code, partial)
-        grad_weight = torch.from_numpy(np.ascontiguousarray(partial[0, :9].T)).view(-1, 1, 3, 3)
-        return None, grad_weight, torch.from_numpy(partial[0, 9])
+        return None, *block1_backward(ctx.images, _nhwc(grad_out), ctx.code)
 
 
 def conv_pool_relu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -439,33 +478,19 @@ class ConvPoolReLURouted(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias):
-        # Under bf16 autocast the convolution runs in bf16 (the pooling and the backward pass
-        # stay fp32, on the fp32 weights). x is channels-last, so _nhwc is a free view.
-        conv = _nhwc(F.conv2d(x, weight, bias).float())
-        n, conv_height, conv_width, channels = conv.shape
-        out = np.empty((n, channels, conv_height // 2, conv_width // 2), np.float32)
-        code = np.empty((n, conv_height // 2, conv_width // 2, channels), np.uint8)
-        _pool_relu(conv, out, code)
+        pooled, ctx.code = block2_forward(x, weight, bias)
         ctx.save_for_backward(x, weight)
-        ctx.code = code
-        return torch.from_numpy(out)
+        return torch.from_numpy(pooled)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
         x, weight = ctx.saved_tensors
-        n, channels, height, width = x.shape
         grad = np.ascontiguousarray(grad_out.detach().numpy())  # NCHW, as the flatten after the block hands it back
-        filters = _nhwc(weight).reshape(weight.shape[0], -1)  # [CO, 3 * 3 * CI], a view if weight is channels-last
         want_x, _, want_bias = ctx.needs_input_grad
-        grad_x = np.empty((n if want_x else 0, height, width, channels), np.float32)
-        parts = numba.get_num_threads()
-        partial = np.empty((parts, *filters.shape), np.float32)
-        bias_partial = np.empty((parts, filters.shape[0]), np.float32)
-        _routed_backward(_nhwc(x), filters, grad, ctx.code, partial, bias_partial, grad_x)
-        grad_weight = torch.from_numpy(partial[0]).view(-1, 3, 3, channels).permute(0, 3, 1, 2)  # channels-last
+        grad_x, grad_weight, grad_bias = block2_backward(_nhwc(x), weight, grad, ctx.code, want_x)
         grad_input = torch.from_numpy(grad_x).permute(0, 3, 1, 2) if want_x else None
-        return grad_input, grad_weight, torch.from_numpy(bias_partial[0]) if want_bias else None
+        return grad_input, grad_weight, grad_bias if want_bias else None
 
 
 def conv_pool_relu_routed(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:

@@ -18,6 +18,7 @@ from torch import nn
 from . import kernels
 
 from .errors import UserError
+from .runtime import autocast
 
 _REGISTRY: dict[str, Callable[[], nn.Module]] = {}
 
@@ -73,16 +74,23 @@ class Dropout(nn.Dropout):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p in (0.0, 1.0) or self.inplace or x.is_cuda:
             return super().forward(x)
+        return x * self.mask(x)  # the scale is folded into the mask: one fwd and one bwd pass
+
+    def mask(self, x: torch.Tensor) -> torch.Tensor:
+        """A fresh float mask for ``x`` on the CPU: 0 or 1/(1-p), to multiply by (0 < p < 1)."""
         cut, scale = self.p * 256, 1.0 / (1.0 - self.p)
         if not cut.is_integer():
-            return x * (torch.rand(x.shape, device=x.device) >= self.p).to(x.dtype).mul_(scale)
+            return (torch.rand(x.shape, device=x.device) >= self.p).to(x.dtype).mul_(scale)
         words = torch.empty((x.numel() + 7) // 8, dtype=torch.int64, device=x.device)
         words.random_(-2**63, None)  # this range draws all 64 bits; the default leaves the top one 0
         random_bytes = words.view(torch.uint8)[:x.numel()]
-        # One float mask with the scale folded in: x * mask is a single fwd and bwd pass.
         if self.use_kernel and kernels.available() and x.dtype == torch.float32:
-            return x * kernels.dropout_mask(random_bytes, int(cut), scale, x.shape)
-        return x * (random_bytes.view(x.shape) >= int(cut)).to(x.dtype).mul_(scale)
+            return kernels.dropout_mask(random_bytes, int(cut), scale, x.shape)
+        return (random_bytes.view(x.shape) >= int(cut)).to(x.dtype).mul_(scale)
+
+
+_GLOBAL_MODULE_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
+                        "_global_backward_pre_hooks")
 
 
 class SeedCNN(nn.Module):
@@ -120,6 +128,7 @@ class SeedCNN(nn.Module):
         self.dropout2 = Dropout(dropout_hidden)    # the classic 0.5 before the classifier
         self.fc2 = nn.Linear(128, 10)
         self.fused_kernels = True                  # fmnist.kernels where they apply
+        self.by_hand = True                        # step_by_hand where it applies (see can_step_by_hand)
         self.apply(_keras_init)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -140,6 +149,65 @@ class SeedCNN(nn.Module):
             x = self.dropout1(torch.flatten(x, 1).float())
             x = self.dropout2(F.relu(self.fc1(x)))
             return self.fc2(x)
+
+
+    # ------------------------------------------------------------------ a training step by hand
+
+    def can_step_by_hand(self, images: torch.Tensor, precision: str) -> bool:
+        """Whether ``step_by_hand`` computes exactly what autograd would for these settings: on the
+        CPU with Numba, fp32 or bf16, this class's own forward pass, the notebook's dropout rates
+        (whole multiples of 1/256), every parameter trainable and no hooks that autograd would run."""
+        modules = list(self.modules())
+        return (self.by_hand and self.fused_kernels and kernels.available() and precision in ("fp32", "bf16")
+                and images.device.type == "cpu" and images.dtype == torch.float32
+                and images.shape[1:] == (1, 28, 28) and type(self).forward is SeedCNN.forward
+                and all((d.p * 256).is_integer() and 0 < d.p < 1 and not d.inplace
+                        for d in (self.dropout1, self.dropout2))
+                and all(p.requires_grad and not p._backward_hooks and not p._post_accumulate_grad_hooks
+                        for p in self.parameters())
+                and not any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
+                            or m._backward_pre_hooks for m in modules)
+                and not any(getattr(nn.modules.module, name) for name in _GLOBAL_MODULE_HOOKS))
+
+    @torch.no_grad()
+    def step_by_hand(self, x: torch.Tensor, y: torch.Tensor, precision: str = "fp32"
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``cross_entropy(self(x), y).backward()`` written out, for training on the CPU.
+
+        Returns (logits, loss) and sets every parameter's ``.grad``, as ``zero_grad(set_to_none=True)``
+        then ``backward()`` would: the same kernels and ATen ops, each gradient by autograd's own
+        formula, so the numbers are the same bit for bit (tested). What it saves is autograd's
+        bookkeeping around some 40 small ops, two custom Functions and the engine: at batch 32
+        that is a sixth of the step (benchmarks/ablation.py). Call it only where
+        ``can_step_by_hand`` says so; ``self.train()`` mode is assumed (dropout is on). With
+        ``precision="bf16"`` only conv2's convolution runs under bf16 autocast, as in ``forward``.
+        """
+        n = len(x)
+        images, h1, code1 = kernels.block1_forward(x[:, :, :self.SEEN, :self.SEEN], self.conv1.weight, self.conv1.bias)
+        with autocast(x.device, precision):
+            h2, code2 = kernels.block2_forward(torch.from_numpy(h1).permute(0, 3, 1, 2), self.conv2.weight,
+                                               self.conv2.bias)
+        features = torch.from_numpy(h2).view(n, -1)
+        mask1 = self.dropout1.mask(features)
+        a = features * mask1
+        hidden = torch.relu(torch.addmm(self.fc1.bias, a, self.fc1.weight.t()))
+        mask2 = self.dropout2.mask(hidden)
+        b = hidden * mask2
+        logits = torch.addmm(self.fc2.bias, b, self.fc2.weight.t())
+        log_probs = torch.log_softmax(logits, 1)
+        loss, total_weight = torch.ops.aten.nll_loss_forward(log_probs, y, None, 1, -100)  # 1: mean
+
+        grad_log_probs = torch.ops.aten.nll_loss_backward(torch.ones_like(loss), log_probs, y, None, 1, -100,
+                                                          total_weight)
+        grad_logits = torch.ops.aten._log_softmax_backward_data(grad_log_probs, log_probs, 1, log_probs.dtype)
+        self.fc2.weight.grad, self.fc2.bias.grad = grad_logits.t().mm(b), grad_logits.sum(0)
+        grad_hidden = torch.ops.aten.threshold_backward(grad_logits.mm(self.fc2.weight) * mask2, hidden, 0)
+        self.fc1.weight.grad, self.fc1.bias.grad = grad_hidden.t().mm(a), grad_hidden.sum(0)
+        grad_features = (grad_hidden.mm(self.fc1.weight) * mask1).view(n, *h2.shape[1:])
+        grad_h1, self.conv2.weight.grad, self.conv2.bias.grad = kernels.block2_backward(
+            h1, self.conv2.weight, grad_features.numpy(), code2)
+        self.conv1.weight.grad, self.conv1.bias.grad = kernels.block1_backward(images, grad_h1, code1)
+        return logits, loss
 
 
 @register("seed")
