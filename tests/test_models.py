@@ -166,7 +166,7 @@ def test_step_by_hand_is_autograd_bit_for_bit(batch, precision):
 
 def test_step_by_hand_steps_aside_where_autograd_would_do_more():
     x = torch.rand(4, 1, 28, 28)
-    model = create_model("seed")
+    model = create_model("seed").to(memory_format=torch.channels_last)  # as the trainer keeps it
     assert model.can_step_by_hand(x, "fp32")
     assert model.can_step_by_hand(x, "bf16")
     assert not model.can_step_by_hand(x, "fp16")
@@ -188,3 +188,21 @@ def test_step_by_hand_steps_aside_where_autograd_would_do_more():
     assert not model.can_step_by_hand(x, "fp32")
     model.by_hand = True
     assert model.can_step_by_hand(x, "fp32")
+    model.conv2.weight.data = model.conv2.weight.data.contiguous()  # a layout the step would not match
+    assert not model.can_step_by_hand(x, "fp32")
+    model.conv2.weight.data = model.conv2.weight.data.contiguous(memory_format=torch.channels_last)
+    model.conv1.stride = (2, 2)
+    assert not model.can_step_by_hand(x, "fp32")
+    model.conv1.stride = (1, 1)
+    model.fc2 = torch.nn.Sequential(torch.nn.Linear(128, 10))      # a layer swapped for another kind
+    assert not model.can_step_by_hand(x, "fp32")
+    model = create_model("seed").to(memory_format=torch.channels_last)
+    model.dropout1 = torch.nn.Identity()                             # no error, just autograd
+    assert not model.can_step_by_hand(x, "fp32")
+    model = create_model("seed").to(memory_format=torch.channels_last)
+    with torch.autocast("cpu", dtype=torch.bfloat16):                # an outer autocast
+        assert not model.can_step_by_hand(x, "fp32")
+    with torch.no_grad():                                            # autograd would refuse to train
+        assert not model.can_step_by_hand(x, "fp32")
+    assert not model.can_step_by_hand(x.clone().requires_grad_(), "fp32")
+    assert not model.eval().can_step_by_hand(x, "fp32")

@@ -170,10 +170,31 @@ def test_epochs_by_hand_and_by_autograd_train_the_same_weights(dataset):
         torch.manual_seed(0)
         model = create_model("seed").to(memory_format=torch.channels_last)
         model.by_hand = by_hand
+        steps_by_hand = []
+        model.step_by_hand = lambda *args, step=model.step_by_hand: steps_by_hand.append(1) or step(*args)
         optimizer = make_optimizer(model, TrainConfig())
         generator = torch.Generator().manual_seed(0)
         history = [train_one_epoch(model, optimizer, images, labels, 32, generator) for _ in range(2)]
+        assert len(steps_by_hand) == (2 * -(-3_000 // 32) if by_hand else 0)  # the path under test was taken
         results.append((history, model.state_dict()))
     (hand_history, hand_weights), (autograd_history, autograd_weights) = results
     assert hand_history == autograd_history
     assert all(torch.equal(hand_weights[name], autograd_weights[name]) for name in hand_weights)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.compile's import of TorchScript
+def test_an_optimizer_over_some_parameters_keeps_autograd(dataset):
+    import torch
+
+    from fmnist.data import to_float
+    from fmnist.models import create_model
+    from fmnist.training import _steps_by_hand
+
+    images, labels = to_float(dataset.train_images[:64]), dataset.train_labels[:64]
+    model = create_model("seed").to(memory_format=torch.channels_last)
+    everything = torch.optim.Adam(model.parameters(), fused=True)
+    assert _steps_by_hand(model, everything, images, labels, "fp32")
+    # the step would set gradients the optimizer never clears, and autograd would leave them
+    assert not _steps_by_hand(model, torch.optim.Adam(model.fc2.parameters(), fused=True), images, labels, "fp32")
+    assert not _steps_by_hand(model, everything, images, labels.float(), "fp32")
+    assert not _steps_by_hand(torch.compile(model), everything, images, labels, "fp32")  # not bypassed

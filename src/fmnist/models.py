@@ -93,6 +93,14 @@ _GLOBAL_MODULE_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks", "_
                         "_global_backward_pre_hooks")
 
 
+def _has_hooks(model: nn.Module) -> bool:
+    """Any hook that a forward or backward pass through autograd would run."""
+    return (any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
+                for m in model.modules())
+            or any(p._backward_hooks or p._post_accumulate_grad_hooks for p in model.parameters())
+            or any(getattr(nn.modules.module, name) for name in _GLOBAL_MODULE_HOOKS))
+
+
 class SeedCNN(nn.Module):
     """The original notebook's Keras CNN, layer for layer.
 
@@ -155,19 +163,32 @@ class SeedCNN(nn.Module):
 
     def can_step_by_hand(self, images: torch.Tensor, precision: str) -> bool:
         """Whether ``step_by_hand`` computes exactly what autograd would for these settings: on the
-        CPU with Numba, fp32 or bf16, this class's own forward pass, the notebook's dropout rates
-        (whole multiples of 1/256), every parameter trainable and no hooks that autograd would run."""
-        modules = list(self.modules())
-        return (self.by_hand and self.fused_kernels and kernels.available() and precision in ("fp32", "bf16")
-                and images.device.type == "cpu" and images.dtype == torch.float32
-                and images.shape[1:] == (1, 28, 28) and type(self).forward is SeedCNN.forward
-                and all((d.p * 256).is_integer() and 0 < d.p < 1 and not d.inplace
-                        for d in (self.dropout1, self.dropout2))
-                and all(p.requires_grad and not p._backward_hooks and not p._post_accumulate_grad_hooks
-                        for p in self.parameters())
-                and not any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
-                            or m._backward_pre_hooks for m in modules)
-                and not any(getattr(nn.modules.module, name) for name in _GLOBAL_MODULE_HOOKS))
+        CPU with Numba, fp32 or bf16 (not inside an outer autocast), in training mode with autograd
+        on, the layers as ``__init__`` built them and this class's own forward pass, parameters in
+        the layouts the trainer keeps, every one trainable, and no hooks that autograd would run."""
+        return (getattr(self, "by_hand", True) and self.fused_kernels and kernels.available()
+                and precision in ("fp32", "bf16") and self.training and torch.is_grad_enabled()
+                and not torch.is_autocast_enabled("cpu") and not torch.is_anomaly_enabled()
+                and images.device.type == "cpu" and images.dtype == torch.float32 and not images.requires_grad
+                and images.shape[1:] == (1, 28, 28) and self._layers_as_built() and not _has_hooks(self))
+
+    def _layers_as_built(self) -> bool:
+        layers = (self.conv1, self.conv2, self.fc1, self.fc2, self.dropout1, self.dropout2)
+        if type(self).forward is not SeedCNN.forward or [type(layer) for layer in layers] != [
+                nn.Conv2d, nn.Conv2d, nn.Linear, nn.Linear, Dropout, Dropout]:
+            return False
+        convs_as_built = all(conv.stride == (1, 1) and conv.padding == (0, 0) and conv.dilation == (1, 1)
+                             and conv.groups == 1 and conv.padding_mode == "zeros" for conv in layers[:2])
+        # The step writes conv2's weight gradient channels-last, as the trainer keeps the weight:
+        # a gradient in another layout than its parameter would mislead the fused Adam kernel.
+        layouts_kept = (self.conv2.weight.is_contiguous(memory_format=torch.channels_last)
+                        and all(p.is_contiguous() for p in self.parameters() if p is not self.conv2.weight))
+        return (convs_as_built and layouts_kept
+                and self.conv1.weight.shape == (32, 1, 3, 3) and self.conv2.weight.shape[1:] == (32, 3, 3)
+                and self.fc1.in_features == 5 * 5 * self.conv2.out_channels
+                and all(layer.bias is not None for layer in layers[:4])
+                and all(p.requires_grad and p.dtype == torch.float32 for p in self.parameters())
+                and all(0 < d.p < 1 and float(d.p * 256).is_integer() and not d.inplace for d in layers[4:]))
 
     @torch.no_grad()
     def step_by_hand(self, x: torch.Tensor, y: torch.Tensor, precision: str = "fp32"

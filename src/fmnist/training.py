@@ -110,6 +110,19 @@ def adam_step(optimizer: torch.optim.Optimizer) -> None:
                        maximize=False, grad_scale=None, found_inf=None)
 
 
+def _steps_by_hand(model, optimizer, images, labels, precision) -> bool:
+    """Whether the epoch can use the seed CNN's training step written out without autograd
+    (models.SeedCNN.step_by_hand), which gives the same numbers where the model says it can,
+    and the optimizer updates exactly the model's parameters (the step sets all their
+    gradients and no others, where zero_grad and backward would touch the optimizer's)."""
+    held = [p for group in optimizer.param_groups for p in group["params"]]
+    # type(model), not the instance: a wrapper (torch.compile's) must not be bypassed
+    return (getattr(type(model), "step_by_hand", None) is not None and labels.dtype == torch.int64
+            and type(optimizer).zero_grad is torch.optim.Optimizer.zero_grad
+            and {id(p) for p in held} == {id(p) for p in model.parameters()} and len(held) == len(set(map(id, held)))
+            and model.can_step_by_hand(images, precision))
+
+
 def train_one_epoch(model, optimizer, images, labels, batch_size, generator, bar=None, precision="fp32"):
     """One pass over ``images`` in a fresh random order; returns (mean loss, accuracy)."""
     with kernels.denormals_flushed(images.device.type == "cpu"):  # see kernels.FTZ_DAZ for why
@@ -119,8 +132,7 @@ def train_one_epoch(model, optimizer, images, labels, batch_size, generator, bar
 def _train_one_epoch(model, optimizer, images, labels, batch_size, generator, bar, precision):
     model.train()
     mixed = autocast(images.device, precision)
-    # The seed CNN's step written out without autograd, where it gives the same numbers (models.py)
-    by_hand = hasattr(model, "step_by_hand") and model.can_step_by_hand(images, precision)
+    by_hand = _steps_by_hand(model, optimizer, images, labels, precision)
     order = torch.randperm(len(images), generator=generator).to(images.device)
     images, labels = images[order], labels[order]  # one gather per epoch; batches are views
     loss_sum = torch.zeros((), device=images.device)
