@@ -122,6 +122,8 @@ class SeedCNN(nn.Module):
       instead of materialising the 24x24x32 map;
     - in CPU training the second block's backward pass runs only through each pooling
       window's winner (fmnist.kernels.conv_pool_relu_routed): at most a quarter of the work.
+    And in CPU training the trainer calls ``step_by_hand``, the whole step's forward and
+    backward pass written out without autograd's bookkeeping, with the same numbers bit for bit.
     """
 
     SEEN = 26  # pixels per side that can reach the output (see above)
