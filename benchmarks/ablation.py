@@ -6,8 +6,9 @@
 Every row adds one change to the row above it and runs fmnist's own epoch loop
 (``training.train_one_epoch``) on the same sample of real training images as
 ``fmnist bench`` (found as ``fmnist train`` finds them: --data, then $FMNIST_DATA, ...); the
-first row is the textbook DataLoader loop from ``fmnist.bench``. Rows are interleaved round by round and each figure
-is the median of the rounds, so the ratios hold on a noisy shared machine.
+first row is the textbook DataLoader loop from ``fmnist.bench``. Rows are interleaved round
+by round and each figure is the median of the rounds, so the ratios hold on a noisy shared
+machine.
 
 What was tried and dropped, with its measurements, is listed in the README's Performance
 section.

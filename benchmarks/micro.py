@@ -91,12 +91,18 @@ def compiled_vs_eager(batch: int = 32, steps: int = 100) -> dict:
     return rates
 
 
-def adam_step_ms() -> dict:
-    """One fused Adam step for the seed CNN: through Optimizer.step, and as fmnist's trainer calls it."""
+def seed_model_with_gradients(dead_units: int = 0):
+    """The seed CNN as the trainer holds it, random gradients (zero for ``dead_units`` fc1 units), its Adam."""
     model = create_model("seed").to(memory_format=torch.channels_last)
     for parameter in model.parameters():
         parameter.grad = torch.randn_like(parameter)
-    optimizer = make_optimizer(model, TrainConfig())
+    model.fc1.weight.grad[:dead_units] = 0.0
+    return model, make_optimizer(model, TrainConfig())
+
+
+def adam_step_ms() -> dict:
+    """One fused Adam step for the seed CNN: through Optimizer.step, and as fmnist's trainer calls it."""
+    _, optimizer = seed_model_with_gradients()
     loops = 100
     return {name: median_seconds(lambda f=f: [f(optimizer) for _ in range(loops)]) / loops * 1e3
             for name, f in (("Optimizer.step", lambda o: o.step()), ("adam_step", adam_step))}
@@ -105,11 +111,7 @@ def adam_step_ms() -> dict:
 def denormal_adam_ms(dead_units: int = 20) -> dict:
     """fmnist's Adam step when dead fc1 units' first moments have decayed into denormals (about
     20 of 128 units die in a seed CNN run), with and without kernels.denormals_flushed."""
-    model = create_model("seed").to(memory_format=torch.channels_last)
-    for parameter in model.parameters():
-        parameter.grad = torch.randn_like(parameter)
-    model.fc1.weight.grad[:dead_units] = 0.0
-    optimizer = make_optimizer(model, TrainConfig())
+    model, optimizer = seed_model_with_gradients(dead_units)
     optimizer.step()
     moment = optimizer.state[model.fc1.weight]["exp_avg"]
     denormal = 1e-39 * torch.rand_like(moment[:dead_units])
@@ -129,7 +131,6 @@ def denormal_adam_ms(dead_units: int = 20) -> dict:
 def conv2_backward_ms(batch: int) -> dict:
     """conv2 + max-pool + ReLU backward, stock layers against fmnist's routed kernel, on the
     activations the seed CNN's first block gives for random images (realistic dead outputs)."""
-
     model = create_model("seed").to(memory_format=torch.channels_last)
     with torch.no_grad():
         features = kernels.conv_pool_relu(torch.rand(batch, 1, 26, 26), model.conv1.weight, model.conv1.bias)
@@ -164,7 +165,6 @@ def dropout_mask_ms(batch: int = 128) -> dict:
 
 
 def alternation_ms(batch: int = 32) -> dict:
-
     x = torch.rand(batch, 1, 28, 28)[:, :, :26, :26]
     w1, b1 = torch.randn(32, 1, 3, 3), torch.randn(32)
     h = torch.rand(batch, 32, 12, 12).contiguous(memory_format=torch.channels_last)
@@ -182,7 +182,6 @@ def busy_threads(seconds: float = 1.0) -> dict:
     """CPU time (clock ticks) each of the process's threads spent while Numba's fused kernel ran
     in a loop, then while a PyTorch matmul did, read from /proc (Linux only)."""
     import os
-
 
     def ticks() -> dict:
         out = {}
