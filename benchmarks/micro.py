@@ -1,15 +1,15 @@
-"""The small measurements behind the README's performance notes, rerunnable.
+"""The small measurements behind docs/performance.md, rerunnable.
 
     python benchmarks/micro.py                 # about 1.5 minutes on the 2-core dev machine
     python benchmarks/micro.py --skip-compile  # without the torch.compile comparison
 
-  * conv2 (the seed CNN's second convolution) timed alone, forward and backward, at
+  * conv2 (the notebook CNN's second convolution) timed alone, forward and backward, at
     batch 32, as a fraction of the fp32 GEMM rate: how much room the trainer has left;
   * dropout masks: PyTorch's, a float compared with p, and fmnist's byte masks;
   * evaluation throughput in chunks of 256 vs 1024 images (why EVAL_BATCH_SIZE is 256);
   * how long the in-memory ONNX export of the predict path takes;
   * torch.compile against eager for the training step at batch 32 (compile time excluded);
-  * one fused Adam step for the seed CNN (Optimizer.step and fmnist's adam_step), the same with
+  * one fused Adam step for the notebook CNN (Optimizer.step and fmnist's adam_step), the same with
     dead units' moments denormal, with and without flushing denormals to zero, and the cost
     of alternating a Numba kernel with a PyTorch op (the fused kernel then conv2, against each
     timed alone);
@@ -29,11 +29,14 @@ import time
 import torch
 import torch.nn.functional as F
 
-from fmnist import kernels
+from fmnist.fast import kernels, make_step
+from fmnist.fast.adam import adam_step
+from fmnist.fast.denormals import denormals_flushed
+from fmnist.fast.notebook import byte_dropout_mask
 from fmnist.bench import gemm_gflops
 from fmnist.inference import onnx_session, predict_logits
 from fmnist.models import create_model
-from fmnist.training import TrainConfig, adam_step, make_optimizer, train_one_epoch
+from fmnist.training import TrainConfig, make_optimizer, train_one_epoch
 
 
 def median_seconds(fn, repeats: int = 7, warmup: int = 3) -> float:
@@ -64,14 +67,14 @@ def conv2_alone(batch: int = 32, size: int = 12) -> dict:
 
 
 def eval_chunks() -> dict:
-    model = create_model("seed").to(memory_format=torch.channels_last).eval()
+    model = create_model("notebook").to(memory_format=torch.channels_last).eval()
     images = torch.rand(8192, 1, 28, 28)
     return {chunk: len(images) / median_seconds(lambda c=chunk: predict_logits(model, images, c), repeats=5)
             for chunk in (256, 1024)}
 
 
 def onnx_export_seconds() -> float:
-    model = create_model("seed").eval()
+    model = create_model("notebook").eval()
     return median_seconds(lambda: onnx_session(model), repeats=3, warmup=1)
 
 
@@ -80,29 +83,29 @@ def compiled_vs_eager(batch: int = 32, steps: int = 100) -> dict:
     labels = torch.randint(0, 10, (steps * batch,))
     rates = {}
     for name in ("eager", "torch.compile"):
-        model = create_model("seed").to(memory_format=torch.channels_last)
-        model.fused_kernels = False  # compile the stock layers (it cannot trace into Numba)
-        optimizer = make_optimizer(model, TrainConfig())
+        model = create_model("notebook").to(memory_format=torch.channels_last)
+        optimizer = make_optimizer(model, TrainConfig().resolved())
         runnable = torch.compile(model) if name == "torch.compile" else model
+        step = make_step(runnable, optimizer, fast=False)  # the stock layers: torch.compile cannot trace Numba
         generator = torch.Generator().manual_seed(0)
-        run = lambda: train_one_epoch(runnable, optimizer, images, labels, batch, generator)  # noqa: E731
+        run = lambda: train_one_epoch(step, images, labels, batch, generator)  # noqa: E731
         run()  # warm-up, compilation included
         rates[name] = len(images) / median_seconds(run, repeats=3, warmup=0)
     return rates
 
 
-def seed_model_with_gradients(dead_units: int = 0):
-    """The seed CNN as the trainer holds it, random gradients (zero for ``dead_units`` fc1 units), its Adam."""
-    model = create_model("seed").to(memory_format=torch.channels_last)
+def notebook_with_gradients(dead_units: int = 0):
+    """The notebook CNN as the fast step holds it, random gradients (zero for ``dead_units`` fc1 units), its Adam."""
+    model = create_model("notebook").to(memory_format=torch.channels_last)
     for parameter in model.parameters():
         parameter.grad = torch.randn_like(parameter)
     model.fc1.weight.grad[:dead_units] = 0.0
-    return model, make_optimizer(model, TrainConfig())
+    return model, make_optimizer(model, TrainConfig().resolved())
 
 
 def adam_step_ms() -> dict:
-    """One fused Adam step for the seed CNN: through Optimizer.step, and as fmnist's trainer calls it."""
-    _, optimizer = seed_model_with_gradients()
+    """One fused Adam step for the notebook CNN: through Optimizer.step, and as fmnist's trainer calls it."""
+    _, optimizer = notebook_with_gradients()
     loops = 100
     return {name: median_seconds(lambda f=f: [f(optimizer) for _ in range(loops)]) / loops * 1e3
             for name, f in (("Optimizer.step", lambda o: o.step()), ("adam_step", adam_step))}
@@ -110,8 +113,8 @@ def adam_step_ms() -> dict:
 
 def denormal_adam_ms(dead_units: int = 20) -> dict:
     """fmnist's Adam step when dead fc1 units' first moments have decayed into denormals (about
-    20 of 128 units die in a seed CNN run), with and without kernels.denormals_flushed."""
-    model, optimizer = seed_model_with_gradients(dead_units)
+    20 of 128 units die in a notebook CNN run), with and without fast.denormals.denormals_flushed."""
+    model, optimizer = notebook_with_gradients(dead_units)
     optimizer.step()
     moment = optimizer.state[model.fc1.weight]["exp_avg"]
     denormal = 1e-39 * torch.rand_like(moment[:dead_units])
@@ -123,15 +126,15 @@ def denormal_adam_ms(dead_units: int = 20) -> dict:
             adam_step(optimizer)
     timings = {}
     for flush in (False, True):
-        with kernels.denormals_flushed(flush):
+        with denormals_flushed(flush):
             timings["flushed" if flush else "not flushed"] = median_seconds(steps) / loops * 1e3
     return timings
 
 
 def conv2_backward_ms(batch: int) -> dict:
     """conv2 + max-pool + ReLU backward, stock layers against fmnist's routed kernel, on the
-    activations the seed CNN's first block gives for random images (realistic dead outputs)."""
-    model = create_model("seed").to(memory_format=torch.channels_last)
+    activations the notebook CNN's first block gives for random images (realistic dead outputs)."""
+    model = create_model("notebook").to(memory_format=torch.channels_last)
     with torch.no_grad():
         features = kernels.conv_pool_relu(torch.rand(batch, 1, 26, 26), model.conv1.weight, model.conv1.bias)
     x = features.detach().requires_grad_()
@@ -148,18 +151,13 @@ def conv2_backward_ms(batch: int) -> dict:
 
 def dropout_mask_ms(batch: int = 128) -> dict:
     """Dropout on the flattened conv features: PyTorch's, a float per value compared with p,
-    and fmnist's Dropout (one random byte per value)."""
-    from fmnist.models import Dropout
-
+    and fmnist.fast's byte masks (one random byte per value)."""
     x = torch.rand(batch, 1600)
     loops = 50
-    torch_ops = Dropout(0.25).train()
-    torch_ops.use_kernel = False
     each = {
         "F.dropout": lambda: F.dropout(x, 0.25, True),
         "rand >= p": lambda: x * (torch.rand(x.shape) >= 0.25) * (1 / 0.75),
-        "fmnist Dropout, mask by PyTorch ops": lambda: torch_ops(x),
-        "fmnist Dropout": lambda layer=Dropout(0.25).train(): layer(x),
+        "byte mask": lambda: x * byte_dropout_mask(0.25, x),
     }
     return {name: median_seconds(lambda f=f: [f() for _ in range(loops)]) / loops * 1e3 for name, f in each.items()}
 

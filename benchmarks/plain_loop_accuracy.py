@@ -20,9 +20,8 @@ import statistics
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from fmnist.bench import TextbookCNN
 from fmnist.data import load_dataset, stratified_split, to_float
-from fmnist.models import _keras_init
+from fmnist.models import create_model
 from fmnist.training import TrainConfig, evaluate_split
 
 
@@ -35,9 +34,8 @@ def plain_run(seed: int, data, config: TrainConfig) -> float:
     train_idx, val_idx = stratified_split(data.train_labels, config.val_fraction, seed)
     x_train, y_train = to_float(data.train_images[train_idx]), data.train_labels[train_idx]
     x_val, y_val = to_float(data.train_images[val_idx]), data.train_labels[val_idx]
-    model = TextbookCNN()
-    model.apply(_keras_init)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, eps=config.adam_eps)
+    model = create_model("notebook")  # the same network and Keras initialisation as fmnist train's
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, eps=config.eps)
     loader = DataLoader(TensorDataset(x_train, y_train), batch_size=config.batch_size, shuffle=True)
     criterion = torch.nn.CrossEntropyLoss()
     best_val, best_state = -1.0, None
@@ -64,7 +62,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--data", default=None, help="dataset folder (default: as fmnist train)")
     args = parser.parse_args()
-    data, config = load_dataset(args.data), TrainConfig()
+    data, config = load_dataset(args.data), TrainConfig().resolved()
     results = {seed: plain_run(seed, data, config) for seed in args.seeds}
     for seed, test_acc in results.items():
         print(f"seed {seed}: test accuracy {100 * test_acc:.2f}%")

@@ -56,7 +56,7 @@ def run_cli(*args, env=None, check=False) -> subprocess.CompletedProcess:
 def trained_run(data_dir, tmp_path_factory):
     """One real CLI training run, shared by the end-to-end tests: 1 epoch on 10,000 images."""
     out = tmp_path_factory.mktemp("runs") / "quick"
-    result = run_cli("train", "--model", "seed", "--epochs", "1", "--limit-train", "10000",
+    result = run_cli("train", "--model", "notebook", "--epochs", "1", "--limit-train", "10000",
                      "--out", out, "--data", data_dir, "--json", check=True)
     return out, result
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from fmnist.bench import TextbookCNN, training_flops
+from fmnist.bench import executed_training_flops, notebook_step, training_flops
 from fmnist.models import create_model
 
 from .conftest import run_cli
@@ -12,13 +12,17 @@ from .conftest import run_cli
 
 def test_training_flops_match_the_hand_count():
     # forward 5.26 MFLOP; backward = 2x forward minus conv1's never-computed input gradient
-    assert training_flops(TextbookCNN()) == 3 * 5_262_080 - 389_376
-    # fmnist's seed model runs on the 26x26 pixels that reach the output
-    assert training_flops(create_model("seed")) == 3 * 4_430_336 - 331_776
-    # ... and in fp32 on the CPU conv2 (3,686,400 FLOPs forward) backpropagates through the
-    # pooling winners only: a quarter of its two backward convolutions
+    notebook = create_model("notebook")
+    assert training_flops(notebook) == 3 * 5_262_080 - 389_376
+    # fmnist's fast step runs on the 26x26 pixels that reach the output
+    assert training_flops(notebook, image_shape=(1, 26, 26)) == 3 * 4_430_336 - 331_776
+    # ... and conv2 (3,686,400 FLOPs forward) backpropagates through the pooling winners
+    # only: a quarter of its two backward convolutions
     conv2 = 2 * 10 * 10 * 64 * 32 * 9
-    assert training_flops(create_model("seed"), winners_only=(1,)) == 3 * 4_430_336 - 331_776 - 2 * conv2 * 3 // 4
+    executed = 3 * 4_430_336 - 331_776 - 2 * conv2 * 3 // 4
+    assert training_flops(notebook, winners_only=(1,), image_shape=(1, 26, 26)) == executed
+    assert executed_training_flops(notebook_step("cpu")) == executed
+    assert executed_training_flops(notebook_step("cpu", fast=False)) == 3 * 5_262_080 - 389_376
 
 
 def test_bench_quick_json(data_dir):

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from fmnist.models import create_model
+from fmnist.fast import make_step
 from fmnist.training import TrainConfig, make_optimizer, train, train_one_epoch
 
 from .conftest import NEEDS_CUDA
@@ -33,11 +34,11 @@ def strict_fp32():
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
-def test_seed_cnn_gives_the_same_logits_on_cuda_as_on_the_cpu():
-    model = create_model("seed").eval()
+def test_notebook_cnn_gives_the_same_logits_on_cuda_as_on_the_cpu():
+    model = create_model("notebook").eval()
     images = torch.rand(64, 1, 28, 28, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        expected = model(images)  # the CPU path: fmnist's fused first block
+        expected = model(images)
         with strict_fp32():
             got = model.cuda().to(memory_format=torch.channels_last)(images.cuda()).cpu()
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
@@ -45,12 +46,12 @@ def test_seed_cnn_gives_the_same_logits_on_cuda_as_on_the_cpu():
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_training_on_cuda_syncs_with_the_host_only_at_the_end_of_an_epoch(precision):
-    model = create_model("seed").cuda().to(memory_format=torch.channels_last)
-    optimizer = make_optimizer(model, TrainConfig())
+    model = create_model("notebook").cuda().to(memory_format=torch.channels_last)
+    step = make_step(model, make_optimizer(model, TrainConfig().resolved()), precision=precision, device="cuda")
     images = torch.rand(32 * 16, 1, 28, 28, device="cuda")
     labels = torch.randint(0, 10, (32 * 16,), device="cuda")
     generator = torch.Generator().manual_seed(0)
-    train_one_epoch(model, optimizer, images[:64], labels[:64], 32, generator, precision=precision)  # makes the state
+    train_one_epoch(step, images[:64], labels[:64], 32, generator)  # makes the optimizer's state
     syncs = []
     for steps in (4, 16):
         torch.cuda.synchronize()
@@ -58,8 +59,7 @@ def test_training_on_cuda_syncs_with_the_host_only_at_the_end_of_an_epoch(precis
             warnings.simplefilter("always")
             torch.cuda.set_sync_debug_mode("warn")
             try:
-                loss, accuracy = train_one_epoch(model, optimizer, images[:32 * steps], labels[:32 * steps], 32,
-                                                 generator, precision=precision)
+                loss, accuracy = train_one_epoch(step, images[:32 * steps], labels[:32 * steps], 32, generator)
             finally:
                 torch.cuda.set_sync_debug_mode("default")
         syncs.append(sum("synchroniz" in str(w.message).lower() for w in caught))

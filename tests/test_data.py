@@ -117,7 +117,6 @@ def test_offline_without_data_gives_hint(tmp_path, monkeypatch):
     monkeypatch.delenv("FMNIST_DATA", raising=False)
     monkeypatch.setattr(fdata, "default_cache_dir", lambda: tmp_path / "cache")
     monkeypatch.setattr(fdata, "MIRRORS", ("http://127.0.0.1:9/",))  # discard port: refused at once
-    monkeypatch.setattr(fdata, "DOWNLOAD_RETRIES", 0)
     with pytest.raises(UserError, match="could not download") as info:
         fdata.resolve_data_dir()
     assert "FMNIST_DATA" in info.value.hint
@@ -135,7 +134,6 @@ def local_mirror(data_dir):
 
 
 def test_download_verifies_checksums(tmp_path, local_mirror, monkeypatch):
-    monkeypatch.setattr(fdata, "DOWNLOAD_RETRIES", 0)  # pooch's back-off would only slow the test
     release = fdata.RELEASES[1]  # the release the local mirror holds
     target = fdata.download_release(tmp_path / "cache", release, mirrors=("http://127.0.0.1:9/", local_mirror))
     loaded = fdata.load_dataset(target)

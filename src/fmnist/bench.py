@@ -6,21 +6,19 @@ the median of the rounds. Absolute numbers drift from run to run; ratios much le
 
 Measured:
   * the machine's fp32 GEMM rate (a large square matmul on all threads): the ceiling;
-  * training throughput of the seed model with fmnist's own epoch loop
-    (``training.train_one_epoch``) at batch 32 and 128, fp32 and bf16 autocast;
-  * the same CNN in a textbook PyTorch loop (DataLoader over a TensorDataset, NCHW,
-    stock layers and Adam, ``loss.item()`` every step), defined below so the baseline
-    always exists; the ratio fmnist / textbook at the same batch size;
+  * training throughput of the notebook CNN with fmnist's own epoch loop
+    (``training.train_one_epoch`` with the step ``fast.make_step`` picks) at batch 32 and
+    128, fp32 and bf16 autocast;
+  * the same CNN (the same ``fmnist.models.NotebookCNN``) in a textbook PyTorch loop
+    (DataLoader over a TensorDataset, NCHW, Adam, ``loss.item()`` every step), written
+    below so the baseline always exists; the ratio fmnist / textbook at the same batch size;
   * inference throughput of ``Classifier.predict_proba`` on 16, 256 and 1024 images at once,
     and its single-image latency (p50, p99), for each backend (PyTorch, ONNX Runtime);
   * when TensorFlow happens to be installed, the Keras seed model's ``fit`` throughput.
 Training and inference run on real Fashion-MNIST images (a seeded random sample of the
 training set; the data is found as ``fmnist train`` finds it). Speed depends on the data:
-the routed backward of conv2 (``fmnist.kernels``) works only for the conv outputs that
-win their pooling window and pass the ReLU. Earlier versions used uniform noise with
-random labels; on those the network cannot learn, its conv2 outputs die within the first
-60 steps (56% live at the start, 1-4% after), and fmnist looked 15% faster at batch 32
-and 25% faster at batch 128 than it is on real images.
+the routed backward of conv2 (``fmnist.fast.kernels``) works only for the conv outputs that
+win their pooling window and pass the ReLU (docs/performance.md: why noise data misleads).
 """
 
 from __future__ import annotations
@@ -30,11 +28,11 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from . import kernels
 from .data import FashionMNIST, load_dataset, to_float
+from .fast import make_step
+from .fast.notebook import SEEN
 from .inference import Classifier
 from .models import create_model, layer_flops
 from .runtime import environment, resolve_device
@@ -62,7 +60,7 @@ class BenchResult:
     gemm_gflops: float
     train_flops_per_image: int           # the notebook's network as written: the issue's yardstick
     forward_flops_per_image: int
-    executed_train_flops_per_image: int  # what fmnist's seed model actually computes (see SeedCNN, kernels)
+    executed_train_flops_per_image: int  # what fmnist's notebook step actually computes (fmnist.fast)
     training: list[dict] = field(default_factory=list)
     inference: list[dict] = field(default_factory=list)
     latency_ms: dict = field(default_factory=dict)
@@ -95,13 +93,13 @@ def gemm_gflops(device: torch.device, n: int = 2048, repeats: int = 10) -> float
     return max(rates)
 
 
-def training_flops(model: nn.Module, winners_only: tuple[int, ...] = ()) -> int:
+def training_flops(model: nn.Module, winners_only: tuple[int, ...] = (), image_shape=(1, 28, 28)) -> int:
     """Forward + backward FLOPs per image: backward costs two forwards (input and weight
     gradients), except the first layer, whose input gradient is never computed. The layers
     in ``winners_only`` (positions in call order) backpropagate through their max-pool's
-    winners only (fmnist.kernels.conv_pool_relu_routed): a quarter of that, counted as if
+    winners only (fmnist.fast.kernels.conv_pool_relu_routed): a quarter of that, counted as if
     the ReLU kept every output, so an upper bound."""
-    per_layer = layer_flops(model)
+    per_layer = layer_flops(model, image_shape)
     backward = [2 * flops for flops in per_layer]
     backward[0] = per_layer[0]
     for layer in winners_only:
@@ -109,11 +107,15 @@ def training_flops(model: nn.Module, winners_only: tuple[int, ...] = ()) -> int:
     return sum(per_layer) + sum(backward)
 
 
-def executed_training_flops(device: torch.device) -> int:
-    """What fmnist's seed model computes per image and step on this device (the routed conv2
-    backward runs on the CPU, in fp32 and under bf16 autocast alike)."""
-    routed = kernels.available() and device.type == "cpu"
-    return training_flops(create_model("seed"), winners_only=(1,) if routed else ())
+def executed_training_flops(step) -> int:
+    """What a notebook CNN training step computes per image: the fast CPU step sees only the
+    26x26 pixels that reach the output and backpropagates conv2 through the pooling winners
+    (in fp32 and under bf16 autocast alike); the autograd step computes the whole network."""
+    from .fast.notebook import NotebookStep
+
+    if isinstance(step, NotebookStep):
+        return training_flops(step.model, winners_only=(1,), image_shape=(1, SEEN, SEEN))
+    return training_flops(step.model)
 
 
 def training_sample(data: FashionMNIST, n: int, device: torch.device, seed: int = 0):
@@ -130,40 +132,30 @@ def training_sample(data: FashionMNIST, n: int, device: torch.device, seed: int 
 # ----------------------------------------------------------------------------- contenders
 
 
-def fmnist_trainer(data: FashionMNIST, batch_size: int, steps: int, device: torch.device, precision: str):
+def notebook_step(device: torch.device, precision: str = "fp32", fast: bool = True):
+    """The training step fmnist takes for the notebook CNN with its recipe on this device."""
+    config = TrainConfig().resolved()
+    model = create_model("notebook").to(device)
+    return make_step(model, make_optimizer(model, config), precision=precision, device=device, fast=fast)
+
+
+def fmnist_trainer(data: FashionMNIST, batch_size: int, steps: int, device: torch.device, precision: str,
+                   fast: bool = True):
     """A closure that runs ``steps`` optimizer steps of fmnist's own epoch loop."""
-    model = create_model("seed").to(device, memory_format=torch.channels_last)
-    optimizer = make_optimizer(model, TrainConfig())
+    step = notebook_step(device, precision, fast)
     images, labels = training_sample(data, steps * batch_size, device)
     generator = torch.Generator().manual_seed(0)
 
     def run(n_steps: int = steps):
-        train_one_epoch(model, optimizer, images[:n_steps * batch_size], labels[:n_steps * batch_size],
-                        batch_size, generator, precision=precision)
+        train_one_epoch(step, images[:n_steps * batch_size], labels[:n_steps * batch_size], batch_size, generator)
     return run
-
-
-class TextbookCNN(nn.Module):
-    """The seed CNN as a tutorial writes it: stock layers, ReLU before pooling."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv1, self.conv2 = nn.Conv2d(1, 32, 3), nn.Conv2d(32, 64, 3)
-        self.fc1, self.fc2 = nn.Linear(1600, 128), nn.Linear(128, 10)
-        self.drop1, self.drop2 = nn.Dropout(0.25), nn.Dropout(0.5)
-
-    def forward(self, x):
-        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
-        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
-        x = self.drop1(torch.flatten(x, 1))
-        return self.fc2(self.drop2(F.relu(self.fc1(x))))
 
 
 def textbook_trainer(data: FashionMNIST, batch_size: int, steps: int, device: torch.device):
     """The loop from a PyTorch tutorial: DataLoader, NCHW, Adam, per-step ``.item()``."""
     from torch.utils.data import DataLoader, TensorDataset
 
-    model = TextbookCNN().to(device)
+    model = create_model("notebook").to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     criterion = nn.CrossEntropyLoss()
     images, labels = training_sample(data, steps * batch_size, torch.device("cpu"))
@@ -230,7 +222,7 @@ def _interleaved_rates(contenders: dict, images_per_call: int, config: BenchConf
 
 def _inference(data: FashionMNIST, config: BenchConfig, device: torch.device) -> tuple[list[dict], dict]:
     """Throughput and single-image latency of Classifier.predict_proba, per backend."""
-    model = create_model("seed").to(device, memory_format=torch.channels_last).eval()
+    model = create_model("notebook").to(device).eval()
     classifiers = {"torch": Classifier(model, backend="torch")}
     auto = Classifier(model, backend="auto")
     if auto.backend != "torch":
@@ -265,13 +257,13 @@ def run_benchmark(config: BenchConfig | None = None, log=lambda line: None) -> B
     config = config or BenchConfig()
     device = resolve_device(config.device)
     data = load_dataset(config.data_dir)
-    notebook = TextbookCNN()
+    notebook = create_model("notebook")
     source = {"release": data.source.release, "directory": data.source.directory,
               "content_sha256": data.source.content_sha256}
     result = BenchResult(environment=environment(device), data=source, gemm_gflops=gemm_gflops(device),
                          train_flops_per_image=training_flops(notebook),
                          forward_flops_per_image=sum(layer_flops(notebook)),
-                         executed_train_flops_per_image=executed_training_flops(device))
+                         executed_train_flops_per_image=executed_training_flops(notebook_step(device)))
     log(f"fp32 GEMM: {result.gemm_gflops:.0f} GFLOP/s")
     # The ceiling in images/s counts the notebook network's FLOPs, as the issue defines it.
     # fmnist computes fewer (it skips conv outputs the pooling discards, and on the CPU
@@ -313,7 +305,7 @@ def format_table(result: BenchResult) -> str:
     lines = [
         f"machine: {env['processor']}, {env['threads']} threads, device {env['device']}, torch {env['torch']}",
         f"data: {result.data['release']} (training images; test images for inference)",
-        f"fp32 GEMM ceiling: {result.gemm_gflops:,.0f} GFLOP/s; seed CNN: "
+        f"fp32 GEMM ceiling: {result.gemm_gflops:,.0f} GFLOP/s; notebook CNN: "
         f"{result.forward_flops_per_image / 1e6:.2f} MFLOP/image forward, "
         f"{result.train_flops_per_image / 1e6:.2f} MFLOP/image per training step "
         f"-> ceiling {result.gemm_gflops * 1e9 / result.train_flops_per_image:,.0f} images/s",

@@ -10,6 +10,7 @@ import argparse
 import json
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 from .errors import Interrupted, UserError
@@ -19,18 +20,29 @@ EXAMPLES = {
   fmnist data info                         # release, checksums, class counts, duplicates
   fmnist data info --data ./fashion --json
   fmnist data download                     # fetch the official files into the user cache""",
+    "info": """examples:
+  fmnist data info                         # the folder fmnist train would use
+  fmnist data info --data ./fashion --json""",
+    "download": """examples:
+  fmnist data download                     # into the user cache, where fmnist looks
+  fmnist data download --dir ./fashion""",
     "train": """examples:
-  fmnist train                             # the original notebook: seed CNN, 10 epochs, batch 32
+  fmnist train                             # the original notebook: its CNN, 10 epochs, batch 32
+  fmnist train --model resnet              # another model, trained with its own recipe
   fmnist train --epochs 1 --limit-train 10000 --out runs/quick
-  fmnist train --resume runs/seed-20261127-120000   # continue after Ctrl-C""",
+  fmnist train --model resnet --lr 0.05 --no-hflip   # the recipe, with two values overridden
+  fmnist train --resume runs/notebook-20261127-120000   # continue after Ctrl-C""",
+    "models": """examples:
+  fmnist models                            # name, size, cost and recipe of each model
+  fmnist models --json""",
     "evaluate": """examples:
-  fmnist evaluate runs/seed-20261127-120000
-  fmnist evaluate runs/seed-20261127-120000 --json""",
+  fmnist evaluate runs/notebook-20261127-120000
+  fmnist evaluate runs/notebook-20261127-120000 --json""",
     "bench": """examples:
-  fmnist bench                              # under a minute on a 2-core CPU
+  fmnist bench                              # about a minute on a 2-core CPU
   fmnist bench --json > bench.json""",
     "report": """examples:
-  fmnist report runs/seed-20261127-120000   # redraws figures/ and report.html""",
+  fmnist report runs/notebook-20261127-120000   # redraws figures/ and report.html""",
 }
 
 
@@ -81,6 +93,8 @@ def cmd_train(args) -> int:
     from .training import TrainConfig, train
 
     given = {name: getattr(args, name) for name in TRAIN_OPTIONS if getattr(args, name) is not None}
+    if args.no_fast:
+        given["fast"] = False
     config = TrainConfig(**given)
     if args.resume is not None:
         conflicting = [f"--{name.replace('_', '-')}" for name in given] + (["--out"] if args.out else [])
@@ -97,6 +111,23 @@ def cmd_train(args) -> int:
         print()
         print(format_summary(result.metrics))
         print(f"run folder: {result.run_dir}  (report: {result.run_dir / 'report.html'})")
+    return 0
+
+
+def cmd_models(args) -> int:
+    from .recipes import describe_models
+
+    models = describe_models()
+    if args.json:
+        _print_json(models)
+        return 0
+    for entry in models:
+        recipe = entry["recipe"]
+        print(f"{entry['name']}{' (alias: ' + ', '.join(entry['aliases']) + ')' if entry['aliases'] else ''}: "
+              f"{entry['parameters']:,} parameters, {entry['forward_flops_per_image'] / 1e6:.2f} MFLOP per image "
+              f"forward")
+        print("  " + textwrap.fill(", ".join(f"{k}={v}" for k, v in recipe.items()), 96,
+                                   subsequent_indent="  "))
     return 0
 
 
@@ -143,34 +174,54 @@ def cmd_report(args) -> int:
 # ----------------------------------------------------------------------------- parser
 
 
-# Options that become TrainConfig fields; unset ones (None) take TrainConfig's defaults.
-TRAIN_OPTIONS = ("model", "epochs", "batch_size", "lr", "seed", "val_fraction", "limit_train", "device",
-                 "precision", "deterministic")
+# Options that become TrainConfig fields; unset ones (None) take the recipe's or TrainConfig's defaults.
+TRAIN_OPTIONS = ("model", "seed", "val_fraction", "limit_train", "device", "deterministic",
+                 "epochs", "batch_size", "optimizer", "lr", "momentum", "eps", "weight_decay", "schedule",
+                 "warmup_epochs", "label_smoothing", "crop_padding", "hflip", "erasing", "ema_decay", "tta_flip",
+                 "precision")
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+def _whole_number(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a whole number, got '{text}'") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+    return parse
+
+
+_positive_int = _whole_number(1)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one ``error:`` line and a hint instead of the usage block."""
+
+    def error(self, message: str):
+        print(f"error: {message}", file=sys.stderr)
+        print(f"hint: {self.prog} --help", file=sys.stderr)
+        sys.exit(2)
 
 
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
-    from .models import list_models
+    from .models import ALIASES, list_models
+    from .recipes import OPTIMIZERS, SCHEDULES
     from .runtime import PRECISIONS
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="fmnist", description="Train, evaluate and understand Fashion-MNIST classifiers.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Run 'fmnist COMMAND --help' for a command's options and examples.")
     parser.add_argument("--version", action="version", version=f"fmnist {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
 
     # --debug is accepted before or after the command; SUPPRESS keeps a subcommand's
     # default from overwriting a --debug given before it.
-    debug = argparse.ArgumentParser(add_help=False)
+    debug = _Parser(add_help=False)
     debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks on errors")
 
     def command(name, help_text, func):
@@ -185,35 +236,63 @@ def build_parser() -> argparse.ArgumentParser:
                               "then download)")
 
     data = command("data", "inspect or download the dataset", None)
-    data_commands = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
-    info = data_commands.add_parser("info", help="release, checksums, class counts, pixel stats, duplicates",
-                                    parents=[debug])
+    data_commands = data.add_subparsers(dest="data_command", required=True, metavar="ACTION", parser_class=_Parser)
+
+    def data_command(name, help_text, func):
+        sub = data_commands.add_parser(name, help=help_text, description=help_text, epilog=EXAMPLES[name],
+                                       formatter_class=argparse.RawDescriptionHelpFormatter, parents=[debug])
+        sub.set_defaults(func=func)
+        return sub
+
+    info = data_command("info", "release, checksums, class counts, pixel stats and duplicates of the data",
+                        cmd_data_info)
     add_data(info)
     info.add_argument("--json", action="store_true", help="machine-readable output")
-    info.set_defaults(func=cmd_data_info)
-    download = data_commands.add_parser("download", help="download the current official release", parents=[debug])
+    download = data_command("download", "download the current official release", cmd_data_download)
     download.add_argument("--dir", metavar="DIR", help="target folder (default: the user cache)")
-    download.set_defaults(func=cmd_data_download)
 
-    train = command("train", "train a model and write a run folder", cmd_train)
-    train.add_argument("--model", choices=list_models(), help="model name (default: seed)")
-    train.add_argument("--epochs", type=_positive_int, metavar="N", help="default: 10")
-    train.add_argument("--batch-size", type=_positive_int, metavar="N", help="default: 32")
-    train.add_argument("--lr", type=float, help="Adam learning rate (default: 0.001)")
-    train.add_argument("--seed", type=int, metavar="N", help="seeds everything, the split included (default: 0)")
-    train.add_argument("--val-fraction", type=float, metavar="F",
-                       help="stratified validation hold-out from train; 0 keeps the last epoch (default: 0.1)")
-    train.add_argument("--limit-train", type=_positive_int, metavar="N", help="train on the first N images only")
-    train.add_argument("--device", help="auto, cpu or cuda (default: auto)")
-    train.add_argument("--precision", choices=PRECISIONS,
-                       help="auto = bf16 autocast on GPUs with native bf16, else fp32; bf16 on a CPU pays off "
-                            "with AMX/AVX512-BF16")
-    train.add_argument("--deterministic", action="store_true", default=None, help="forbid nondeterministic kernels")
-    train.add_argument("--out", metavar="DIR", help="run folder (default: runs/<model>-<timestamp>)")
-    train.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run (its settings win)")
-    train.add_argument("--quiet", action="store_true", help="no progress bar")
-    train.add_argument("--json", action="store_true", help="print history and metrics as JSON")
-    add_data(train)
+    train = command("train", "train a model with its recipe (any option below overrides it) and write a run "
+                             "folder", cmd_train)
+    run = train.add_argument_group("the run")
+    run.add_argument("--model", choices=list_models() + sorted(ALIASES), metavar="NAME",
+                     help=f"{', '.join(list_models())} (default: notebook; 'fmnist models' lists them)")
+    run.add_argument("--seed", type=_whole_number(0), metavar="N",
+                     help="seeds everything, the split included (default: 0)")
+    run.add_argument("--val-fraction", type=float, metavar="F",
+                     help="stratified validation hold-out from train; 0 keeps the last epoch (default: 0.1)")
+    run.add_argument("--limit-train", type=_positive_int, metavar="N", help="train on the first N images only")
+    run.add_argument("--device", help="auto, cpu or cuda (default: auto)")
+    run.add_argument("--deterministic", action="store_true", default=None, help="forbid nondeterministic kernels")
+    run.add_argument("--no-fast", action="store_true",
+                     help="plain autograd steps even where fmnist's faster CPU step applies")
+    run.add_argument("--out", metavar="DIR", help="run folder (default: runs/<model>-<timestamp>)")
+    run.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run (its settings win)")
+    run.add_argument("--quiet", action="store_true", help="no progress bar")
+    run.add_argument("--json", action="store_true", help="print history and metrics as JSON")
+    add_data(run)
+    recipe = train.add_argument_group("the recipe (default: the model's own, see 'fmnist models')")
+    recipe.add_argument("--epochs", type=_positive_int, metavar="N")
+    recipe.add_argument("--batch-size", type=_positive_int, metavar="N")
+    recipe.add_argument("--optimizer", choices=OPTIMIZERS, help=", ".join(OPTIMIZERS) + " (sgd: Nesterov momentum)")
+    recipe.add_argument("--lr", type=float, metavar="LR", help="peak learning rate")
+    recipe.add_argument("--momentum", type=float, metavar="M", help="SGD momentum")
+    recipe.add_argument("--eps", type=float, metavar="E", help="Adam epsilon")
+    recipe.add_argument("--weight-decay", type=float, metavar="WD")
+    recipe.add_argument("--schedule", choices=SCHEDULES, help=", ".join(SCHEDULES))
+    recipe.add_argument("--warmup-epochs", type=float, metavar="E", help="linear warm-up (constant, linear, cosine)")
+    recipe.add_argument("--label-smoothing", type=float, metavar="S")
+    recipe.add_argument("--crop-padding", type=_whole_number(0), metavar="P", help="random crops with P pixels of padding")
+    recipe.add_argument("--hflip", action=argparse.BooleanOptionalAction, default=None, help="random horizontal flips")
+    recipe.add_argument("--erasing", type=float, metavar="P", help="random-erasing probability")
+    recipe.add_argument("--ema-decay", type=float, metavar="D", help="EMA of the weights (0: off)")
+    recipe.add_argument("--tta-flip", action=argparse.BooleanOptionalAction, default=None,
+                        help="average each test image's logits with its mirror image's")
+    recipe.add_argument("--precision", choices=PRECISIONS,
+                        help="auto = bf16 autocast on GPUs with native bf16, else fp32; bf16 on a CPU pays off "
+                             "with AMX/AVX512-BF16")
+
+    models = command("models", "list the registered models: size, cost and recipe", cmd_models)
+    models.add_argument("--json", action="store_true", help="machine-readable output")
 
     for name, help_text, func in (("evaluate", "test-set metrics of a trained run", cmd_evaluate),
                                   ("report", "redraw a run's figures and report.html", cmd_report)):
@@ -231,9 +310,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    print(f"warning: {message}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    warnings.showwarning = _show_warning  # fmnist's warnings as one line each, like its errors
     try:
         return args.func(args)
     except UserError as exc:

@@ -18,6 +18,8 @@ from __future__ import annotations
 import gzip
 import hashlib
 import os
+import stat
+import warnings
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,7 +50,9 @@ MIRRORS = (
     "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
     "https://github.com/zalandoresearch/fashion-mnist/raw/master/data/fashion/",
 )
-DOWNLOAD_RETRIES = 3
+CONNECT_TIMEOUT = 1.0   # seconds per mirror: offline, the hint comes within about 2 s
+READ_TIMEOUT = 30.0     # seconds without a byte once connected
+KNOWN_SIZES = {"train": 60_000, "test": 10_000}
 
 
 @dataclass(frozen=True)
@@ -118,42 +122,74 @@ def default_cache_dir() -> Path:
     return Path(pooch.os_cache("fmnist"))
 
 
-def find_files(directory: Path) -> dict[str, Path] | None:
-    """Map each part to its file in ``directory`` (.gz preferred), or None if any is missing."""
-    found = {}
+def _file_problem(path: Path) -> str | None:
+    """Why ``path`` cannot be read as a data file (None: it can)."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        return "is a broken symbolic link" if path.is_symlink() else None
+    except OSError as exc:
+        return f"cannot be read ({exc.strerror})"
+    if stat.S_ISDIR(mode):
+        return "is a folder, not a file"
+    if not stat.S_ISREG(mode):
+        return "is not a regular file"
+    if not os.access(path, os.R_OK):
+        return "cannot be read (permission denied)"
+    return None
+
+
+def locate_files(directory: Path) -> tuple[dict[str, Path], list[str]]:
+    """Each part's file in ``directory`` (.gz preferred), and a line for each that is missing or unusable."""
+    found, problems = {}, []
     for part, stem in FILES.items():
-        for candidate in (directory / f"{stem}.gz", directory / stem):
-            if candidate.is_file():
-                found[part] = candidate
-                break
+        candidates = (directory / f"{stem}.gz", directory / stem)
+        present = [c for c in candidates if c.exists() or c.is_symlink()]
+        usable = [c for c in present if _file_problem(c) is None]
+        if usable:
+            found[part] = usable[0]
+        elif present:
+            problems.append(f"{present[0].name} {_file_problem(present[0])}")
         else:
-            return None
-    return found
+            problems.append(f"{stem}.gz is missing")
+    return found, problems
 
 
-def _missing_files_error(directory: Path, where: str) -> UserError:
+def find_files(directory: Path) -> dict[str, Path] | None:
+    """Map each part to its file in ``directory`` (.gz preferred), or None if any is missing or unusable."""
+    found, problems = locate_files(directory)
+    return None if problems else found
+
+
+def _check_folder(directory: Path, where: str) -> None:
+    """A UserError unless ``directory`` is a folder holding all four files, naming what is wrong."""
+    suffix = f" ({where})" if where else ""
+    if directory.exists() and not directory.is_dir():
+        raise UserError(f"not a folder: {directory}{suffix}",
+                        hint="point at the folder that holds the four Fashion-MNIST IDX files")
+    if not directory.is_dir():
+        raise UserError(f"data folder does not exist: {directory}{suffix}")
+    found, problems = locate_files(directory)
     names = ", ".join(f"{stem}.gz" for stem in FILES.values())
-    return UserError(
-        f"no Fashion-MNIST files in {directory} ({where})",
-        hint=f"the folder must hold the four IDX files ({names}), gzip'd or raw",
-    )
+    hint = f"the folder must hold the four IDX files ({names}), gzip'd or raw"
+    if not found:
+        raise UserError(f"no Fashion-MNIST files in {directory}{suffix}", hint=hint)
+    if problems:
+        raise UserError(f"{'; '.join(problems)} in {directory}{suffix}", hint=hint)
 
 
 def resolve_data_dir(data_dir: str | os.PathLike | None = None, download: bool = True) -> Path:
     """Find the folder holding the four files, downloading into the cache as a last resort."""
-    for value, where in ((data_dir, "--data"), (os.environ.get("FMNIST_DATA"), "FMNIST_DATA")):
+    for value, where in ((data_dir, ""), (os.environ.get("FMNIST_DATA"), "from FMNIST_DATA")):
         if value:
             directory = Path(value).expanduser()
-            if not directory.is_dir():
-                raise UserError(f"data folder does not exist: {directory} ({where})")
-            if find_files(directory) is None:
-                raise _missing_files_error(directory, where)
+            _check_folder(directory, where)
             return directory
     cache = default_cache_dir()
     if find_files(cache) is not None:
         return cache
     if not download:
-        raise _missing_files_error(cache, "user cache")
+        _check_folder(cache, "the user cache")
     return download_release(cache)
 
 
@@ -166,13 +202,16 @@ def download_release(directory: Path, release: Release = CURRENT_RELEASE,
         extra = os.environ.get("FMNIST_MIRROR")
         mirrors = ((extra,) if extra else ()) + MIRRORS
     registry = {f"{FILES[part]}.gz": f"md5:{md5}" for part, md5 in release.md5.items()}
+    # One attempt per mirror, with a short connection timeout: offline, retrying only delays
+    # the hint (pooch's retries with back-off took 14 s), and the next mirror is the retry.
+    downloader = pooch.HTTPDownloader(progressbar=True, timeout=(CONNECT_TIMEOUT, READ_TIMEOUT))
     for file_name in registry:
         errors = []
         for base_url in mirrors:
-            fetcher = pooch.create(path=directory, base_url=base_url.rstrip("/") + "/",
-                                   registry=registry, retry_if_failed=DOWNLOAD_RETRIES)
+            fetcher = pooch.create(path=directory, base_url=base_url.rstrip("/") + "/", registry=registry,
+                                   retry_if_failed=0)
             try:
-                fetcher.fetch(file_name, progressbar=True)
+                fetcher.fetch(file_name, downloader=downloader)
                 break
             except Exception as exc:  # network errors, HTTP errors, checksum mismatches
                 errors.append(f"{base_url}: {type(exc).__name__}")
@@ -255,7 +294,10 @@ def identify_release(digests: dict[str, dict]) -> Release | None:
 
 
 def load_dataset(data_dir: str | os.PathLike | None = None, download: bool = True) -> FashionMNIST:
-    """Locate, verify and parse the dataset; the whole of it is returned as uint8 tensors."""
+    """Locate, verify and parse the dataset; the whole of it is returned as uint8 tensors.
+
+    Split sizes other than Fashion-MNIST's 60,000 / 10,000 (a subset, or train and test
+    swapped) are accepted with a ``UserWarning``."""
     directory = resolve_data_dir(data_dir, download=download)
     paths = find_files(directory)
     digests = {part: _file_digest(path) for part, path in paths.items()}
@@ -271,6 +313,12 @@ def load_dataset(data_dir: str | os.PathLike | None = None, download: bool = Tru
                 f"{split} set has {n_images} images but {n_labels} labels "
                 f"({paths[f'{split}_labels']})"
             )
+    sizes = {split: len(arrays[f"{split}_labels"]) for split in KNOWN_SIZES}
+    if sizes != KNOWN_SIZES:
+        swapped = sizes == {"train": KNOWN_SIZES["test"], "test": KNOWN_SIZES["train"]}
+        warnings.warn(f"{sizes['train']:,} training and {sizes['test']:,} test images, where Fashion-MNIST has "
+                      f"60,000 and 10,000" + ("; are the train and t10k files swapped?" if swapped else "")
+                      + f" ({directory})", UserWarning, stacklevel=2)
     content = hashlib.sha256()
     for part in FILES:  # fixed order: train images, train labels, test images, test labels
         content.update(arrays[part].tobytes())

@@ -16,9 +16,8 @@ from .models import create_model
 from .runtime import resolve_device
 
 # Chunk size for evaluation and prediction: large enough to amortise per-call overhead,
-# small enough that conv1's activations (26*26*32 floats an image) stay in cache.
-# Measured on the 2-core dev machine (benchmarks/micro.py): 39,700 images/s in chunks of
-# 256 vs 24,300 in chunks of 1024.
+# small enough that conv1's activations (26*26*32 floats an image) stay in cache
+# (benchmarks/micro.py times chunk sizes).
 EVAL_BATCH_SIZE = 256
 
 
@@ -37,18 +36,37 @@ def predict_logits(model: torch.nn.Module, images: torch.Tensor,
     return torch.cat(outputs).cpu() if outputs else torch.empty(0, len(CLASS_NAMES))
 
 
+class FlipAveraged(torch.nn.Module):
+    """A model evaluated on each image and its mirror image, the two logits averaged
+    (test-time augmentation for recipes with ``tta_flip``)."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.model(x) + self.model(x.flip(3))) / 2
+
+
+def with_test_time_flip(model: torch.nn.Module) -> torch.nn.Module:
+    return FlipAveraged(model)
+
+
 def load_run_model(run_dir: str | os.PathLike, device: str = "cpu") -> tuple[torch.nn.Module, dict]:
-    """The best-by-validation model of a run folder, in eval mode, and its config."""
+    """The best-by-validation model of a run folder, in eval mode, as it is evaluated (with the
+    mirror-image averaging its recipe asks for), and its config."""
     path = runs.require_run_dir(run_dir)
     config = runs.read_config(path)
-    model = create_model(config["train"]["model"])
-    try:
-        model.load_state_dict(runs.load_weights(path / runs.WEIGHTS))
-    except RuntimeError as exc:
-        raise UserError(f"weights do not fit model '{config['train']['model']}': "
-                        f"{str(exc).splitlines()[0]} ({path / runs.WEIGHTS})") from None
-    model = model.to(resolve_device(device), memory_format=torch.channels_last).eval()
-    return model, config
+    settings = config["train"]
+    arguments = settings.get("model_args") or {}
+    if not isinstance(arguments, dict):
+        raise UserError(f"model_args must be a dict in {runs.CONFIG} ({path / runs.CONFIG})")
+    model = create_model(settings["model"], **arguments)
+    runs.load_weights_into(model, path / runs.WEIGHTS, settings["model"])
+    model = model.to(resolve_device(device))
+    if settings.get("tta_flip"):
+        model = with_test_time_flip(model)
+    return model.eval(), config
 
 
 BACKENDS = ("auto", "torch", "onnx")
@@ -57,17 +75,14 @@ BACKENDS = ("auto", "torch", "onnx")
 def onnx_session(model: torch.nn.Module, check_images: int = 64):
     """The model exported to ONNX in memory and loaded in ONNX Runtime, parity-checked.
 
-    On the 2-core dev machine ONNX Runtime labels one image in 0.08-0.12 ms against
-    PyTorch's 0.32-0.46 ms (p50), and is faster on batches too (``fmnist bench``).
-    Raises ImportError when onnxruntime is missing, RuntimeError when outputs disagree.
+    ONNX Runtime labels single images several times faster than PyTorch on a CPU and is
+    faster on batches too (``fmnist bench``; docs/performance.md). Raises ImportError when onnxruntime is missing, RuntimeError when outputs disagree.
     """
     import io
 
     import onnxruntime as ort
 
     cpu_model = copy.deepcopy(model).cpu().eval()
-    if hasattr(cpu_model, "fused_kernels"):
-        cpu_model.fused_kernels = False  # export the stock layers, not the Numba kernels
     buffer = io.BytesIO()
     with warnings.catch_warnings():
         # The TorchScript exporter is quick for this model and needs no onnxscript;
@@ -96,18 +111,17 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 class Classifier:
     """A trained model ready to label 28x28 grayscale images.
 
-    >>> clf = Classifier.from_run("runs/seed-20261127-120000")
+    >>> clf = Classifier.from_run("runs/notebook-20261127-120000")
     >>> clf.predict(images)            # uint8 [N, 28, 28] -> list of class names
 
     backend "auto" runs the model in ONNX Runtime on the CPU when it is installed and
-    agrees with PyTorch (3-5x lower single-image latency there), else in PyTorch.
+    agrees with PyTorch (lower single-image latency there), else in PyTorch.
 
     Inputs are checked and scaled, and probabilities computed, in NumPy: on the ONNX path
     no PyTorch kernel runs at all. PyTorch's OpenMP threads keep spinning for a while after
     any parallel op, and on a 2-core machine they then fight ONNX Runtime's own threads:
-    with the pre- and post-processing done in PyTorch, batches of 4 to 128 images ran 3-50x
-    slower than the bare ONNX session (e.g. 2,600-3,200 vs 40,000-50,000 images/s at 16
-    images a call).
+    with the pre- and post-processing done in PyTorch, batches of 4 to 128 images ran many
+    times slower than the bare ONNX session (docs/performance.md).
     """
 
     def __init__(self, model: torch.nn.Module, class_names=CLASS_NAMES, backend: str = "auto"):

@@ -84,6 +84,15 @@ def save_checkpoint(path: Path, state: dict) -> None:
     atomic_write_bytes(path, buffer.getvalue())
 
 
+def _short_reason(exc: Exception) -> str:
+    """The gist of a torch.load failure, without PyTorch's advice to unpickle arbitrary code."""
+    text = str(exc)
+    if "weights_only" in text or "Unpickler" in text:
+        return "it holds objects other than tensors and plain containers (refused: loading it could run code)"
+    first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+    return first[:200]
+
+
 CHECKPOINT_KEYS = ("model", "optimizer", "shuffle_rng", "torch_rng", "epoch", "best_val_accuracy", "best_epoch")
 
 
@@ -92,7 +101,7 @@ def load_checkpoint(path: Path) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated zip, wrong format, forbidden pickle content
-        raise UserError(f"cannot load checkpoint: {str(exc).splitlines()[0]} ({path})") from None
+        raise UserError(f"cannot load checkpoint: {_short_reason(exc)} ({path})") from None
     if not isinstance(state, dict) or any(key not in state for key in CHECKPOINT_KEYS):
         raise UserError(f"not an fmnist checkpoint ({path})")
     return state
@@ -101,6 +110,8 @@ def load_checkpoint(path: Path) -> dict:
 def require_run_dir(run_dir: str | os.PathLike) -> Path:
     """A folder written by ``fmnist train``, or a UserError saying what is missing."""
     path = Path(run_dir)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"not a folder: {path}", hint="pass a run folder written by 'fmnist train'")
     if not path.is_dir():
         raise UserError(f"run folder does not exist: {path}")
     for name in (CONFIG, WEIGHTS):
@@ -135,7 +146,8 @@ def read_history(run_dir: Path) -> list[dict]:
         return []
     try:
         with path.open(encoding="utf-8") as handle:
-            return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(handle)]
+            return [{k: int(float(v)) if k == "epoch" else float(v) for k, v in row.items()}
+                    for row in csv.DictReader(handle)]
     except (ValueError, TypeError, AttributeError) as exc:  # non-numeric cells, ragged rows
         raise UserError(f"cannot read history: {exc} ({path})") from None
 
@@ -145,6 +157,19 @@ def load_weights(path: Path) -> dict[str, torch.Tensor]:
         return load_file(str(path))
     except Exception as exc:  # safetensors raises its own error types for corrupt headers
         raise UserError(f"cannot load weights: {exc} ({path})") from None
+
+
+def load_weights_into(model: torch.nn.Module, path: Path, model_name: str) -> None:
+    """Load a weights file into ``model``, or a UserError saying which tensors do not fit."""
+    weights, expected = load_weights(path), model.state_dict()
+    problems = [f"{name} is missing" for name in expected if name not in weights]
+    problems += [f"{name} is not part of the model" for name in weights if name not in expected]
+    problems += [f"{name} is {list(weights[name].shape)} in the file but {list(tensor.shape)} in the model"
+                 for name, tensor in expected.items() if name in weights and weights[name].shape != tensor.shape]
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise UserError(f"weights do not fit model '{model_name}': {problems[0]}{more} ({path})")
+    model.load_state_dict(weights)
 
 
 def new_run_dir(out: str | os.PathLike | None, model_name: str, root: str = "runs") -> Path:

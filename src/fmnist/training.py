@@ -1,66 +1,112 @@
 """The training loop: whole-dataset tensors in, a complete run folder out.
 
-    fmnist.train(TrainConfig(model="seed", epochs=10))      # Python
-    fmnist train --model seed --epochs 10                   # CLI, same thing
+    fmnist.train(TrainConfig(model="notebook"))             # Python
+    fmnist train --model notebook                           # CLI, same thing
 
-Each epoch shuffles with one permutation and walks contiguous batch views of the
-in-memory tensors (no DataLoader, no per-sample Python), then validates in large
-batches. After every epoch the run folder gets history.csv and checkpoint.pt; the
-best epoch by validation accuracy is kept in model.safetensors. At the end that
-best model is evaluated on the test set and the report is drawn.
+A run takes its model's recipe (``fmnist.recipes``) and any setting given overrides it.
+Each epoch shuffles with one permutation, augments the whole epoch in one batched pass if
+the recipe says so, and walks contiguous batch views of the in-memory tensors (no
+DataLoader, no per-sample Python), calling one ``step`` per batch: whatever
+``fmnist.fast.make_step`` chose for this model, once. Then it validates in large batches.
+After every epoch the run folder gets history.csv and checkpoint.pt; the best epoch by
+validation accuracy is kept in model.safetensors. At the end that best model is evaluated
+on the test set and the report is drawn.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime
+import math
 import os
 import sys
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimizer_pre_hooks
 from tqdm import tqdm
 
-from . import kernels, runs
+from . import runs
+from .augment import augment
 from .data import FashionMNIST, load_dataset, stratified_split, to_float
 from .errors import Interrupted, UserError
-from .inference import predict_logits
+from .fast import make_step
+from .inference import predict_logits, with_test_time_flip
 from .metrics import metrics_on_test_set
-from .models import count_parameters, create_model, forward_flops
-from .runtime import autocast, environment, resolve_device, resolve_precision, seed_everything
+from .models import canonical_name, count_parameters, create_model, forward_flops
+from .recipes import RECIPE_FIELDS, Recipe, recipe_for
+from .runtime import environment, resolve_device, resolve_precision, seed_everything
 
 
 @dataclass
 class TrainConfig:
-    """Every setting of a run; defaults reproduce the original notebook."""
+    """Every setting of a run. Fields left at None take the model's recipe (fmnist.recipes);
+    the defaults of the rest reproduce the original notebook's run."""
 
-    model: str = "seed"            # registry name (fmnist.models.list_models())
-    epochs: int = 10               # the notebook's 10 epochs
-    batch_size: int = 32           # Keras' default, as the notebook used
-    lr: float = 1e-3               # Adam's default learning rate in Keras
-    adam_eps: float = 1e-7         # Keras' Adam epsilon (PyTorch's default is 1e-8)
-    val_fraction: float = 0.1      # stratified hold-out from train for monitoring
-    seed: int = 0                  # seeds Python, NumPy, PyTorch and the split
-    device: str = "auto"           # auto = cuda if available, else cpu
+    model: str = "notebook"        # registry name (fmnist.models.list_models())
+    seed: int = 0                  # seeds Python, NumPy, PyTorch, the split, shuffling, augmentation
+    val_fraction: float = 0.1      # stratified hold-out from train for monitoring and model selection
     limit_train: int | None = None  # use only the first N training images (quick runs)
-    deterministic: bool = False    # forbid nondeterministic kernels (see README for cost)
-    precision: str = "auto"        # auto = bf16 autocast on GPUs with native bf16, else fp32
+    device: str = "auto"           # auto = cuda if available, else cpu
+    deterministic: bool = False    # forbid nondeterministic kernels (see docs/performance.md)
+    fast: bool = True              # fmnist.fast's step where it applies (same numbers, faster)
+    # --- the recipe (None: the model's own, see fmnist.recipes.Recipe for each field)
+    model_args: dict | None = None
+    epochs: int | None = None
+    batch_size: int | None = None
+    optimizer: str | None = None
+    lr: float | None = None
+    momentum: float | None = None
+    eps: float | None = None
+    weight_decay: float | None = None
+    schedule: str | None = None
+    warmup_epochs: float | None = None
+    label_smoothing: float | None = None
+    crop_padding: int | None = None
+    hflip: bool | None = None
+    erasing: float | None = None
+    ema_decay: float | None = None
+    tta_flip: bool | None = None
+    precision: str | None = None
 
-    def validate(self) -> None:
-        for name in ("epochs", "batch_size"):
-            if getattr(self, name) < 1:
-                raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise UserError(f"--lr must be a positive number, got {self.lr}")
-        if not 0.0 <= self.val_fraction < 1.0:
-            raise UserError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
-        if self.limit_train is not None and self.limit_train < 1:
-            raise UserError(f"--limit-train must be at least 1, got {self.limit_train}")
+    def resolved(self) -> "TrainConfig":
+        """A copy with the model's registered name and every recipe field filled in, checked."""
+        model = canonical_name(self.model)
+        recipe = recipe_for(model)
+        filled = {name: getattr(recipe, name) if getattr(self, name) is None else getattr(self, name)
+                  for name in RECIPE_FIELDS}
+        Recipe(**filled).check()
+        config = dataclasses.replace(self, model=model, **filled)
+        config.check_run_settings()
+        return config
+
+    def recipe(self) -> Recipe:
+        return Recipe(**{name: getattr(self, name) for name in RECIPE_FIELDS})
+
+    def check_run_settings(self) -> None:
+        if not (isinstance(self.seed, int) and self.seed >= 0):
+            raise UserError(f"seed must be a whole number of at least 0, got {self.seed!r}")
+        if not (isinstance(self.val_fraction, (int, float)) and 0.0 <= self.val_fraction < 1.0):
+            raise UserError(f"val_fraction must be in [0, 1), got {self.val_fraction!r}")
+        if self.limit_train is not None and not (isinstance(self.limit_train, int) and self.limit_train >= 1):
+            raise UserError(f"limit_train must be a whole number of at least 1, got {self.limit_train!r}")
+
+    @classmethod
+    def from_record(cls, saved: dict, where: Path) -> "TrainConfig":
+        """The settings config.json recorded (older runs' names included)."""
+        saved = dict(saved)
+        if "adam_eps" in saved:  # the name before recipes existed
+            saved["eps"] = saved.pop("adam_eps")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(saved) - known)
+        if unknown:
+            raise UserError(f"unknown training settings in {runs.CONFIG}: {', '.join(unknown)} ({where})")
+        try:
+            return cls(**saved).resolved()
+        except UserError as exc:
+            raise UserError(f"{exc} in {runs.CONFIG} ({where})") from None
 
 
 @dataclass
@@ -70,92 +116,83 @@ class TrainResult:
     metrics: dict
 
 
-# ----------------------------------------------------------------------------- one epoch
+# ----------------------------------------------------------------------------- optimizer and schedule
 
 
 def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    # fused: one kernel updates every parameter (fewer passes over memory than foreach).
-    return torch.optim.Adam(model.parameters(), lr=config.lr, eps=config.adam_eps, fused=True)
+    params, on_cuda = model.parameters(), next(model.parameters()).is_cuda
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, nesterov=config.momentum > 0,
+                               weight_decay=config.weight_decay)
+    kind = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
+    # fused: one kernel updates every parameter (fewer passes over memory than foreach),
+    # on the CPU and on CUDA alike
+    return kind(params, lr=config.lr, eps=config.eps, weight_decay=config.weight_decay,
+                fused=on_cuda or next(model.parameters()).device.type == "cpu")
 
 
-@torch.no_grad()
-def adam_step(optimizer: torch.optim.Optimizer) -> None:
-    """``optimizer.step()`` for fmnist's fused Adam, minus the Python around the kernel.
+def make_scheduler(optimizer, config: TrainConfig, steps_per_epoch: int):
+    """A per-step learning-rate schedule (constant: the optimizer's lr throughout)."""
+    total = config.epochs * steps_per_epoch
+    if config.schedule == "onecycle":  # PyTorch's one-cycle: cosine up over 30%, then down to ~0
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, total_steps=total)
+    warmup = round(config.warmup_epochs * steps_per_epoch)
 
-    At batch 32 on the CPU, ``Adam.step`` spends about 0.13 ms a step on hooks, per-group
-    bookkeeping and regrouping tensors by device and dtype, around a 0.16 ms fused kernel
-    (benchmarks/micro.py). Once every parameter has its state, this calls the same kernel
-    with the same arguments: the same update, bit for bit (tested), and the same state, so
-    checkpoints and ``optimizer.state_dict()`` are unchanged. Anything else (the first step,
-    options fmnist does not use) goes through ``optimizer.step()``.
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        if config.schedule == "linear":
+            return max(0.0, 1.0 - progress)
+        if config.schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+        return 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def make_ema(model: torch.nn.Module, decay: float):
+    """The weights' exponential moving average (batch-norm statistics averaged too), or None."""
+    if not decay:
+        return None
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+
+
+# ----------------------------------------------------------------------------- one epoch
+
+
+def train_one_epoch(step, images, labels, batch_size, generator, *, augmentation=None, scheduler=None, ema=None,
+                    bar=None):
+    """One pass over ``images`` in a fresh random order; returns (mean loss, accuracy).
+
+    ``step`` is a training step (fmnist.steps); ``augmentation`` maps (images, generator) to
+    augmented images; ``scheduler`` and ``ema`` are stepped after every batch when given.
     """
-    groups = optimizer.param_groups
-    group = groups[0]
-    params = group["params"]
-    states = [optimizer.state.get(p, {}) for p in params]  # .get: the state is a defaultdict
-    if (len(groups) != 1 or not group["fused"] or group["amsgrad"] or group["maximize"] or group["capturable"]
-            or group["differentiable"] or group.get("decoupled_weight_decay")  # (a newer option)
-            or getattr(optimizer, "grad_scale", None) is not None
-            or optimizer._optimizer_step_pre_hooks or optimizer._optimizer_step_post_hooks
-            or _global_optimizer_pre_hooks or _global_optimizer_post_hooks
-            or any("step" not in state for state in states) or any(p.grad is None for p in params)):
-        optimizer.step()
-        return
-    steps = [state["step"] for state in states]
-    torch._foreach_add_(steps, 1)
-    beta1, beta2 = group["betas"]
-    torch._fused_adam_(params, [p.grad for p in params], [state["exp_avg"] for state in states],
-                       [state["exp_avg_sq"] for state in states], [], steps, lr=group["lr"], beta1=beta1,
-                       beta2=beta2, weight_decay=group["weight_decay"], eps=group["eps"], amsgrad=False,
-                       maximize=False, grad_scale=None, found_inf=None)
-
-
-def _steps_by_hand(model, optimizer, images, labels, precision) -> bool:
-    """Whether the epoch can use the seed CNN's training step written out without autograd
-    (models.SeedCNN.step_by_hand), which gives the same numbers where the model says it can,
-    and the optimizer updates exactly the model's parameters (the step sets all their
-    gradients and no others, where zero_grad and backward would touch the optimizer's)."""
-    held = [p for group in optimizer.param_groups for p in group["params"]]
-    # type(model), not the instance: a wrapper (torch.compile's) must not be bypassed
-    return (getattr(type(model), "step_by_hand", None) is not None and labels.dtype == torch.int64
-            and type(optimizer).zero_grad is torch.optim.Optimizer.zero_grad
-            and {id(p) for p in held} == {id(p) for p in model.parameters()} and len(held) == len(set(map(id, held)))
-            and model.can_step_by_hand(images, precision))
-
-
-def train_one_epoch(model, optimizer, images, labels, batch_size, generator, bar=None, precision="fp32"):
-    """One pass over ``images`` in a fresh random order; returns (mean loss, accuracy)."""
-    with kernels.denormals_flushed(images.device.type == "cpu"):  # see kernels.FTZ_DAZ for why
-        return _train_one_epoch(model, optimizer, images, labels, batch_size, generator, bar, precision)
-
-
-def _train_one_epoch(model, optimizer, images, labels, batch_size, generator, bar, precision):
-    model.train()
-    mixed = autocast(images.device, precision)
-    by_hand = _steps_by_hand(model, optimizer, images, labels, precision)
+    step.model.train()
     order = torch.randperm(len(images), generator=generator).to(images.device)
     images, labels = images[order], labels[order]  # one gather per epoch; batches are views
+    if augmentation is not None:
+        images = augmentation(images, generator)
     loss_sum = torch.zeros((), device=images.device)
     correct = torch.zeros((), dtype=torch.long, device=images.device)
-    for step, start in enumerate(range(0, len(images), batch_size)):
-        x, y = images[start:start + batch_size], labels[start:start + batch_size]
-        if by_hand:
-            logits, loss = model.step_by_hand(x, y, precision)  # sets every .grad, as the lines below do
-        else:
-            with mixed:
-                logits = model(x)
-            loss = F.cross_entropy(logits.float(), y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-        adam_step(optimizer)
-        # Accumulate on the device: no host sync per step.
-        loss_sum += loss.detach() * len(y)
-        correct += (logits.detach().argmax(dim=1) == y).sum()
-        if bar is not None:
-            bar.update(len(y))
-            if step % 50 == 0:
-                seen = start + len(y)
-                bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}", acc=f"{correct.item() / seen:.4f}")
+    with step.epoch():
+        for index, start in enumerate(range(0, len(images), batch_size)):
+            x, y = images[start:start + batch_size], labels[start:start + batch_size]
+            logits, loss = step(x, y)
+            if scheduler is not None:
+                scheduler.step()
+            if ema is not None:
+                ema.update_parameters(step.model)
+            # Accumulate on the device: no host sync per step.
+            loss_sum += loss.detach() * len(y)
+            correct += (logits.detach().argmax(dim=1) == y).sum()
+            if bar is not None:
+                bar.update(len(y))
+                if index % 50 == 0:
+                    seen = start + len(y)
+                    bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}", acc=f"{correct.item() / seen:.4f}")
     return loss_sum.item() / len(images), correct.item() / len(images)
 
 
@@ -179,24 +216,32 @@ def _progress_bar(total: int, epoch: int, epochs: int, enabled: bool):
                 file=sys.stderr, leave=False, disable=not enabled, mininterval=0.5)
 
 
-def _checkpoint_state(model, optimizer, generator, epoch, best_val_accuracy, best_epoch, device) -> dict:
+def _checkpoint_state(model, optimizer, scheduler, ema, generator, epoch, best_val_accuracy, best_epoch,
+                      device) -> dict:
     state = {
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
-        "shuffle_rng": generator.get_state(),
-        "torch_rng": torch.get_rng_state(),
+        "scheduler": scheduler.state_dict(),
+        "shuffle_rng": generator.get_state(),  # shuffling and augmentation
+        "torch_rng": torch.get_rng_state(),    # dropout
         "epoch": epoch,
         "best_val_accuracy": best_val_accuracy,
         "best_epoch": best_epoch,
     }
+    if ema is not None:
+        state["ema"] = ema.state_dict()
     if device.type == "cuda":  # dropout on the GPU draws from the CUDA generator
         state["cuda_rng"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def _restore(state: dict, model, optimizer, generator, device) -> None:
+def _restore(state: dict, model, optimizer, scheduler, ema, generator, device) -> None:
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
+    if "scheduler" in state:  # runs from before schedules existed had a constant rate
+        scheduler.load_state_dict(state["scheduler"])
+    if ema is not None and "ema" in state:
+        ema.load_state_dict(state["ema"])
     generator.set_state(state["shuffle_rng"])
     torch.set_rng_state(state["torch_rng"])
     if device.type == "cuda" and "cuda_rng" in state:
@@ -206,25 +251,23 @@ def _restore(state: dict, model, optimizer, generator, device) -> None:
 def _open_for_resume(resume) -> tuple[Path, TrainConfig, dict]:
     """The run folder, its training settings and its whole config.json."""
     run_dir = Path(resume)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"not a folder: {run_dir}", hint="--resume takes a run folder written by 'fmnist train'")
     if not (run_dir / runs.CONFIG).is_file():
         raise UserError(f"nothing to resume: {runs.CONFIG} is missing ({run_dir})",
                         hint="pass a folder written by 'fmnist train'")
     saved = runs.read_config(run_dir)
-    try:
-        config = TrainConfig(**saved["train"])
-    except TypeError as exc:
-        raise UserError(f"unknown training settings in {runs.CONFIG}: {exc} ({run_dir})") from None
-    return run_dir, config, saved
+    return run_dir, TrainConfig.from_record(saved["train"], run_dir / runs.CONFIG), saved
 
 
-def _write_config(run_dir: Path, config: TrainConfig, data: FashionMNIST, model, device, precision: str,
+def _write_config(run_dir: Path, config: TrainConfig, data: FashionMNIST, model, step, device, precision: str,
                   n_train: int, n_val: int) -> dict:
     record = {
         "train": dataclasses.asdict(config),
         "data": dataclasses.asdict(data.source),
         "split": {"train": n_train, "validation": n_val, "test": len(data.test_labels)},
         "model": {"name": config.model, "parameters": count_parameters(model),
-                  "forward_flops_per_image": forward_flops(model)},
+                  "forward_flops_per_image": forward_flops(model), "training_step": step.name},
         "environment": {**environment(device), "precision": precision},
         "created": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
     }
@@ -244,8 +287,7 @@ def train(config: TrainConfig | None = None, data_dir: str | os.PathLike | None 
     saved = None
     if resume is not None:
         run_dir, config, saved = _open_for_resume(resume)
-    config = config or TrainConfig()
-    config.validate()
+    config = (config or TrainConfig()).resolved()
     device = resolve_device(config.device)
     precision = resolve_precision(config.precision, device)
     seed_everything(config.seed, config.deterministic)
@@ -257,6 +299,9 @@ def train(config: TrainConfig | None = None, data_dir: str | os.PathLike | None 
 
     train_idx, val_idx = stratified_split(data.train_labels, config.val_fraction, config.seed)
     if config.limit_train is not None:
+        if config.limit_train > len(train_idx):
+            raise UserError(f"limit_train is {config.limit_train:,} but the training split has only "
+                            f"{len(train_idx):,} images")
         train_idx = train_idx[:config.limit_train]
     # The whole split lives on the device as float tensors for the entire run.
     x_train = to_float(data.train_images[train_idx]).to(device)
@@ -265,20 +310,32 @@ def train(config: TrainConfig | None = None, data_dir: str | os.PathLike | None 
     x_test = to_float(data.test_images)
     validating = len(val_idx) > 0  # without a hold-out the last epoch is kept
 
-    model = create_model(config.model).to(device, memory_format=torch.channels_last)
+    model = create_model(config.model, **config.model_args).to(device)
     optimizer = make_optimizer(model, config)
+    step = make_step(model, optimizer, precision=precision, label_smoothing=config.label_smoothing,
+                     device=device, fast=config.fast)
+    steps_per_epoch = math.ceil(len(x_train) / config.batch_size)
+    scheduler = make_scheduler(optimizer, config, steps_per_epoch)
+    ema = make_ema(model, config.ema_decay)
+    evaluated = ema.module if ema is not None else model      # the weights that are validated and kept
+    if config.tta_flip:
+        evaluated = with_test_time_flip(evaluated)
+    augmentation = None
+    if config.crop_padding or config.hflip or config.erasing:
+        def augmentation(images, generator):
+            return augment(images, generator, config.crop_padding, config.hflip, config.erasing)
     generator = torch.Generator().manual_seed(config.seed)
     history, start_epoch, best_val, best_epoch = [], 1, -1.0, 0
 
     if resume is None:
         run_dir = runs.new_run_dir(out, config.model)
-        _write_config(run_dir, config, data, model, device, precision, len(train_idx), len(val_idx))
+        _write_config(run_dir, config, data, model, step, device, precision, len(train_idx), len(val_idx))
     elif (run_dir / runs.CHECKPOINT).is_file():
         state = runs.load_checkpoint(run_dir / runs.CHECKPOINT)
         if state["epoch"] >= config.epochs and (run_dir / runs.METRICS).is_file():
             raise UserError(f"the run is already complete ({state['epoch']}/{config.epochs} epochs) ({run_dir})",
                             hint=f"fmnist evaluate {run_dir}  or  fmnist report {run_dir}")
-        _restore(state, model, optimizer, generator, device)
+        _restore(state, model, optimizer, scheduler, ema, generator, device)
         start_epoch, best_val, best_epoch = state["epoch"] + 1, state["best_val_accuracy"], state["best_epoch"]
         history = runs.read_history(run_dir)[:state["epoch"]]
         log(f"resuming {run_dir} after epoch {state['epoch']}")
@@ -290,22 +347,24 @@ def train(config: TrainConfig | None = None, data_dir: str | os.PathLike | None 
         for epoch in range(start_epoch, config.epochs + 1):
             started = time.perf_counter()
             with _progress_bar(len(x_train), epoch, config.epochs, progress) as bar:
-                train_loss, train_acc = train_one_epoch(model, optimizer, x_train, y_train,
-                                                        config.batch_size, generator, bar, precision)
+                lr = optimizer.param_groups[0]["lr"]
+                train_loss, train_acc = train_one_epoch(step, x_train, y_train, config.batch_size, generator,
+                                                        augmentation=augmentation, scheduler=scheduler, ema=ema,
+                                                        bar=bar)
             train_seconds = time.perf_counter() - started
-            val_loss, val_acc, _ = evaluate_split(model, x_val, y_val) if validating else (math.nan, math.nan, None)
+            val_loss, val_acc, _ = evaluate_split(evaluated, x_val, y_val) if validating else (math.nan, math.nan, None)
             seconds = time.perf_counter() - started
             history.append({
                 "epoch": epoch, "train_loss": train_loss, "train_accuracy": train_acc,
                 "val_loss": val_loss, "val_accuracy": val_acc,
-                "lr": optimizer.param_groups[0]["lr"], "seconds": seconds,
-                "images_per_second": len(x_train) / train_seconds,
+                "lr": lr, "seconds": seconds, "images_per_second": len(x_train) / train_seconds,
             })
             if not validating or val_acc > best_val:
                 best_val, best_epoch = (val_acc if validating else best_val), epoch
-                runs.save_weights(run_dir / runs.WEIGHTS, model, {"model": config.model, "epoch": str(epoch)})
+                runs.save_weights(run_dir / runs.WEIGHTS, ema.module if ema is not None else model,
+                                  {"model": config.model, "epoch": str(epoch)})
             runs.save_checkpoint(run_dir / runs.CHECKPOINT, _checkpoint_state(
-                model, optimizer, generator, epoch, best_val, best_epoch, device))
+                model, optimizer, scheduler, ema, generator, epoch, best_val, best_epoch, device))
             runs.write_csv(run_dir / runs.HISTORY, history)
             validation = f"val loss {val_loss:.4f} acc {val_acc:.4f}" if validating else "no validation set"
             log(f"epoch {epoch:>2}/{config.epochs}  train loss {train_loss:.4f} acc {train_acc:.4f}  "
@@ -315,8 +374,9 @@ def train(config: TrainConfig | None = None, data_dir: str | os.PathLike | None 
         raise Interrupted(run_dir, epoch - 1) from None
 
     # Test the best-by-validation weights, not merely the last epoch's.
-    model.load_state_dict(runs.load_weights(run_dir / runs.WEIGHTS))
-    test_logits = predict_logits(model, x_test)
+    kept = ema.module if ema is not None else model
+    runs.load_weights_into(kept, run_dir / runs.WEIGHTS, config.model)
+    test_logits = predict_logits(evaluated, x_test)
     metrics = metrics_on_test_set(test_logits, data)
     metrics.update(best_epoch=best_epoch,
                    best_val_accuracy=best_val if validating else None)

@@ -1,4 +1,4 @@
-"""The fused conv+pool+ReLU kernel must compute exactly what the stock layers compute."""
+"""fmnist.fast's kernels compute what the stock layers compute; the denormal flush changes no weight."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fmnist import kernels
+from fmnist.fast import _numba, kernels
+from fmnist.fast.denormals import denormals_flushed
 from fmnist.models import create_model
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason="numba not installed")
@@ -27,7 +28,7 @@ def _inputs(batch: int, seed: int = 0):
 @pytest.mark.parametrize("batch, size", [(1, 28), (7, 28), (64, 28), (5, 26), (3, 27)])
 def test_forward_and_gradients_match_stock_layers(batch, size):
     x, weight, bias = _inputs(batch)
-    x = x[:, :, :size, :size]  # the seed model passes a strided 26x26 crop; 27 leaves a row unpooled
+    x = x[:, :, :size, :size]  # the notebook step passes a strided 26x26 crop; 27 leaves a row unpooled
     ours = kernels.conv_pool_relu(x, weight, bias)
     reference = F.relu(F.max_pool2d(F.conv2d(x, weight, bias), 2))
     assert ours.shape == reference.shape == (batch, 32, (size - 2) // 2, (size - 2) // 2)
@@ -63,31 +64,6 @@ def test_nan_wins_its_window_and_poisons_its_gradients_like_pytorch():
     for got, expected in zip(torch.autograd.grad(ours, (weight, bias), grad),
                              torch.autograd.grad(reference, (weight, bias), grad)):
         torch.testing.assert_close(got, expected, atol=0, rtol=0, equal_nan=True)
-
-
-def test_seed_model_is_the_same_function_with_and_without_the_kernel():
-    model = create_model("seed").eval()
-    x = torch.rand(16, 1, 28, 28, generator=torch.Generator().manual_seed(2))
-    fused = model(x)
-    model.fused_kernels = False
-    torch.testing.assert_close(fused, model(x), atol=1e-5, rtol=1e-5)
-
-
-def test_kernel_is_used_only_where_it_applies():
-    x, weight, _ = _inputs(2)
-    assert kernels.supports(x, weight)
-    assert not kernels.supports(x.double(), weight)
-    assert not kernels.supports(torch.zeros(2, 3, 28, 28), torch.zeros(32, 3, 3, 3))
-    assert not kernels.supports(x, torch.zeros(16, 1, 3, 3))  # compiled for 32 channels
-
-
-
-def test_inputs_that_need_a_gradient_take_the_stock_path():
-    model = create_model("seed").eval()
-    x = torch.rand(2, 1, 28, 28, requires_grad=True)
-    assert not kernels.supports(x, model.conv1.weight)
-    (grad,) = torch.autograd.grad(model(x).sum(), x)  # e.g. saliency maps
-    assert grad.shape == x.shape and grad.abs().sum() > 0
 
 
 def _conv2_inputs(batch: int, size: int = 12, seed: int = 0):
@@ -135,16 +111,6 @@ def test_routed_gradients_do_not_depend_on_the_thread_count():
         torch.testing.assert_close(one, many, atol=1e-3, rtol=1e-5)
 
 
-def test_routed_block_is_used_only_where_it_applies():
-    x, weight, _ = _conv2_inputs(2)
-    assert kernels.supports_routed(x, weight)
-    assert not kernels.supports_routed(x.double(), weight.double())
-    assert not kernels.supports_routed(torch.zeros(2, 16, 12, 12), torch.zeros(64, 16, 3, 3))
-    assert not kernels.supports_routed(x, torch.zeros(64, 32, 5, 5))
-    with torch.no_grad():
-        assert not kernels.supports_routed(x, weight)  # evaluation keeps the stock layers
-
-
 def test_under_bf16_autocast_only_the_convolution_is_bf16():
     # Small integers keep every conv output exact in bf16 (|sum| < 256), so the bf16 forward
     # pass picks the same winners as fp32 and the fp32 backward pass matches fp32 exactly.
@@ -157,7 +123,6 @@ def test_under_bf16_autocast_only_the_convolution_is_bf16():
     reference = F.relu(F.max_pool2d(F.conv2d(x, weight, bias), 2))
     assert F.conv2d(x, weight, bias).abs().max() < 256
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert kernels.supports_routed(x, weight)
         ours = kernels.conv_pool_relu_routed(x, weight, bias)
         assert F.conv2d(x, weight, bias).dtype == torch.bfloat16  # autocast is really on
     assert ours.dtype == torch.float32
@@ -205,7 +170,7 @@ def test_empty_batches_and_a_missing_bias():
         torch.testing.assert_close(got, expected, atol=0, rtol=0)
 
 
-X86_WITH_NUMBA = pytest.mark.skipif(not (kernels.available() and kernels.X86), reason="needs x86 and Numba")
+X86_WITH_NUMBA = pytest.mark.skipif(not (kernels.available() and _numba.X86), reason="needs x86 and Numba")
 
 
 @X86_WITH_NUMBA
@@ -216,15 +181,15 @@ def test_denormals_are_flushed_on_every_thread_then_restored():
         return (denormal * 1.0 == 0).float().mean().item()
 
     assert flushed_fraction() == 0.0
-    with kernels.denormals_flushed():
+    with denormals_flushed():
         assert flushed_fraction() == 1.0  # not only the calling thread's share
     assert flushed_fraction() == 0.0
-    with kernels.denormals_flushed(enabled=False):
+    with denormals_flushed(enabled=False):
         assert flushed_fraction() == 0.0
     torch.set_flush_denormal(True)  # the calling thread only: each thread gets its own setting back
     try:
         assert 0.0 < flushed_fraction() < 1.0
-        with kernels.denormals_flushed():
+        with denormals_flushed():
             assert flushed_fraction() == 1.0
         assert 0.0 < flushed_fraction() < 1.0
     finally:
@@ -235,20 +200,21 @@ def test_denormals_are_flushed_on_every_thread_then_restored():
 def test_flushing_a_dead_units_denormal_adam_moments_changes_no_weight():
     # What the trainer flushes in practice: Adam's first moment of weights whose gradient has
     # been zero for hundreds of steps. Their updates are far below a weight's float resolution.
-    from fmnist.training import TrainConfig, adam_step, make_optimizer
+    from fmnist.fast.adam import adam_step
+    from fmnist.training import TrainConfig, make_optimizer
 
     results = []
     for flush in (False, True):
         torch.manual_seed(0)
-        model = create_model("seed")
-        optimizer = make_optimizer(model, TrainConfig())
+        model = create_model("notebook")
+        optimizer = make_optimizer(model, TrainConfig().resolved())
         for parameter in model.parameters():
             parameter.grad = torch.randn_like(parameter)
         optimizer.step()  # creates the state
         moment = optimizer.state[model.fc1.weight]["exp_avg"]
         moment[:20] = 1e-39 * torch.rand_like(moment[:20])  # 20 dead units' rows: denormal
         model.fc1.weight.grad[:20] = 0.0
-        with kernels.denormals_flushed(flush):
+        with denormals_flushed(flush):
             for _ in range(3):
                 adam_step(optimizer)
         results.append((model.state_dict(), moment.clone()))

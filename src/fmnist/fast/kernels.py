@@ -1,8 +1,8 @@
-"""Two CPU kernels for the seed CNN's conv + 2x2 max-pool + ReLU blocks.
+"""Two CPU kernels for the notebook CNN's conv + 2x2 max-pool + ReLU blocks.
 
 ``conv_pool_relu`` fuses the whole first block (3x3 conv, 1 -> 32 channels). Why: on a CPU
 this block is memory-bound, not compute-bound. Stock PyTorch writes the
-conv output (24x24x32 floats an image on the seed model's 26x26 crop, 9 MB at batch 128),
+conv output (24x24x32 floats an image on the notebook CNN's 26x26 crop, 9 MB at batch 128),
 reads it back to pool, and in
 the backward pass zero-fills and scatters a gradient of the same size before the conv's
 weight gradient reads it again. The block does only 0.4 MFLOP an image, yet it took about
@@ -19,7 +19,7 @@ pooling drops makes PyTorch's weight gradient NaN (it multiplies a zero gradient
 the kernel never reads that row. (ReLU after the pool equals the notebook's ReLU before it: max and ReLU
 commute.)
 
-Any input size works (the seed model passes the 26x26 crop that reaches its output, as a
+Any input size works (the notebook CNN passes the 26x26 crop that reaches its output, as a
 strided view: nothing is copied); odd conv outputs lose their last row or column to the
 pooling, as in PyTorch.
 
@@ -46,132 +46,18 @@ OpenMP runtime that PyTorch loaded first (``benchmarks/micro.py`` shows which th
 
 from __future__ import annotations
 
-import contextlib
-import os
-import platform
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-try:
-    import numba
-except ImportError:  # pragma: no cover - numba is a declared dependency; stay usable without it
-    numba = None
+from ._numba import available, njit, numba, prepare  # noqa: F401 - available: kernels.available()
 
-X86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
-
-
-def _prefer_512_bit_vectors() -> None:
-    """Let LLVM use 512-bit vectors on CPUs with AVX-512 (it prefers 256-bit ones there).
-
-    The routed backward's 96-float rows then take 6 vector operations instead of 12. Over
-    six alternating pairs of runs of the benchmark's training part on real images (2-core
-    AVX-512 Xeon), the ratio to the textbook loop changed by -2% to +7% (median +4%) at
-    batch 32 (within noise) and by +6% to +18% (median +11%) at batch 128. (On the uniform noise the
-    benchmark once used, where the routed backward had almost nothing to do, it did not
-    pay.) Numba reads this setting when it first compiles anything in the process; a
-    NUMBA_CPU_FEATURES set by the user is left alone.
-    """
-    if not X86 or numba is None or "NUMBA_CPU_FEATURES" in os.environ or numba.config.CPU_FEATURES is not None:
-        return
-    from llvmlite import binding
-    try:
-        features = binding.get_host_cpu_features()
-    except RuntimeError:  # llvmlite could not read them: keep Numba's default
-        return
-    if features.get("avx512f"):
-        numba.config.CPU_FEATURES = features.flatten() + ",-prefer-256-bit"
-
-
-_prefer_512_bit_vectors()
-
-CHANNELS = 32             # the seed CNN's first layer; a compile-time constant vectorises best
+CHANNELS = 32             # the notebook CNN's first layer; a compile-time constant vectorises best
 DEAD = 4                  # code for outputs the ReLU passes no gradient (winners are 0-3)
-ROUTED_IN_CHANNELS = 32   # the seed CNN's second layer takes 32 channels:
+ROUTED_IN_CHANNELS = 32   # the notebook CNN's second layer takes 32 channels:
 ROW = 3 * ROUTED_IN_CHANNELS  # so one kernel row (3 taps x 32 channels) is 96 contiguous floats, channels-last
 GROUP = 4                 # gradients added per read-modify-write of an accumulator row (8 measured slower)
-
-
-def available() -> bool:
-    return numba is not None
-
-
-# Flush-to-zero (FTZ) and denormals-are-zero (DAZ), the two MXCSR bits that make x86 treat
-# floats below 1.2e-38 as zero. Why: Adam's first moment of a parameter whose gradient
-# stays exactly zero (a dead ReLU unit: about 20 of fc1's 128 in a seed CNN run) decays by
-# 0.9 a step into the denormal range, where every operation on it takes a slow microcode
-# path: fmnist's fused Adam step went from 0.24 to 0.5 ms within the first epoch on the
-# real data (a quarter of the step's arithmetic time). TensorFlow, the original notebook's
-# stack, runs its kernels with these bits set. torch.set_flush_denormal sets them on the
-# calling thread only, so the OpenMP worker threads kept the slow path.
-FTZ_DAZ = np.uint32(0x8040)
-
-UNSAVED = np.uint32(0xFFFFFFFF)  # a thread whose setting was not saved: leave it alone
-
-if numba is not None and X86:
-    from llvmlite import ir
-    from numba.core import cgutils
-    from numba.extending import intrinsic
-
-    def _mxcsr_instruction(builder, name, slot):
-        fnty = ir.FunctionType(ir.VoidType(), [slot.type])
-        builder.call(cgutils.get_or_insert_function(builder.module, fnty, f"llvm.x86.sse.{name}"), [slot])
-
-    @intrinsic
-    def _read_mxcsr(typingctx):  # pragma: no cover - compiled
-        def codegen(context, builder, signature, args):
-            slot = cgutils.alloca_once(builder, ir.IntType(32))
-            _mxcsr_instruction(builder, "stmxcsr", slot)
-            return builder.load(slot)
-        return numba.types.uint32(), codegen
-
-    @intrinsic
-    def _write_mxcsr(typingctx, value):  # pragma: no cover - compiled
-        def codegen(context, builder, signature, args):
-            slot = cgutils.alloca_once(builder, ir.IntType(32))
-            builder.store(args[0], slot)
-            _mxcsr_instruction(builder, "ldmxcsr", slot)
-            return context.get_dummy_value()
-        return numba.types.void(numba.types.uint32), codegen  # the value is cast to 32 bits
-
-    @numba.njit(parallel=True, cache=True)
-    def _set_ftz_daz(wanted, saved):  # pragma: no cover - compiled
-        # Every thread of Numba's pool sets its FTZ/DAZ bits to wanted[its id] (UNSAVED: leave
-        # them) and saves what they were in saved[its id], unless a previous iteration on the
-        # same thread already did. Indexing by thread id, not by iteration, keeps this right
-        # however the iterations are scheduled. With Numba's OpenMP layer these threads are
-        # the ones that run PyTorch's parallel ops too (see the module docstring).
-        for _ in numba.prange(wanted.shape[0]):
-            thread = numba.get_thread_id()
-            current = _read_mxcsr()
-            if saved[thread] == UNSAVED:
-                saved[thread] = current & FTZ_DAZ
-            if wanted[thread] != UNSAVED:
-                _write_mxcsr((current & ~FTZ_DAZ) | wanted[thread])
-
-
-@contextlib.contextmanager
-def denormals_flushed(enabled: bool = True):
-    """Flush denormal floats to zero on the CPU threads for the duration (x86 with Numba;
-    elsewhere this does nothing), then put each thread's previous setting back.
-
-    The threads are the calling thread and Numba's pool, which with Numba's OpenMP layer
-    (fmnist's pinned environment) is the pool PyTorch's parallel ops run on, up to
-    ``numba.get_num_threads()`` threads: a PyTorch configured with more threads than that
-    keeps the slow path on the extra ones.
-    """
-    if not (enabled and numba is not None and X86):
-        yield
-        return
-    threads = numba.get_num_threads()
-    saved = np.full(threads, UNSAVED, np.uint32)
-    _set_ftz_daz(np.full(threads, FTZ_DAZ, np.uint32), saved)
-    try:
-        yield
-    finally:
-        _set_ftz_daz(saved, np.full(threads, UNSAVED, np.uint32))
 
 
 if numba is not None:
@@ -182,9 +68,7 @@ if numba is not None:
     # Keeping them in [4, C] arrays instead, with the taps outside the channel loop, made
     # the raw kernels 2.7x slower forward and 1.6-1.7x backward (a throwaway probe; through the
     # autograd wrapper, 1.5x and 1.2-1.3x).
-    # 'contract' lets LLVM fuse multiply-adds; nothing is reassociated. Forward at batch 32
-    # on the dev machine: 0.12 ms through the autograd wrapper (benchmarks/micro.py); what
-    # the kernel does to a whole training step is in benchmarks/ablation.py.
+    # 'contract' lets LLVM fuse multiply-adds; nothing is reassociated. Timings: docs/performance.md.
 
     @numba.njit(inline="always")
     def _first_max(a0, a1, a2, a3):  # pragma: no cover - compiled
@@ -199,7 +83,7 @@ if numba is not None:
             best, win = a3, 3
         return best, win
 
-    @numba.njit(parallel=True, cache=True, fastmath={"contract"})
+    @njit(parallel=True, fastmath={"contract"})
     def _forward(x, w, b, out, code):  # pragma: no cover - compiled
         # x [N, H, W]; w [9, C] (tap-major: channels contiguous); b [C]
         # out [N, (H-2)//2, (W-2)//2, C] float32 (channels last); code (same shape) uint8: the
@@ -222,7 +106,7 @@ if numba is not None:
                         out[n, i, j, c] = best
                         code[n, i, j, c] = win
 
-    @numba.njit(parallel=True, cache=True, fastmath={"contract"})
+    @njit(parallel=True, fastmath={"contract"})
     def _backward(x, grad, code, partial):  # pragma: no cover - compiled
         # grad [N, PH, PW, C] (as code); partial [N, 10, C]: per-image weight (taps 0-8) and bias (9)
         # gradients, summed over images into partial[0] at the end (deterministic, no atomics).
@@ -247,7 +131,7 @@ if numba is not None:
                     partial[n, k, c] = acc[k, c]
         _sum_into_first(partial)
 
-    @numba.njit(cache=True)
+    @njit()
     def _sum_into_first(partial):  # pragma: no cover - compiled
         # partial[0] += partial[1:], one thread: a few thousand adds, cheaper than a PyTorch
         # reduction call (about 35 us at batch 32, most of it starting the parallel region)
@@ -256,7 +140,7 @@ if numba is not None:
             for k in range(flat.shape[1]):
                 flat[0, k] += flat[t, k]
 
-    @numba.njit(parallel=True, cache=True)
+    @njit(parallel=True)
     def _pool_relu(y, out, code):  # pragma: no cover - compiled
         # y [N, OH, OW, C] conv output (channels-last); out [N, C, PH, PW] (plain NCHW, so the
         # flatten that follows is free); code [N, PH, PW, C]: the winner 0-3, or DEAD where the
@@ -286,7 +170,7 @@ if numba is not None:
         # Flat channels-last offset of the 3x3 input patch under that conv output.
         return ((2 * i + position // 2) * width + 2 * j + position % 2) * ROUTED_IN_CHANNELS
 
-    @numba.njit(cache=True, fastmath={"contract"})
+    @njit(fastmath={"contract"})
     def _routed_weight_grad_images(x, grad, code, acc, bias_acc, first, last):  # pragma: no cover
         # Sums images first..last-1 into acc [CO, 3 * ROW] and bias_acc [CO].
         _, ph, pw, co_count = code.shape
@@ -325,7 +209,7 @@ if numba is not None:
                         for q in range(ROW):
                             row[q] += g0 * p0[q] + g1 * p1[q] + g2 * p2[q] + g3 * p3[q]
 
-    @numba.njit(cache=True, fastmath={"contract"})
+    @njit(fastmath={"contract"})
     def _routed_input_grad_image(filters, grad, code, n, acc, width):  # pragma: no cover
         # acc: image n's input gradient, [H * W * ROUTED_IN_CHANNELS] flat, channels-last.
         _, ph, pw, co_count = code.shape
@@ -361,7 +245,7 @@ if numba is not None:
                             for q in range(ROW):
                                 row[q] += g0 * f0[q] + g1 * f1[q] + g2 * f2[q] + g3 * f3[q]
 
-    @numba.njit(parallel=True, cache=True)
+    @njit(parallel=True)
     def _routed_backward(x, filters, grad, code, partial, bias_partial, grad_x):  # pragma: no cover
         # One parallel region for both gradients (starting and joining one costs time at batch
         # 32). Thread t takes a fixed slice of the batch: its own partial weight gradient
@@ -377,22 +261,6 @@ if numba is not None:
         _sum_into_first(bias_partial)
 
 
-if numba is not None:
-    @numba.njit(cache=True)
-    def _dropout_mask(random_bytes, cut, scale, mask):  # pragma: no cover - compiled
-        # One thread: a few thousand to a few hundred thousand values, less than the cost of
-        # waking a second thread (PyTorch's comparison, cast and scaling were four parallel ops).
-        for i in range(mask.size):
-            mask[i] = scale if random_bytes[i] >= cut else np.float32(0.0)
-
-
-def dropout_mask(random_bytes: torch.Tensor, cut: int, scale: float, shape) -> torch.Tensor:
-    """``(random_bytes >= cut).float() * scale`` shaped as ``shape``, in one pass (CPU uint8 in)."""
-    mask = np.empty(shape, np.float32)
-    _dropout_mask(random_bytes.numpy(), cut, np.float32(scale), mask.reshape(-1))
-    return torch.from_numpy(mask)
-
-
 def _nhwc(t: torch.Tensor) -> np.ndarray:
     """[N, C, H, W] tensor -> C-contiguous [N, H, W, C] array (a free view of a channels-last tensor)."""
     return np.ascontiguousarray(t.detach().numpy().transpose(0, 2, 3, 1))
@@ -401,11 +269,12 @@ def _nhwc(t: torch.Tensor) -> np.ndarray:
 # The functions below shape arrays with NumPy, not PyTorch: a small PyTorch op costs 5-15 us
 # of dispatch, a NumPy view or small copy well under 1 us, and these run four times a step.
 # They are the two blocks' passes on arrays; the autograd Functions after them and
-# SeedCNN.step_by_hand (fmnist.models) both call them.
+# the step written out (fmnist.fast.notebook) both call them.
 
 
 def block1_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor):
     """First block, forward: (images [N, H, W] view of x, pooled [N, PH, PW, C] channels-last, winner codes)."""
+    prepare()
     n, _, height, width = x.shape
     images = x.detach().numpy()[:, 0]  # strided as it comes (a crop is not copied)
     taps = np.ascontiguousarray(weight.detach().numpy().reshape(weight.shape[0], 9).T)
@@ -417,6 +286,7 @@ def block1_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor):
 
 def block1_backward(images: np.ndarray, grad: np.ndarray, code: np.ndarray):
     """First block, backward from ``grad`` [N, PH, PW, C] (C-contiguous): (weight grad, bias grad)."""
+    prepare()
     partial = np.zeros((max(len(images), 1), 10, CHANNELS), np.float32)  # row 0 exists for an empty batch
     _backward(images, grad, code, partial)
     return torch.from_numpy(np.ascontiguousarray(partial[0, :9].T)).view(-1, 1, 3, 3), torch.from_numpy(partial[0, 9])
@@ -427,6 +297,7 @@ def block2_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor):
 
     Under bf16 autocast the convolution runs in bf16 (pooling and backward stay fp32, on the
     fp32 weights). x is channels-last, so _nhwc is a free view."""
+    prepare()
     conv = _nhwc(F.conv2d(x, weight, bias).float())
     n, conv_height, conv_width, channels = conv.shape
     pooled = np.empty((n, channels, conv_height // 2, conv_width // 2), np.float32)
@@ -439,6 +310,7 @@ def block2_backward(x: np.ndarray, weight: torch.Tensor, grad: np.ndarray, code:
     """Second block, backward through the pooling winners from ``grad`` [N, C, PH, PW] (C-contiguous),
     for the input ``x`` [N, H, W, CI] (C-contiguous): (input grad [N, H, W, CI] or None, weight grad
     (channels-last), bias grad)."""
+    prepare()
     n, height, width, channels = x.shape
     filters = _nhwc(weight).reshape(weight.shape[0], -1)  # [CO, 3 * 3 * CI], a view if weight is channels-last
     grad_x = np.empty((n if want_x else 0, height, width, channels), np.float32)
@@ -495,21 +367,3 @@ class ConvPoolReLURouted(torch.autograd.Function):
 
 def conv_pool_relu_routed(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     return ConvPoolReLURouted.apply(x, weight, bias)
-
-
-def supports_routed(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """The routed block covers float32 CPU maps of 32 channels (at least 4x4) with 3x3 filters,
-    in training, when autograd is on (evaluation keeps the stock layers, which record no
-    winners). Under bf16 autocast only the convolution runs in bf16."""
-    return (available() and torch.is_grad_enabled() and x.device.type == "cpu"
-            and x.dtype == weight.dtype == torch.float32 and x.dim() == 4 and x.shape[1] == ROUTED_IN_CHANNELS
-            and min(x.shape[2:]) >= 4 and weight.shape[1:] == (ROUTED_IN_CHANNELS, 3, 3))
-
-
-def supports(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """The fused kernel covers float32 CPU one-channel images (of at least 4x4) with the seed
-    CNN's first-layer weights, when the images need no gradient themselves (images never do;
-    the kernel only returns weight gradients)."""
-    return (available() and x.device.type == "cpu" and x.dtype == torch.float32 and not x.requires_grad
-            and x.dim() == 4 and x.shape[1] == 1 and min(x.shape[2:]) >= 4
-            and tuple(weight.shape) == (CHANNELS, 1, 3, 3))

@@ -1,0 +1,38 @@
+"""CPU speed code, behind one entry point: ``make_step``.
+
+Everything here exists only to make training faster on a CPU, and changes no result:
+
+    kernels.py    Numba kernels for the notebook CNN's two conv + max-pool + ReLU blocks
+    notebook.py   the notebook CNN's training step written out without autograd
+    adam.py       the fused Adam kernel called without ``Optimizer.step``'s Python
+    denormals.py  flush-to-zero on every CPU thread while training
+    _numba.py     Numba, configured on first use (never at import)
+
+``make_step`` is called once per run. It returns the notebook CNN's written-out step where
+that computes exactly what autograd would (``notebook.applies``), and the plain
+``fmnist.steps.AutogradStep`` everywhere else, with denormals flushed on x86 CPUs (which
+changes no weight: the updates it drops are far below a weight's float resolution). How
+fast each piece is, and what was tried and dropped: docs/performance.md.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from ..steps import AutogradStep
+
+
+def make_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, precision: str = "fp32",
+              label_smoothing: float = 0.0, device: torch.device | str = "cpu", fast: bool = True):
+    """The training step for this model, optimizer and settings (``fast=False``: always autograd)."""
+    on_cpu = torch.device(device).type == "cpu"
+    if fast and on_cpu:
+        from . import notebook
+        from .denormals import denormals_flushed
+
+        if notebook.applies(model, optimizer, precision, label_smoothing):
+            return notebook.NotebookStep(model, optimizer, precision)
+        return AutogradStep(model, optimizer, precision, label_smoothing, epoch_context=denormals_flushed)
+    return AutogradStep(model, optimizer, precision, label_smoothing, epoch_context=contextlib.nullcontext)

@@ -1,0 +1,82 @@
+"""Numba for the speed code: imported only here, configured on first use, never at import.
+
+Two process-wide things happen the first time a kernel is about to run, not when fmnist is
+imported: LLVM is allowed 512-bit vectors on AVX-512 CPUs (see ``prefer_512_bit_vectors``),
+and, if the kernels are not in Numba's on-disk cache yet, one line on stderr says that they
+are being compiled (a few seconds, once). Numba caches beside the package when that folder
+is writable and in the user cache folder otherwise (a read-only install; ``NUMBA_CACHE_DIR``
+overrides both).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+
+try:
+    import numba
+except ImportError:  # pragma: no cover - numba is a declared dependency; stay usable without it
+    numba = None
+
+X86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
+_DISPATCHERS: list = []  # every cached kernel, to tell whether a compile is ahead
+_prepared = False
+
+
+def available() -> bool:
+    return numba is not None
+
+
+def njit(**options):
+    """``numba.njit(cache=True, **options)``, remembered so that ``prepare`` can check its cache."""
+    def decorate(function):
+        dispatcher = numba.njit(cache=True, **options)(function)
+        _DISPATCHERS.append(dispatcher)
+        return dispatcher
+    return decorate
+
+
+def prefer_512_bit_vectors() -> None:
+    """Let LLVM use 512-bit vectors on CPUs with AVX-512 (it prefers 256-bit ones there).
+
+    The routed backward's 96-float rows then take 6 vector operations instead of 12
+    (docs/performance.md has the measurements). Numba reads this setting when it first
+    compiles anything in the process; a NUMBA_CPU_FEATURES set by the user is left alone.
+    """
+    if not X86 or numba is None or "NUMBA_CPU_FEATURES" in os.environ or numba.config.CPU_FEATURES is not None:
+        return
+    from llvmlite import binding
+    try:
+        features = binding.get_host_cpu_features()
+    except RuntimeError:  # llvmlite could not read them: keep Numba's default
+        return
+    if features.get("avx512f"):
+        numba.config.CPU_FEATURES = features.flatten() + ",-prefer-256-bit"
+
+
+def _uncached() -> bool:
+    """Whether some kernel has no entry in Numba's on-disk cache (so it will compile now)."""
+    try:
+        return any(not os.path.exists(d._cache._cache_file._index_path) for d in _DISPATCHERS)
+    except AttributeError:  # Numba's cache internals moved: say nothing rather than guess
+        return False
+
+
+def _cache_folder() -> str:
+    try:
+        return os.path.dirname(_DISPATCHERS[0]._cache._cache_file._index_path)
+    except (AttributeError, IndexError):
+        return "Numba's cache"
+
+
+def prepare() -> None:
+    """Once per process, before the first kernel runs: the vector setting and the compile notice."""
+    global _prepared
+    if _prepared or numba is None:
+        return
+    _prepared = True
+    prefer_512_bit_vectors()
+    if _uncached():
+        print(f"fmnist: compiling the CPU kernels, once (cached in {_cache_folder()})",
+              file=sys.stderr, flush=True)
