@@ -4,9 +4,13 @@ PYTHON ?= python3
 BIN    := $(VENV)/bin
 ARGS   ?=
 
-.PHONY: install train test bench clean
+.PHONY: help install train test test-fast bench clean
+.DEFAULT_GOAL := help
 
-install: $(VENV)/.installed
+help:            ## this list
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | awk -F'\t' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+install: $(VENV)/.installed  ## create .venv with the pinned dependencies (constraints.txt)
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -14,14 +18,17 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(BIN)/pip install --quiet -c constraints.txt -e '.[test]'
 	touch $@
 
-train: install   ## the original notebook's experiment: seed CNN, 10 epochs, batch 32
+train: install   ## the original notebook's experiment: its CNN, 10 epochs, batch 32 (ARGS="..." adds options)
 	$(BIN)/fmnist train $(ARGS)
 
 test: install    ## the whole suite (needs the data: FMNIST_DATA, the cache, or a download)
 	$(BIN)/pytest -q $(ARGS)
 
-bench: install   ## speed benchmark
+test-fast: install  ## the tests that need no data and no training (under 30 s)
+	$(BIN)/pytest -q -m "not slow" $(ARGS)
+
+bench: install   ## speed benchmark: fmnist against the textbook loop and the machine's GEMM rate
 	$(BIN)/fmnist bench $(ARGS)
 
-clean:
+clean:           ## remove .venv and build leftovers
 	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache

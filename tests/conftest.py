@@ -42,9 +42,10 @@ def dataset(data_dir):
     return fmnist.load_dataset(data_dir)
 
 
-def run_cli(*args, env=None, check=False) -> subprocess.CompletedProcess:
-    """Run the installed ``fmnist`` entry point as a user would."""
-    merged = {**os.environ, **(env or {})}
+def run_cli(*args, env=None, check=False, replace_env=False) -> subprocess.CompletedProcess:
+    """Run the installed ``fmnist`` entry point as a user would (``env`` adds to the
+    environment, or replaces it with ``replace_env``)."""
+    merged = dict(env or {}) if replace_env else {**os.environ, **(env or {})}
     exe = Path(sys.executable).with_name("fmnist")
     result = subprocess.run([str(exe), *map(str, args)], capture_output=True, text=True, env=merged)
     if check and result.returncode != 0:
@@ -81,3 +82,20 @@ def write_idx_set(directory: Path, n_train: int = 20, n_test: int = 10, compress
             else:
                 (directory / name).write_bytes(payload)
     return directory
+
+
+DATA_FIXTURES = {"data_dir", "dataset", "trained_run"}
+
+
+def pytest_collection_modifyitems(items):
+    """'slow': every test that needs the real data (it trains or evaluates on it) or starts
+    the fmnist command in a new process (a second or more each, mostly importing PyTorch).
+    ``pytest -m "not slow"`` is the quick tier: no data, no training, in-process."""
+    import inspect
+
+    for item in items:
+        function = getattr(item, "function", None)
+        starts_command = function is not None and any(
+            name in inspect.getsource(function) for name in ("run_cli(", "subprocess."))
+        if DATA_FIXTURES & set(getattr(item, "fixturenames", ())) or starts_command:
+            item.add_marker(pytest.mark.slow)

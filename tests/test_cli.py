@@ -12,6 +12,8 @@ from fmnist.inference import Classifier
 
 from .conftest import run_cli
 
+pytestmark = pytest.mark.slow  # end to end: each test starts the fmnist command, some train
+
 RUN_FILES = ("config.json", "history.csv", "model.safetensors", "checkpoint.pt", "metrics.json", "report.html",
              "figures/curves.png", "figures/confusion_matrix.png", "figures/samples.png", "figures/misclassified.png")
 
@@ -66,11 +68,73 @@ def test_report_redraws_figures(trained_run, data_dir):
     (["train", "--data", "/no/such/dir"], "data folder does not exist"),
     (["train", "--model", "nope"], "invalid choice"),
     (["train", "--epochs", "0"], "must be at least 1"),
+    (["train", "--seed", "-5"], "must be at least 0"),
+    (["train", "--epochs", "ten"], "must be a whole number"),
+    (["train", "--schedule", "step"], "invalid choice"),
 ])
 def test_user_errors_exit_2_without_traceback(args, message):
     result = run_cli(*args)
     assert result.returncode == 2
     assert message in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("args", [["train", "--epochs", "0"], ["train", "--model", "foo"], ["bogus"], []])
+def test_argument_errors_are_one_error_line_and_a_hint(args):
+    result = run_cli(*args)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 2, result.stderr
+    assert lines[0].startswith("error: ") and lines[1].startswith("hint: fmnist") and "usage:" not in result.stderr
+
+
+def test_limit_train_beyond_the_training_split_is_refused(data_dir, tmp_path):
+    result = run_cli("train", "--limit-train", "1000000", "--data", data_dir, "--out", tmp_path / "r")
+    assert result.returncode == 2 and "limit_train is 1,000,000 but the training split has only 54,000" in result.stderr
+    assert not (tmp_path / "r").exists()  # refused before anything was written
+
+
+def test_a_file_where_a_run_folder_belongs(tmp_path):
+    (tmp_path / "file").write_text("x")
+    for args in (["evaluate", tmp_path / "file"], ["report", tmp_path / "file"], ["train", "--resume", tmp_path / "file"]):
+        result = run_cli(*args)
+        assert result.returncode == 2 and "not a folder" in result.stderr, args
+
+
+def test_every_command_has_a_description_and_examples():
+    for command in (["train"], ["evaluate"], ["report"], ["bench"], ["models"], ["data"], ["data", "info"],
+                    ["data", "download"]):
+        text = run_cli(*command, "--help").stdout
+        assert "examples:" in text and text.count("\n\n") >= 2, command
+
+
+def test_a_checkpoint_with_code_in_it_is_refused_in_one_short_line(trained_run, tmp_path):
+    import shutil
+
+    import torch
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run[0], run)
+    (run / "metrics.json").unlink()  # unfinished: resume loads the checkpoint
+    torch.save({"model": {}, "payload": object()}, run / "checkpoint.pt")
+    result = run_cli("train", "--resume", run)
+    assert result.returncode == 2, result.stderr
+    assert "cannot load checkpoint" in result.stderr and "weights_only" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 or "hint:" in result.stderr
+
+
+def test_weights_of_another_shape_say_which_tensor(trained_run, tmp_path, data_dir):
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run[0], run)
+    weights = load_file(run / "model.safetensors")
+    weights["fc1.weight"] = torch.zeros(64, 1600)
+    save_file(weights, run / "model.safetensors")
+    result = run_cli("evaluate", run, "--data", data_dir)
+    assert result.returncode == 2
+    assert "fc1.weight is [64, 1600] in the file but [128, 1600] in the model" in result.stderr
 
 
 def test_not_a_run_folder(tmp_path):
@@ -88,30 +152,38 @@ def test_corrupt_weights_are_a_user_error(trained_run, tmp_path, data_dir):
     assert result.returncode == 2 and "cannot load weights" in result.stderr and "Traceback" not in result.stderr
 
 
-def test_ctrl_c_keeps_the_last_epoch_and_resume_finishes(data_dir, tmp_path):
+def ctrl_c_after_first_epoch(*args) -> tuple[int, str]:
+    """Run ``fmnist ARGS`` and send SIGINT, as a user's Ctrl-C, once the first epoch is on disk
+    (``--out`` must be among the arguments); returns (exit status, stderr)."""
     import signal
     import subprocess
     import sys
     import time
     from pathlib import Path
 
-    out = tmp_path / "cut"
-    exe = Path(sys.executable).with_name("fmnist")
-    command = [str(exe), "train", "--epochs", "3", "--limit-train", "3000", "--data", str(data_dir),
-               "--out", str(out), "--quiet"]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    args = [str(a) for a in args]
+    out = Path(args[args.index("--out") + 1])
+    process = subprocess.Popen([str(Path(sys.executable).with_name("fmnist")), *args], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     while not (out / runs.HISTORY).exists() and time.monotonic() < deadline and process.poll() is None:
         time.sleep(0.05)
-    process.send_signal(signal.SIGINT)  # during epoch 2 (or later): as a user's Ctrl-C
+    process.send_signal(signal.SIGINT)  # during epoch 2 (or later)
     _, stderr = process.communicate(timeout=120)
-    assert process.returncode == 130, stderr
+    return process.returncode, stderr
+
+
+def test_ctrl_c_keeps_the_last_epoch_and_resume_finishes(data_dir, tmp_path):
+    out = tmp_path / "cut"
+    status, stderr = ctrl_c_after_first_epoch("train", "--epochs", "3", "--limit-train", "3000", "--data", data_dir,
+                                              "--out", out, "--quiet")
+    assert status == 130, stderr
     assert "interrupted" in stderr and f"fmnist train --resume {out}" in stderr and "Traceback" not in stderr
     assert (out / runs.CHECKPOINT).is_file() and (out / runs.WEIGHTS).is_file()
     assert not (out / runs.METRICS).exists()
     resumed = run_cli("train", "--resume", out, "--data", data_dir, "--quiet")
     assert resumed.returncode == 0, resumed.stderr
-    assert [row["epoch"] for row in runs.read_history(out)] == [1.0, 2.0, 3.0]
+    assert [row["epoch"] for row in runs.read_history(out)] == [1, 2, 3]
     assert (out / runs.METRICS).is_file() and (out / runs.REPORT).is_file()
 
 
@@ -147,3 +219,33 @@ def test_report_without_history(trained_run, tmp_path, data_dir):
 def test_debug_after_the_command_shows_the_traceback():
     result = run_cli("evaluate", "/no/such/run", "--debug")
     assert result.returncode != 0 and "Traceback" in result.stderr
+
+
+@pytest.mark.slow
+def test_resnet_trains_evaluates_resumes_reports_and_predicts(data_dir, tmp_path):
+    # The second model through every command, on a few hundred images, with its own recipe
+    # (SGD, one-cycle, label smoothing, crops and flips, flip averaging) and an override.
+    out = tmp_path / "resnet"
+    status, stderr = ctrl_c_after_first_epoch("train", "--model", "resnet", "--epochs", "3", "--limit-train", "300",
+                                              "--lr", "0.05", "--out", out, "--data", data_dir, "--quiet")
+    assert status == 130, stderr
+    resumed = run_cli("train", "--resume", out, "--data", data_dir, "--json")
+    assert resumed.returncode == 0, resumed.stderr
+    payload = json.loads(resumed.stdout)
+    assert [row["epoch"] for row in payload["history"]] == [1, 2, 3]
+    config = json.loads((out / "config.json").read_text())
+    assert config["train"]["model"] == "resnet" and config["train"]["lr"] == 0.05  # the override
+    assert config["train"]["optimizer"] == "sgd" and config["train"]["tta_flip"] is True  # the recipe
+    assert config["model"]["training_step"] == "autograd"
+    assert (out / "history.csv").read_text().splitlines()[1].startswith("1,")  # not "1.0," after a resume
+    evaluated = run_cli("evaluate", out, "--data", data_dir, "--json")
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert json.loads(evaluated.stdout)["accuracy"] == payload["metrics"]["accuracy"]
+    (out / "report.html").unlink()
+    assert run_cli("report", out, "--data", data_dir).returncode == 0 and (out / "report.html").is_file()
+    torch_clf, onnx_clf = Classifier.from_run(out, backend="torch"), Classifier.from_run(out)
+    assert onnx_clf.backend == "onnx"  # exported with its batch norm and flip averaging
+    import numpy as np
+
+    images = np.random.default_rng(0).integers(0, 256, (64, 28, 28), dtype=np.uint8)
+    np.testing.assert_allclose(onnx_clf.predict_proba(images), torch_clf.predict_proba(images), atol=1e-5)

@@ -217,3 +217,94 @@ def test_content_hash_ignores_compression(dataset, data_dir, tmp_path):
     for path in data_dir.glob("*.gz"):
         (tmp_path / path.stem).write_bytes(gzip.decompress(path.read_bytes()))
     assert fdata.load_dataset(tmp_path).source.content_sha256 == dataset.source.content_sha256
+
+
+def _damage(directory, how):
+    import os
+
+    target = directory / "train-labels-idx1-ubyte.gz"
+    target.unlink()
+    if how == "directory":
+        target.mkdir()
+    elif how == "dangling symlink":
+        target.symlink_to(directory / "nowhere")
+    elif how == "fifo":
+        os.mkfifo(target)
+    return target.name
+
+
+@pytest.mark.parametrize("how,reason", [("missing", "is missing"), ("directory", "is a folder"),
+                                        ("dangling symlink", "is a broken symbolic link"),
+                                        ("fifo", "is not a regular file")])
+def test_a_bad_file_among_good_ones_is_named(tmp_path, monkeypatch, how, reason):
+    monkeypatch.delenv("FMNIST_DATA", raising=False)
+    directory = write_idx_set(tmp_path / "d")
+    name = _damage(directory, how)
+    with pytest.raises(UserError, match=f"{name} {reason}") as info:
+        fdata.resolve_data_dir(directory)
+    assert "no Fashion-MNIST files" not in str(info.value)
+    result = run_cli("data", "info", "--data", directory)
+    assert result.returncode == 2 and f"{name} {reason}" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_file_given_as_the_data_folder(tmp_path, monkeypatch):
+    monkeypatch.delenv("FMNIST_DATA", raising=False)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UserError, match="not a folder"):
+        fdata.resolve_data_dir(tmp_path / "file")
+
+
+def test_api_errors_name_no_cli_flags(tmp_path, monkeypatch):
+    monkeypatch.delenv("FMNIST_DATA", raising=False)
+    with pytest.raises(UserError) as info:
+        fdata.load_dataset(tmp_path / "nope")
+    assert "does not exist" in str(info.value) and "--data" not in str(info.value)
+    monkeypatch.setenv("FMNIST_DATA", str(tmp_path / "nope"))
+    with pytest.raises(UserError, match="FMNIST_DATA"):  # says where the path came from
+        fdata.load_dataset()
+
+
+def test_swapped_splits_are_loaded_with_a_warning(tmp_path):
+    directory = write_idx_set(tmp_path / "d", n_train=10, n_test=20)
+    with pytest.warns(UserWarning, match="10 training and 20 test images, where Fashion-MNIST has 60,000"):
+        fdata.load_dataset(directory)
+    swapped = tmp_path / "swapped"
+    swapped.mkdir()
+    for name, source in (("train-images-idx3-ubyte.gz", "t10k-images-idx3-ubyte.gz"),
+                         ("train-labels-idx1-ubyte.gz", "t10k-labels-idx1-ubyte.gz")):
+        (swapped / name).write_bytes(gzip.compress(idx_bytes(np.zeros((10_000,) + ((28, 28) if "images" in name else ())),
+                                                             0x803 if "images" in name else 0x801)))
+        (swapped / source).write_bytes(gzip.compress(idx_bytes(np.zeros((60_000,) + ((28, 28) if "images" in name else ())),
+                                                               0x803 if "images" in name else 0x801)))
+    with pytest.warns(UserWarning, match="swapped"):
+        fdata.load_dataset(swapped)
+    result = run_cli("data", "info", "--data", swapped)
+    assert result.returncode == 0 and "warning:" in result.stderr and "swapped" in result.stderr
+
+
+def test_offline_the_hint_comes_within_two_seconds(tmp_path):
+    # The real mirrors, no network (as on this project's machines and in CI), no data: one
+    # short attempt per mirror, then the hint. The whole command, Python's start included.
+    import os
+    import time
+
+    env = {k: v for k, v in os.environ.items() if k not in ("FMNIST_DATA", "FMNIST_MIRROR")}
+    env.update(XDG_CACHE_HOME=str(tmp_path / "cache"), HOME=str(tmp_path))
+    started = time.monotonic()
+    result = run_cli("train", "--epochs", "1", env=env, replace_env=True)
+    elapsed = time.monotonic() - started
+    assert result.returncode == 2, result.stderr
+    assert "could not download" in result.stderr and "FMNIST_DATA" in result.stderr
+    assert elapsed < 5, elapsed  # of which the download attempts themselves: see the next test
+
+
+def test_offline_download_attempts_take_under_two_seconds(tmp_path, monkeypatch):
+    import time
+
+    monkeypatch.delenv("FMNIST_DATA", raising=False)
+    monkeypatch.delenv("FMNIST_MIRROR", raising=False)
+    monkeypatch.setattr(fdata, "default_cache_dir", lambda: tmp_path / "cache")
+    started = time.monotonic()
+    with pytest.raises(UserError, match="could not download"):
+        fdata.resolve_data_dir()
+    assert time.monotonic() - started < 2.0
