@@ -91,3 +91,27 @@ def test_resume_refuses_other_data_and_finished_runs(dataset, tmp_path):
     (finished.run_dir / runs.METRICS).unlink()
     with pytest.raises(UserError, match="differs from the data the run started with"):
         train(resume=finished.run_dir, data=dataset, **_quiet())
+
+
+def test_ema_erasing_and_flip_averaging_run_and_are_kept(dataset, tmp_path):
+    # The remaining recipe features in one short run: the kept weights are the EMA's, and the
+    # test metrics are those of the flip-averaged model evaluate() rebuilds from the folder.
+    import torch
+
+    from fmnist.evaluation import evaluate
+    from fmnist.inference import FlipAveraged, load_run_model
+
+    config = TrainConfig(model="notebook", epochs=2, limit_train=400, ema_decay=0.9, erasing=0.5, tta_flip=True,
+                         schedule="cosine", warmup_epochs=1, optimizer="adamw", weight_decay=0.01)
+    result = train(config, data=dataset, out=tmp_path / "r", **_quiet())
+    state = runs.load_checkpoint(tmp_path / "r" / runs.CHECKPOINT)
+    assert "ema" in state and "scheduler" in state
+    kept = runs.load_weights(tmp_path / "r" / runs.WEIGHTS)
+    if result.metrics["best_epoch"] == 2:  # the last epoch was kept: its weights are the EMA's, not the model's
+        ema = {k[len("module."):]: v for k, v in state["ema"].items() if k.startswith("module.")}
+        assert all(torch.equal(kept[k], ema[k].contiguous()) for k in kept)
+        assert not all(torch.equal(kept[k], state["model"][k].contiguous()) for k in kept)
+    model, _ = load_run_model(tmp_path / "r")
+    assert isinstance(model, FlipAveraged)
+    assert evaluate(tmp_path / "r", data=dataset)["accuracy"] == result.metrics["accuracy"]
+    assert [row["lr"] for row in result.history][0] < config.resolved().lr  # warming up
