@@ -8,7 +8,7 @@ import re
 import pytest
 
 from fmnist import runs
-from fmnist.inference import Classifier
+from fmnist.classifier import Classifier
 
 from .conftest import run_cli
 
@@ -66,11 +66,17 @@ def test_report_redraws_figures(trained_run, data_dir):
 @pytest.mark.parametrize("args,message", [
     (["evaluate", "/no/such/run"], "run folder does not exist"),
     (["train", "--data", "/no/such/dir"], "data folder does not exist"),
-    (["train", "--model", "nope"], "invalid choice"),
+    (["train", "--model", "nope"], "unknown model 'nope'"),
     (["train", "--epochs", "0"], "must be at least 1"),
     (["train", "--seed", "-5"], "must be at least 0"),
     (["train", "--epochs", "ten"], "must be a whole number"),
     (["train", "--schedule", "step"], "invalid choice"),
+    (["serve", "/no/such/run"], "run folder does not exist"),
+    (["serve", "/no/such/model.onnx"], "no such model file"),
+    (["serve", "/no/such/run", "--max-body-mb", "0"], "max-body-mb must be positive"),
+    (["predict", "/no/such/model.onnx", "shirt.jpg"], "no such model file"),
+    (["export", "/no/such/run"], "run folder does not exist"),
+    (["export", "/no/such/run", "--format", "tflite"], "invalid choice"),
 ])
 def test_user_errors_exit_2_without_traceback(args, message):
     result = run_cli(*args)
@@ -78,7 +84,7 @@ def test_user_errors_exit_2_without_traceback(args, message):
     assert message in result.stderr and "Traceback" not in result.stderr
 
 
-@pytest.mark.parametrize("args", [["train", "--epochs", "0"], ["train", "--model", "foo"], ["bogus"], []])
+@pytest.mark.parametrize("args", [["train", "--epochs", "0"], ["train", "--optimizer", "foo"], ["bogus"], []])
 def test_argument_errors_are_one_error_line_and_a_hint(args):
     result = run_cli(*args)
     lines = result.stderr.strip().splitlines()

@@ -33,7 +33,7 @@ from torch import nn
 from .data import FashionMNIST, load_dataset, to_float
 from .fast import make_step
 from .fast.notebook import SEEN
-from .inference import Classifier
+from .classifier import Classifier
 from .models import create_model, layer_flops
 from .runtime import environment, resolve_device
 from .training import TrainConfig, make_optimizer, train_one_epoch

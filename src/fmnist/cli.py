@@ -41,6 +41,18 @@ EXAMPLES = {
     "bench": """examples:
   fmnist bench                              # about a minute on a 2-core CPU
   fmnist bench --json > bench.json""",
+    "predict": """examples:
+  fmnist predict runs/notebook-20261127-120000 shirt.jpg boot.png   # any size, photo or drawing
+  fmnist predict model.onnx *.jpg --top-k 3 --json                  # an exported model: no PyTorch
+  fmnist predict model.onnx t10k-images-idx3-ubyte.gz               # IDX or .npy batches of 28x28
+  fmnist predict model.onnx photo.jpg --save-preprocessed seen/     # what the model actually saw""",
+    "export": """examples:
+  fmnist export runs/notebook-20261127-120000              # writes RUN_DIR/model.onnx
+  fmnist export runs/notebook-20261127-120000 --out notebook.onnx""",
+    "serve": """examples:
+  fmnist serve runs/notebook-20261127-120000               # page on http://127.0.0.1:8000/
+  fmnist serve model.onnx --host 0.0.0.0 --port 8080
+  curl -F images=@shirt.jpg -F images=@boot.png http://127.0.0.1:8000/v1/predict""",
     "report": """examples:
   fmnist report runs/notebook-20261127-120000   # redraws figures/ and report.html""",
 }
@@ -171,6 +183,60 @@ def cmd_report(args) -> int:
     return 0
 
 
+def _preprocess_changes(args) -> dict:
+    return {name: getattr(args, name) for name in ("invert", "autocontrast", "crop", "keep_aspect")
+            if getattr(args, name, None) is not None}
+
+
+def cmd_predict(args) -> int:
+    from .preprocess import save_png
+
+    from .classifier import Classifier
+
+    classifier = Classifier.load(args.model, backend=args.backend, preprocess=_preprocess_changes(args),
+                                 uncertain_below=args.uncertain_below)
+    answers = classifier.classify(args.images, top_k=args.top_k)
+    if args.save_preprocessed:
+        for n, answer in enumerate(answers):
+            stem = Path(answer.source or "image").name.replace("[", "-").replace("]", "")
+            save_png(answer.image, Path(args.save_preprocessed) / f"{n:04d}-{Path(stem).stem}.png")
+    if args.json:
+        _print_json([answer.to_dict() for answer in answers])
+        return 0
+    width = max(len(str(answer.source)) for answer in answers)
+    for answer in answers:
+        others = ", ".join(f"{name} {p:.1%}" for name, p in answer.top_k[1:])
+        flag = "  uncertain" if answer.uncertain else ""
+        print(f"{answer.source:<{width}}  {answer.label} {answer.probability:.1%}"
+              f"{'  (' + others + ')' if others else ''}{flag}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .export import export_onnx
+    from .preprocess import Preprocess
+
+    path, check = export_onnx(args.run_dir, args.out, args.data, Preprocess(**_preprocess_changes(args)))
+    _log(f"parity on {check['images']} test images: top-1 agreement {check['top1_agreement']:.0%}, "
+         f"largest probability difference {check['max_probability_diff']:.1e}")
+    print(path)
+    return 0
+
+
+def cmd_serve(args) -> int:
+    try:
+        from .serving import ServeConfig, serve
+    except ImportError:
+        raise UserError("serving needs FastAPI and uvicorn", hint="pip install 'fmnist[serve]'") from None
+
+    config = ServeConfig(max_body_mb=args.max_body_mb, max_images=args.max_images,
+                         max_megapixels=args.max_megapixels, batch_window_ms=args.batch_window_ms,
+                         max_batch=args.max_batch, top_k=args.top_k)
+    serve(args.model, args.host, args.port, config, workers=args.workers, preprocess=_preprocess_changes(args),
+          uncertain_below=args.uncertain_below, log=_log)
+    return 0
+
+
 # ----------------------------------------------------------------------------- parser
 
 
@@ -207,9 +273,9 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
-    from .models import ALIASES, list_models
-    from .recipes import OPTIMIZERS, SCHEDULES
-    from .runtime import PRECISIONS
+    # Names only: building the parser imports no PyTorch (predict and serve with an exported
+    # model never need it).
+    from .recipes import OPTIMIZERS, PRECISIONS, RECIPES, SCHEDULES
 
     parser = _Parser(
         prog="fmnist", description="Train, evaluate and understand Fashion-MNIST classifiers.",
@@ -254,8 +320,8 @@ def build_parser() -> argparse.ArgumentParser:
     train = command("train", "train a model with its recipe (any option below overrides it) and write a run "
                              "folder", cmd_train)
     run = train.add_argument_group("the run")
-    run.add_argument("--model", choices=list_models() + sorted(ALIASES), metavar="NAME",
-                     help=f"{', '.join(list_models())} (default: notebook; 'fmnist models' lists them)")
+    run.add_argument("--model", metavar="NAME",
+                     help=f"{', '.join(sorted(RECIPES))} (default: notebook; 'fmnist models' lists them)")
     run.add_argument("--seed", type=_whole_number(0), metavar="N",
                      help="seeds everything, the split included (default: 0)")
     run.add_argument("--val-fraction", type=float, metavar="F",
@@ -302,6 +368,60 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
         if name == "evaluate":
             sub.add_argument("--json", action="store_true", help="machine-readable output")
+    def add_preprocess(sub):
+        group = sub.add_argument_group("preprocessing of image files (default: the model's own settings)")
+        group.add_argument("--invert", choices=("auto", "always", "never"),
+                           help="make the object light on black: auto inverts a light background")
+        group.add_argument("--crop", action=argparse.BooleanOptionalAction, default=None,
+                           help="crop to the object (on by default)")
+        group.add_argument("--keep-aspect", action=argparse.BooleanOptionalAction, default=None,
+                           help="pad to a square before resizing (on by default; off stretches)")
+        group.add_argument("--autocontrast", action=argparse.BooleanOptionalAction, default=None,
+                           help="background to black, the brightest object pixel to white (on by default)")
+
+    def add_answers(sub):
+        sub.add_argument("model", metavar="MODEL", help="a run folder, or a .onnx file from 'fmnist export'")
+        sub.add_argument("--top-k", type=_positive_int, default=3, metavar="K", help="classes shown (default: 3)")
+        sub.add_argument("--uncertain-below", type=float, metavar="P",
+                         help="flag answers whose top probability is below P (default: 0.5)")
+
+    predict = command("predict", "classify image files (any size: photos, drawings) or IDX/.npy batches",
+                      cmd_predict)
+    add_answers(predict)
+    predict.add_argument("images", nargs="+", metavar="IMAGE",
+                         help="PNG, JPEG, WebP, GIF, BMP, or .npy / IDX files of 28x28 images")
+    predict.add_argument("--json", action="store_true", help="machine-readable output")
+    predict.add_argument("--save-preprocessed", metavar="DIR", help="write the 28x28 images the model saw")
+    predict.add_argument("--backend", choices=("auto", "onnx", "torch"), default="auto",
+                         help="engine for a run folder (an .onnx file always uses ONNX Runtime)")
+    add_preprocess(predict)
+
+    export = command("export", "write a run's model as an ONNX file with its metadata, after a parity check",
+                     cmd_export)
+    export.add_argument("run_dir", metavar="RUN_DIR", help="a folder written by 'fmnist train'")
+    export.add_argument("--format", choices=("onnx",), default="onnx", help="onnx (default)")
+    export.add_argument("--out", metavar="FILE", help="output file (default: RUN_DIR/model.onnx)")
+    add_data(export)
+    add_preprocess(export)
+
+    serve = command("serve", "web service and page for a run folder or exported model", cmd_serve)
+    add_answers(serve)
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    serve.add_argument("--port", type=_whole_number(0), default=8000, help="port (default: 8000)")
+    serve.add_argument("--workers", type=_positive_int, default=1, metavar="N",
+                       help="server processes sharing the port and the cores (default: 1)")
+    limits = serve.add_argument_group("limits and batching")
+    limits.add_argument("--max-body-mb", type=float, default=5.0, metavar="MB", help="request size (default: 5)")
+    limits.add_argument("--max-images", type=_positive_int, default=64, metavar="N",
+                        help="images per request (default: 64)")
+    limits.add_argument("--max-megapixels", type=float, default=40.0, metavar="MP",
+                        help="pixels per image, checked before decoding (default: 40)")
+    limits.add_argument("--batch-window-ms", type=float, default=2.0, metavar="MS",
+                        help="how long a request waits to share a model call (default: 2)")
+    limits.add_argument("--max-batch", type=_positive_int, default=256, metavar="N",
+                        help="images per model call (default: 256)")
+    add_preprocess(serve)
+
     bench = command("bench", "measure training and inference speed against the machine's limit", cmd_bench)
     bench.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
     add_data(bench)

@@ -21,7 +21,7 @@ def evaluate(run_dir: str | os.PathLike, data_dir: str | os.PathLike | None = No
              device: str = "cpu", data: FashionMNIST | None = None) -> dict:
     """Test-set metrics of a run's saved model (the same numbers as its metrics.json)."""
     runs.require_run_dir(run_dir)  # a typo should not start a download
-    data = data or load_dataset(data_dir)
+    data = data or load_dataset(runs.data_dir_for(runs.read_config(run_dir), data_dir))
     logits, config = _test_logits(run_dir, data, device)
     metrics = metrics_on_test_set(logits, data)
     trained_on = config["data"].get("content_sha256")
@@ -38,7 +38,7 @@ def report(run_dir: str | os.PathLike, data_dir: str | os.PathLike | None = None
     from .report import build_report
 
     run_dir = runs.require_run_dir(run_dir)
-    data = data or load_dataset(data_dir)
+    data = data or load_dataset(runs.data_dir_for(runs.read_config(run_dir), data_dir))
     logits, _ = _test_logits(run_dir, data, device)
     metrics = metrics_on_test_set(logits, data)
     try:  # keep what only training knew: which epoch was best

@@ -11,8 +11,8 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from .errors import UserError
-from .runtime import PRECISIONS
 
+PRECISIONS = ("auto", "fp32", "bf16")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("constant", "onecycle", "linear", "cosine")
 

@@ -190,3 +190,13 @@ def new_run_dir(out: str | os.PathLike | None, model_name: str, root: str = "run
                             hint="choose another --out; fmnist never overwrites a run")
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def data_dir_for(config: dict, data_dir: str | os.PathLike | None = None) -> str | os.PathLike | None:
+    """Where a command that reads a run finds the data: ``data_dir`` (--data), else
+    $FMNIST_DATA, else the folder the run was trained on if it still exists, else the usual
+    search (None), which may end in a download."""
+    if data_dir is not None or os.environ.get("FMNIST_DATA"):
+        return data_dir
+    directory = config.get("data", {}).get("directory")
+    return directory if directory and Path(directory).is_dir() else None

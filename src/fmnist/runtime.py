@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from .errors import UserError
+from .recipes import PRECISIONS
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -66,7 +67,6 @@ def _cpu_name() -> str:
     return platform.processor() or "unknown"
 
 
-PRECISIONS = ("auto", "fp32", "bf16")
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
