@@ -1,7 +1,8 @@
 """The ``fmnist`` command: argument parsing only; every command calls the Python API.
 
 Results go to stdout, progress and logs to stderr. Exit codes: 0 success,
-1 unexpected failure, 2 user error (one ``error:`` line, maybe a ``hint:``), 130 Ctrl-C.
+1 unexpected failure, 2 user error (one ``error:`` line, maybe a ``hint:``), 130 Ctrl-C,
+143 SIGTERM.
 """
 
 from __future__ import annotations
@@ -456,7 +457,7 @@ def main(argv: list[str] | None = None) -> int:
     except Interrupted as exc:
         print(f"interrupted: {exc}", file=sys.stderr)
         print(f"hint: fmnist train --resume {exc.run_dir}", file=sys.stderr)
-        return 130
+        return 143 if exc.signal_name == "SIGTERM" else 130  # 128 + the signal's number
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

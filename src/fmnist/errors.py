@@ -14,10 +14,10 @@ class UserError(Exception):
 
 
 class Interrupted(Exception):
-    """Ctrl-C during training; the run folder keeps the last complete epoch's checkpoint."""
+    """Ctrl-C or SIGTERM during training; the run folder keeps the last complete epoch's checkpoint."""
 
-    def __init__(self, run_dir, epochs_done: int):
+    def __init__(self, run_dir, epochs_done: int, signal_name: str = "SIGINT"):
         kept = (f"checkpoint of epoch {epochs_done} kept in {run_dir}" if epochs_done
                 else f"no epoch had completed; {run_dir} restarts from epoch 1")
-        super().__init__(f"stopped after {epochs_done} complete epoch(s); {kept}")
-        self.run_dir = run_dir
+        super().__init__(f"{signal_name}: stopped after {epochs_done} complete epoch(s); {kept}")
+        self.run_dir, self.signal_name = run_dir, signal_name

@@ -8,6 +8,7 @@
       metrics.json        test-set evaluation
       figures/*.png       curves, confusion matrix, samples, misclassified
       report.html         one self-contained page
+      .lock               held by the process training in the folder (flock: gone when it dies)
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import io
 import json
 import os
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -31,6 +33,7 @@ CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.json"
 FIGURES = "figures"
 REPORT = "report.html"
+LOCK = ".lock"
 
 
 def _umask() -> int:
@@ -159,6 +162,17 @@ def load_weights(path: Path) -> dict[str, torch.Tensor]:
         raise UserError(f"cannot load weights: {exc} ({path})") from None
 
 
+def saved_val_accuracy(path: Path) -> float:
+    """The validation accuracy recorded with a weights file (-1 when it has none)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as handle:
+            return float((handle.metadata() or {}).get("val_accuracy", -1.0))
+    except Exception:  # noqa: BLE001 - unreadable files are refused by check_resumable first
+        return -1.0
+
+
 def load_weights_into(model: torch.nn.Module, path: Path, model_name: str) -> None:
     """Load a weights file into ``model``, or a UserError saying which tensors do not fit."""
     weights, expected = load_weights(path), model.state_dict()
@@ -172,8 +186,9 @@ def load_weights_into(model: torch.nn.Module, path: Path, model_name: str) -> No
     model.load_state_dict(weights)
 
 
-def new_run_dir(out: str | os.PathLike | None, model_name: str, root: str = "runs") -> Path:
-    """``out`` if given (it must not already hold a run), else ``runs/<model>-<timestamp>``."""
+def new_run_dir(out: str | os.PathLike | None, model_name: str, root: str = "runs", needed_bytes: int = 0) -> Path:
+    """``out`` if given (it must not already hold a run), else ``runs/<model>-<timestamp>``;
+    refused before it is made when its disk has less than ``needed_bytes`` free."""
     import datetime
 
     if out is None:
@@ -188,6 +203,8 @@ def new_run_dir(out: str | os.PathLike | None, model_name: str, root: str = "run
         if path.exists() and any(path.iterdir()):
             raise UserError(f"output folder is not empty: {path}",
                             hint="choose another --out; fmnist never overwrites a run")
+    existing = next(parent for parent in (path, *path.absolute().parents) if parent.exists())
+    check_free_space(existing, needed_bytes)
     path.mkdir(parents=True, exist_ok=True)
     return path
 
@@ -200,3 +217,74 @@ def data_dir_for(config: dict, data_dir: str | os.PathLike | None = None) -> str
         return data_dir
     directory = config.get("data", {}).get("directory")
     return directory if directory and Path(directory).is_dir() else None
+
+
+@contextmanager
+def training_lock(run_dir: Path):
+    """Held while a process trains in ``run_dir``; a second one is refused. An flock, so the
+    kernel releases it when the process ends in any way, SIGKILL included."""
+    import fcntl
+
+    handle = open(Path(run_dir) / LOCK, "a+", encoding="ascii")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip()
+        handle.close()
+        raise UserError(f"another fmnist process{f' (pid {holder})' if holder else ''} is training in {run_dir}",
+                        hint="wait for it to finish, or stop it (its checkpoint is kept)") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(str(os.getpid()))
+    handle.flush()
+    try:
+        yield
+    finally:
+        Path(handle.name).unlink(missing_ok=True)
+        handle.close()
+
+
+def remove_stale_temporaries(run_dir: Path) -> list[str]:
+    """Delete half-written files a killed process left (``.NAME.*.tmp`` of atomic writes)."""
+    stale = sorted(Path(run_dir).glob(".*.tmp"))
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return [path.name for path in stale]
+
+
+def check_free_space(directory: Path, needed_bytes: int) -> None:
+    """A UserError before training when the disk cannot hold the run's files."""
+    import shutil
+
+    free = shutil.disk_usage(directory).free
+    if free < needed_bytes:
+        raise UserError(f"only {free / 1e6:,.1f} MB free on the disk of {directory}; this run needs about "
+                        f"{needed_bytes / 1e6:,.1f} MB for its weights, checkpoints and report",
+                        hint="free some space or choose another --out")
+
+
+def check_resumable(run_dir: Path, checkpoint_epoch: int | None) -> None:
+    """Refuse a damaged run folder before any training, naming the file: resuming it would
+    overwrite the run's files or silently lose part of its history.
+
+    ``checkpoint_epoch`` is the epoch of the loaded checkpoint (None: there is none).
+    """
+    history = read_history(run_dir) if (run_dir / HISTORY).exists() else None
+    if checkpoint_epoch is None:
+        done = [name for name in (HISTORY, METRICS, WEIGHTS) if (run_dir / name).exists()]
+        if done:
+            raise UserError(f"{CHECKPOINT} is missing from {run_dir}, but {', '.join(done)} show trained epochs: "
+                            f"resuming would start over and overwrite them",
+                            hint="train into a new --out (fmnist never overwrites a run)")
+        return
+    if history is None:
+        raise UserError(f"{HISTORY} is missing from {run_dir} (the checkpoint is of epoch {checkpoint_epoch}): "
+                        f"the resumed history would lack those epochs")
+    if len(history) < checkpoint_epoch or [row["epoch"] for row in history[:checkpoint_epoch]] != \
+            list(range(1, checkpoint_epoch + 1)):
+        raise UserError(f"{HISTORY} holds {len(history)} epoch(s) but the checkpoint is of epoch "
+                        f"{checkpoint_epoch} ({run_dir / HISTORY})")
+    if not (run_dir / WEIGHTS).is_file():
+        raise UserError(f"{WEIGHTS} is missing from {run_dir}: the best epoch's weights are lost")
+    load_weights(run_dir / WEIGHTS)  # reads it all: a truncated file is an error now, not after training

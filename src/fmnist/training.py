@@ -15,11 +15,14 @@ on the test set and the report is drawn.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -163,37 +166,54 @@ def make_ema(model: torch.nn.Module, decay: float):
 # ----------------------------------------------------------------------------- one epoch
 
 
+class NonFiniteLoss(Exception):
+    """The loss became NaN or infinite (raised before anything of the epoch is saved)."""
+
+    def __init__(self, step: int, value: float):
+        super().__init__(f"the loss became {value} at step {step}")
+        self.step, self.value = step, value
+
+
 def train_one_epoch(step, images, labels, batch_size, generator, *, augmentation=None, scheduler=None, ema=None,
                     bar=None):
     """One pass over ``images`` in a fresh random order; returns (mean loss, accuracy).
 
     ``step`` is a training step (fmnist.steps); ``augmentation`` maps (images, generator) to
     augmented images; ``scheduler`` and ``ema`` are stepped after every batch when given.
+    Raises NonFiniteLoss, naming the first bad step, if the loss became NaN or infinite.
     """
     step.model.train()
     order = torch.randperm(len(images), generator=generator).to(images.device)
     images, labels = images[order], labels[order]  # one gather per epoch; batches are views
     if augmentation is not None:
         images = augmentation(images, generator)
-    loss_sum = torch.zeros((), device=images.device)
+    starts = range(0, len(images), batch_size)
+    # Each step's loss stays on the device (no host sync per step); summed, and checked for
+    # NaN/inf, once at the end of the epoch.
+    losses = torch.empty(len(starts), device=images.device)
     correct = torch.zeros((), dtype=torch.long, device=images.device)
     with step.epoch():
-        for index, start in enumerate(range(0, len(images), batch_size)):
+        for index, start in enumerate(starts):
             x, y = images[start:start + batch_size], labels[start:start + batch_size]
             logits, loss = step(x, y)
             if scheduler is not None:
                 scheduler.step()
             if ema is not None:
                 ema.update_parameters(step.model)
-            # Accumulate on the device: no host sync per step.
-            loss_sum += loss.detach() * len(y)
+            losses[index] = loss.detach()
             correct += (logits.detach().argmax(dim=1) == y).sum()
             if bar is not None:
                 bar.update(len(y))
                 if index % 50 == 0:
                     seen = start + len(y)
-                    bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}", acc=f"{correct.item() / seen:.4f}")
-    return loss_sum.item() / len(images), correct.item() / len(images)
+                    bar.set_postfix(loss=f"{losses[:index + 1].mean().item():.4f}", acc=f"{correct.item() / seen:.4f}")
+    bad = torch.nonzero(~torch.isfinite(losses))
+    if len(bad):
+        first = int(bad[0])
+        raise NonFiniteLoss(first + 1, losses[first].item())
+    sizes = torch.full((len(starts),), float(batch_size), device=images.device)
+    sizes[-1] = len(images) - starts[-1]
+    return (losses * sizes).sum().item() / len(images), correct.item() / len(images)
 
 
 def evaluate_split(model, images, labels) -> tuple[float, float, torch.Tensor]:
@@ -275,18 +295,57 @@ def _write_config(run_dir: Path, config: TrainConfig, data: FashionMNIST, model,
     return record
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM (what schedulers send before a kill), taken like Ctrl-C."""
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be set from the main thread
+        return
+
+    def stop(signum, frame):
+        raise _Terminated()
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _files_bytes(model) -> int:
+    """About what a run writes: weights, checkpoint (weights and up to two optimizer slots,
+    EMA), each twice while its atomic write is in flight, plus figures and report."""
+    return 4 * count_parameters(model) * 10 + 5_000_000
+
+
 def train(config: TrainConfig | None = None, data_dir: str | os.PathLike | None = None,
           out: str | os.PathLike | None = None, resume: str | os.PathLike | None = None,
           data: FashionMNIST | None = None, progress: bool = True, log=print) -> TrainResult:
     """Train, validate each epoch, test the best epoch, write the run folder.
 
     ``resume`` continues an interrupted run from its last checkpoint, with the settings
-    and data it started with (a run stopped before its first epoch ended restarts).
-    ``log`` receives one line per epoch (the CLI sends it to stderr).
+    and data it started with (a run stopped before its first epoch ended restarts); a
+    damaged run folder is refused before any training. ``log`` receives one line per epoch
+    (the CLI sends it to stderr). Ctrl-C and SIGTERM stop after saving nothing partial:
+    the last complete epoch's checkpoint is kept (Interrupted).
     """
-    saved = None
-    if resume is not None:
-        run_dir, config, saved = _open_for_resume(resume)
+    with contextlib.ExitStack() as held, _sigterm_as_interrupt():
+        saved = state = None
+        if resume is not None:
+            run_dir, config, saved = _open_for_resume(resume)
+            held.enter_context(runs.training_lock(run_dir))  # before reading: one resumer at a time
+            runs.remove_stale_temporaries(run_dir)
+            if (run_dir / runs.CHECKPOINT).is_file():
+                state = runs.load_checkpoint(run_dir / runs.CHECKPOINT)
+            runs.check_resumable(run_dir, None if state is None else state["epoch"])
+            data_dir = runs.data_dir_for(saved, data_dir)
+        return _train(config, data_dir, out, resume, data, progress, log, saved, state, held)
+
+
+def _train(config, data_dir, out, resume, data, progress, log, saved, state, held) -> TrainResult:
     config = (config or TrainConfig()).resolved()
     device = resolve_device(config.device)
     precision = resolve_precision(config.precision, device)
@@ -328,18 +387,23 @@ def train(config: TrainConfig | None = None, data_dir: str | os.PathLike | None 
     history, start_epoch, best_val, best_epoch = [], 1, -1.0, 0
 
     if resume is None:
-        run_dir = runs.new_run_dir(out, config.model)
+        run_dir = runs.new_run_dir(out, config.model, needed_bytes=_files_bytes(model))
+        held.enter_context(runs.training_lock(run_dir))
         _write_config(run_dir, config, data, model, step, device, precision, len(train_idx), len(val_idx))
-    elif (run_dir / runs.CHECKPOINT).is_file():
-        state = runs.load_checkpoint(run_dir / runs.CHECKPOINT)
+    elif state is not None:
+        run_dir = Path(resume)
         if state["epoch"] >= config.epochs and (run_dir / runs.METRICS).is_file():
             raise UserError(f"the run is already complete ({state['epoch']}/{config.epochs} epochs) ({run_dir})",
                             hint=f"fmnist evaluate {run_dir}  or  fmnist report {run_dir}")
         _restore(state, model, optimizer, scheduler, ema, generator, device)
         start_epoch, best_val, best_epoch = state["epoch"] + 1, state["best_val_accuracy"], state["best_epoch"]
+        # A kill between saving better weights and the checkpoint leaves weights newer than
+        # the checkpoint: never replace them by a worse epoch.
+        best_val = max(best_val, runs.saved_val_accuracy(run_dir / runs.WEIGHTS))
         history = runs.read_history(run_dir)[:state["epoch"]]
         log(f"resuming {run_dir} after epoch {state['epoch']}")
     else:
+        run_dir = Path(resume)
         log(f"resuming {run_dir}: no epoch had completed, starting from epoch 1")
 
     epoch = start_epoch - 1
@@ -348,9 +412,14 @@ def train(config: TrainConfig | None = None, data_dir: str | os.PathLike | None 
             started = time.perf_counter()
             with _progress_bar(len(x_train), epoch, config.epochs, progress) as bar:
                 lr = optimizer.param_groups[0]["lr"]
-                train_loss, train_acc = train_one_epoch(step, x_train, y_train, config.batch_size, generator,
-                                                        augmentation=augmentation, scheduler=scheduler, ema=ema,
-                                                        bar=bar)
+                try:
+                    train_loss, train_acc = train_one_epoch(step, x_train, y_train, config.batch_size, generator,
+                                                            augmentation=augmentation, scheduler=scheduler,
+                                                            ema=ema, bar=bar)
+                except NonFiniteLoss as exc:
+                    kept = f"the checkpoint of epoch {epoch - 1} is kept" if epoch > 1 else "no epoch was saved"
+                    raise UserError(f"{exc} of epoch {epoch}; training stopped and {kept} ({run_dir})",
+                                    hint="a lower --lr, or --precision fp32") from None
             train_seconds = time.perf_counter() - started
             val_loss, val_acc, _ = evaluate_split(evaluated, x_val, y_val) if validating else (math.nan, math.nan, None)
             seconds = time.perf_counter() - started
@@ -362,7 +431,7 @@ def train(config: TrainConfig | None = None, data_dir: str | os.PathLike | None 
             if not validating or val_acc > best_val:
                 best_val, best_epoch = (val_acc if validating else best_val), epoch
                 runs.save_weights(run_dir / runs.WEIGHTS, ema.module if ema is not None else model,
-                                  {"model": config.model, "epoch": str(epoch)})
+                                  {"model": config.model, "epoch": str(epoch), "val_accuracy": repr(val_acc)})
             runs.save_checkpoint(run_dir / runs.CHECKPOINT, _checkpoint_state(
                 model, optimizer, scheduler, ema, generator, epoch, best_val, best_epoch, device))
             runs.write_csv(run_dir / runs.HISTORY, history)
@@ -370,8 +439,8 @@ def train(config: TrainConfig | None = None, data_dir: str | os.PathLike | None 
             log(f"epoch {epoch:>2}/{config.epochs}  train loss {train_loss:.4f} acc {train_acc:.4f}  "
                 f"{validation}  {seconds:.1f}s  {len(x_train) / train_seconds:,.0f} img/s"
                 + ("  *best" if validating and best_epoch == epoch else ""))
-    except KeyboardInterrupt:
-        raise Interrupted(run_dir, epoch - 1) from None
+    except KeyboardInterrupt as stop:
+        raise Interrupted(run_dir, epoch - 1, "SIGTERM" if isinstance(stop, _Terminated) else "SIGINT") from None
 
     # Test the best-by-validation weights, not merely the last epoch's.
     kept = ema.module if ema is not None else model

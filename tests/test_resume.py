@@ -1,0 +1,232 @@
+"""Every kind of stop is safe: SIGTERM, SIGKILL between epochs and in the middle of a
+checkpoint write, damaged run folders refused before training, one trainer per folder,
+NaN losses, full disks, unwritable folders."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fmnist import runs
+from fmnist.errors import UserError
+
+from .conftest import run_cli
+
+QUICK = ("--epochs", "3", "--limit-train", "3000", "--quiet")
+FMNIST = str(Path(sys.executable).with_name("fmnist"))
+
+
+def _start(*args, env=None) -> subprocess.Popen:
+    return subprocess.Popen([FMNIST, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, **(env or {})})
+
+
+def _wait_for(condition, process, timeout=120) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if process.poll() is not None or time.monotonic() > deadline:
+            raise AssertionError(f"gave up waiting (exit {process.poll()}): {process.stderr.read()}")
+        time.sleep(0.02)
+
+
+def _epochs_on_disk(out: Path) -> int:
+    try:
+        return len(runs.read_history(out))
+    except UserError:  # caught between the write of the temporary file and the rename
+        return 0
+
+
+def _same_run(a: Path, b: Path) -> None:
+    """Identical weights and history (apart from timings) in two run folders."""
+    wa, wb = load_file(str(a / runs.WEIGHTS)), load_file(str(b / runs.WEIGHTS))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    timing = ("seconds", "images_per_second")
+    ha, hb = ([{k: v for k, v in row.items() if k not in timing} for row in runs.read_history(d)] for d in (a, b))
+    assert ha == hb
+    assert json.loads((a / runs.METRICS).read_text())["accuracy"] == json.loads((b / runs.METRICS).read_text())["accuracy"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(data_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("whole") / "run"
+    run_cli("train", *QUICK, "--data", data_dir, "--out", out, check=True)
+    return out
+
+
+def test_sigterm_is_taken_like_ctrl_c_and_resume_matches(data_dir, tmp_path, uninterrupted):
+    out = tmp_path / "run"
+    process = _start("train", *QUICK, "--data", data_dir, "--out", out)
+    _wait_for(lambda: _epochs_on_disk(out) >= 1, process)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 143, stderr
+    assert "SIGTERM: stopped after" in stderr and f"--resume {out}" in stderr and "Traceback" not in stderr
+    assert runs.load_checkpoint(out / runs.CHECKPOINT)["epoch"] >= 1 and not (out / runs.METRICS).exists()
+    run_cli("train", "--resume", out, "--quiet", check=True)
+    _same_run(out, uninterrupted)
+
+
+def test_sigkill_after_an_epoch_loses_nothing(data_dir, tmp_path, uninterrupted):
+    out = tmp_path / "run"
+    process = _start("train", *QUICK, "--data", data_dir, "--out", out)
+    _wait_for(lambda: _epochs_on_disk(out) >= 1, process)
+    process.kill()
+    process.wait()
+    result = run_cli("train", "--resume", out, "--quiet")  # no --data: the folder config.json names
+    assert result.returncode == 0, result.stderr
+    _same_run(out, uninterrupted)
+
+
+KILL_DURING_SECOND_CHECKPOINT = """
+import os, signal, sys
+from fmnist import runs
+write, calls = runs.atomic_write_bytes, []
+def half_then_die(path, payload):
+    if path.name == runs.CHECKPOINT:
+        calls.append(path)
+        if len(calls) == 2:  # epoch 2's checkpoint: leave half a temporary file, then die
+            (path.parent / f".{path.name}.dying.tmp").write_bytes(payload[: len(payload) // 2])
+            os.kill(os.getpid(), signal.SIGKILL)
+    write(path, payload)
+runs.atomic_write_bytes = half_then_die
+from fmnist.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_sigkill_in_the_middle_of_a_checkpoint_write(data_dir, tmp_path, uninterrupted):
+    out = tmp_path / "run"
+    killed = subprocess.run([sys.executable, "-c", KILL_DURING_SECOND_CHECKPOINT, "train", *QUICK,
+                             "--data", str(data_dir), "--out", str(out)], capture_output=True, text=True)
+    assert killed.returncode == -signal.SIGKILL
+    assert runs.load_checkpoint(out / runs.CHECKPOINT)["epoch"] == 1  # the last complete one, intact
+    assert list(out.glob(".*.tmp"))
+    run_cli("train", "--resume", out, "--quiet", check=True)
+    assert not list(out.glob(".*.tmp"))  # the half-written file was cleared away
+    _same_run(out, uninterrupted)
+
+
+@pytest.fixture
+def finished(uninterrupted, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(uninterrupted, copy)
+    return copy
+
+
+@pytest.mark.parametrize("damage,message", [
+    (lambda d: (d / runs.CHECKPOINT).unlink(), "checkpoint.pt is missing"),
+    (lambda d: (d / runs.HISTORY).unlink(), "history.csv is missing"),
+    (lambda d: (d / runs.HISTORY).write_text((d / runs.HISTORY).read_text().splitlines()[0] + "\n"),
+     "history.csv holds 0 epoch(s) but the checkpoint is of epoch 3"),
+    (lambda d: (d / runs.WEIGHTS).write_bytes((d / runs.WEIGHTS).read_bytes()[:5000]), "model.safetensors"),
+    (lambda d: (d / runs.CONFIG).write_text((d / runs.CONFIG).read_text().replace('"epochs": 3', '"epochs": "ten"')),
+     "epochs must be a whole number of at least 1, got 'ten' in config.json"),
+])
+def test_a_damaged_run_folder_is_refused_before_training(finished, damage, message):
+    damage(finished)
+    before = {p.name: p.stat().st_mtime_ns for p in finished.iterdir()}
+    result = run_cli("train", "--resume", finished, "--quiet")
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) <= 2
+    assert {p.name: p.stat().st_mtime_ns for p in finished.iterdir()} == before  # nothing rewritten
+
+
+def test_a_second_trainer_in_the_same_folder_is_refused(data_dir, tmp_path):
+    out = tmp_path / "run"
+    first = _start("train", "--epochs", "30", "--limit-train", "3000", "--quiet", "--data", data_dir, "--out", out)
+    try:
+        _wait_for(lambda: _epochs_on_disk(out) >= 1, first)
+        second = run_cli("train", "--resume", out, "--quiet")
+        assert second.returncode == 2 and f"another fmnist process (pid {first.pid}) is training in" in second.stderr
+    finally:
+        first.kill()
+        first.wait()
+    # The kernel released the lock with the process: now the folder resumes.
+    resumed = _start("train", "--resume", out, "--quiet")
+    _wait_for(lambda: _epochs_on_disk(out) >= 2, resumed)
+    resumed.kill()
+    resumed.wait()
+
+
+def test_evaluate_and_report_use_the_recorded_data_folder(uninterrupted):
+    env = {"FMNIST_DATA": "", "XDG_CACHE_HOME": "/nonexistent"}  # neither the variable nor a cache
+    for command in ("evaluate", "report"):
+        result = run_cli(command, uninterrupted, env=env)
+        assert result.returncode == 0, result.stderr
+
+
+def test_a_nan_loss_stops_the_run_naming_epoch_and_step(data_dir, tmp_path):
+    out = tmp_path / "run"
+    result = run_cli("train", "--epochs", "2", "--limit-train", "2000", "--lr", "1e30", "--optimizer", "sgd",
+                     "--data", data_dir, "--out", out, "--quiet")
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert "the loss became nan at step" in result.stderr or "the loss became inf at step" in result.stderr
+    assert "of epoch 1; training stopped and no epoch was saved" in result.stderr
+    assert not (out / runs.CHECKPOINT).exists()
+
+
+def test_non_finite_loss_names_the_first_bad_step():
+    from fmnist.training import NonFiniteLoss, train_one_epoch
+
+    class Step:
+        model = torch.nn.Linear(1, 1)
+        calls = 0
+
+        def epoch(self):
+            import contextlib
+            return contextlib.nullcontext()
+
+        def __call__(self, x, y):
+            Step.calls += 1
+            loss = torch.tensor(float("nan") if Step.calls >= 3 else 1.0)
+            return torch.zeros(len(y), 10), loss
+
+    with pytest.raises(NonFiniteLoss, match="the loss became nan at step 3"):
+        train_one_epoch(Step(), torch.zeros(50, 1, 28, 28), torch.zeros(50, dtype=torch.long), 10,
+                        torch.Generator().manual_seed(0))
+
+
+def test_too_little_disk_space_is_refused_before_the_folder_is_made(tmp_path, monkeypatch):
+    import fmnist
+    from fmnist.data import DataSource, FashionMNIST
+
+    images, labels = torch.zeros(200, 28, 28, dtype=torch.uint8), torch.arange(200) % 10
+    data = FashionMNIST(images, labels, images[:50], labels[:50],
+                        DataSource(directory="synthetic", release="unverified copy", verified=False))
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=1000))
+    with pytest.raises(UserError, match="only 0.0 MB free on the disk of"):
+        fmnist.train(fmnist.TrainConfig(epochs=1), out=tmp_path / "run", data=data, progress=False, log=lambda _: None)
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_unwritable_output_folder_is_an_error_before_training(tmp_path, data_dir):
+    parent = tmp_path / "locked"
+    parent.mkdir()
+    as_root = os.geteuid() == 0
+    lock = (["chattr", "+i", str(parent)] if as_root else None)
+    if as_root:
+        if subprocess.run(lock, capture_output=True).returncode != 0:
+            pytest.skip("chattr is not available here")
+    else:
+        parent.chmod(0o555)
+    try:
+        result = run_cli("train", "--epochs", "1", "--limit-train", "500", "--data", data_dir,
+                         "--out", parent / "run", "--quiet")
+        assert result.returncode == 2 and "Traceback" not in result.stderr
+        assert ("not permitted" in result.stderr or "Permission denied" in result.stderr), result.stderr
+    finally:
+        if as_root:
+            subprocess.run(["chattr", "-i", str(parent)], capture_output=True)
+        else:
+            parent.chmod(0o755)
