@@ -15,7 +15,7 @@ install: $(VENV)/.installed  ## create .venv with the pinned dependencies (const
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -c constraints.txt -e '.[test,serve]'
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[test,serve,sweep]'
 	touch $@
 
 train: install   ## the original notebook's experiment: its CNN, 10 epochs, batch 32 (ARGS="..." adds options)

@@ -33,6 +33,11 @@ EXAMPLES = {
   fmnist train --epochs 1 --limit-train 10000 --out runs/quick
   fmnist train --model resnet --lr 0.05 --no-hflip   # the recipe, with two values overridden
   fmnist train --resume runs/notebook-20261127-120000   # continue after Ctrl-C""",
+    "sweep": """examples:
+  fmnist sweep --model resnet --trials 20 --workers 2       # SQLite study in runs/sweep-resnet-<time>/
+  fmnist sweep --model notebook --trials 8 --epochs 3       # --epochs given: fixed, not searched
+  fmnist sweep --model resnet --trials 50 --storage postgresql://me@db/fmnist --out /shared/sweep
+  fmnist sweep --show runs/sweep-resnet-20261201-120000     # leaderboard and search.png""",
     "models": """examples:
   fmnist models                            # name, size, cost and recipe of each model
   fmnist models --json""",
@@ -105,9 +110,12 @@ def cmd_train(args) -> int:
     from .metrics import format_report, format_summary
     from .training import TrainConfig, train
 
-    given = {name: getattr(args, name) for name in TRAIN_OPTIONS if getattr(args, name) is not None}
-    if args.no_fast:
-        given["fast"] = False
+    from .runtime import set_threads, warn_if_oversubscribed
+
+    given = _given_train_options(args)
+    if args.threads:
+        set_threads(args.threads)
+    warn_if_oversubscribed()
     config = TrainConfig(**given)
     if args.resume is not None:
         conflicting = [f"--{name.replace('_', '-')}" for name in given] + (["--out"] if args.out else [])
@@ -124,6 +132,32 @@ def cmd_train(args) -> int:
         print()
         print(format_summary(result.metrics))
         print(f"run folder: {result.run_dir}  (report: {result.run_dir / 'report.html'})")
+    return 0
+
+
+def _given_train_options(args) -> dict:
+    given = {name: getattr(args, name) for name in TRAIN_OPTIONS if getattr(args, name, None) is not None}
+    if args.no_fast:
+        given["fast"] = False
+    return given
+
+
+def cmd_sweep(args) -> int:
+    try:
+        from .sweep import leaderboard, run_sweep, show
+    except ImportError:
+        raise UserError("sweeps need Optuna", hint="pip install 'fmnist[sweep]'") from None
+    if args.show:
+        if args.json:
+            _print_json(leaderboard(args.show))
+        else:
+            print(show(args.show))
+        return 0
+    fixed = _given_train_options(args)
+    model = fixed.pop("model", "notebook")
+    seed = fixed.get("seed", 0)
+    out = run_sweep(model, args.trials, args.workers, args.storage, args.out, fixed, args.data, seed, log=_log)
+    print(show(out))
     return 0
 
 
@@ -318,45 +352,74 @@ def build_parser() -> argparse.ArgumentParser:
     download = data_command("download", "download the current official release", cmd_data_download)
     download.add_argument("--dir", metavar="DIR", help="target folder (default: the user cache)")
 
+    def add_run_settings(group):
+        group.add_argument("--model", metavar="NAME",
+                           help=f"{', '.join(sorted(RECIPES))} (default: notebook; 'fmnist models' lists them)")
+        group.add_argument("--seed", type=_whole_number(0), metavar="N",
+                           help="seeds everything, the split included (default: 0)")
+        group.add_argument("--val-fraction", type=float, metavar="F",
+                           help="stratified validation hold-out from train; 0 keeps the last epoch (default: 0.1)")
+        group.add_argument("--limit-train", type=_positive_int, metavar="N", help="train on the first N images only")
+        group.add_argument("--device", help="auto, cpu or cuda (default: auto)")
+        group.add_argument("--deterministic", action="store_true", default=None,
+                           help="forbid nondeterministic kernels")
+        group.add_argument("--no-fast", action="store_true",
+                           help="plain autograd steps even where fmnist's faster CPU step applies")
+
+    def add_recipe(sub):
+        recipe = sub.add_argument_group("the recipe (default: the model's own, see 'fmnist models')")
+        recipe.add_argument("--epochs", type=_positive_int, metavar="N")
+        recipe.add_argument("--batch-size", type=_positive_int, metavar="N")
+        recipe.add_argument("--optimizer", choices=OPTIMIZERS, help=", ".join(OPTIMIZERS) + " (sgd: Nesterov momentum)")
+        recipe.add_argument("--lr", type=float, metavar="LR", help="peak learning rate")
+        recipe.add_argument("--momentum", type=float, metavar="M", help="SGD momentum")
+        recipe.add_argument("--eps", type=float, metavar="E", help="Adam epsilon")
+        recipe.add_argument("--weight-decay", type=float, metavar="WD")
+        recipe.add_argument("--schedule", choices=SCHEDULES, help=", ".join(SCHEDULES))
+        recipe.add_argument("--warmup-epochs", type=float, metavar="E",
+                            help="linear warm-up (constant, linear, cosine)")
+        recipe.add_argument("--label-smoothing", type=float, metavar="S")
+        recipe.add_argument("--crop-padding", type=_whole_number(0), metavar="P",
+                            help="random crops with P pixels of padding")
+        recipe.add_argument("--hflip", action=argparse.BooleanOptionalAction, default=None,
+                            help="random horizontal flips")
+        recipe.add_argument("--erasing", type=float, metavar="P", help="random-erasing probability")
+        recipe.add_argument("--ema-decay", type=float, metavar="D", help="EMA of the weights (0: off)")
+        recipe.add_argument("--tta-flip", action=argparse.BooleanOptionalAction, default=None,
+                            help="average each test image's logits with its mirror image's")
+        recipe.add_argument("--precision", choices=PRECISIONS,
+                            help="auto = bf16 autocast on GPUs with native bf16, else fp32; bf16 on a CPU pays "
+                                 "off with AMX/AVX512-BF16")
+
     train = command("train", "train a model with its recipe (any option below overrides it) and write a run "
                              "folder", cmd_train)
     run = train.add_argument_group("the run")
-    run.add_argument("--model", metavar="NAME",
-                     help=f"{', '.join(sorted(RECIPES))} (default: notebook; 'fmnist models' lists them)")
-    run.add_argument("--seed", type=_whole_number(0), metavar="N",
-                     help="seeds everything, the split included (default: 0)")
-    run.add_argument("--val-fraction", type=float, metavar="F",
-                     help="stratified validation hold-out from train; 0 keeps the last epoch (default: 0.1)")
-    run.add_argument("--limit-train", type=_positive_int, metavar="N", help="train on the first N images only")
-    run.add_argument("--device", help="auto, cpu or cuda (default: auto)")
-    run.add_argument("--deterministic", action="store_true", default=None, help="forbid nondeterministic kernels")
-    run.add_argument("--no-fast", action="store_true",
-                     help="plain autograd steps even where fmnist's faster CPU step applies")
+    add_run_settings(run)
     run.add_argument("--out", metavar="DIR", help="run folder (default: runs/<model>-<timestamp>)")
     run.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run (its settings win)")
+    run.add_argument("--threads", type=_positive_int, metavar="N",
+                     help="CPU threads (default: all cores; give each of several runs its share)")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     run.add_argument("--json", action="store_true", help="print history and metrics as JSON")
     add_data(run)
-    recipe = train.add_argument_group("the recipe (default: the model's own, see 'fmnist models')")
-    recipe.add_argument("--epochs", type=_positive_int, metavar="N")
-    recipe.add_argument("--batch-size", type=_positive_int, metavar="N")
-    recipe.add_argument("--optimizer", choices=OPTIMIZERS, help=", ".join(OPTIMIZERS) + " (sgd: Nesterov momentum)")
-    recipe.add_argument("--lr", type=float, metavar="LR", help="peak learning rate")
-    recipe.add_argument("--momentum", type=float, metavar="M", help="SGD momentum")
-    recipe.add_argument("--eps", type=float, metavar="E", help="Adam epsilon")
-    recipe.add_argument("--weight-decay", type=float, metavar="WD")
-    recipe.add_argument("--schedule", choices=SCHEDULES, help=", ".join(SCHEDULES))
-    recipe.add_argument("--warmup-epochs", type=float, metavar="E", help="linear warm-up (constant, linear, cosine)")
-    recipe.add_argument("--label-smoothing", type=float, metavar="S")
-    recipe.add_argument("--crop-padding", type=_whole_number(0), metavar="P", help="random crops with P pixels of padding")
-    recipe.add_argument("--hflip", action=argparse.BooleanOptionalAction, default=None, help="random horizontal flips")
-    recipe.add_argument("--erasing", type=float, metavar="P", help="random-erasing probability")
-    recipe.add_argument("--ema-decay", type=float, metavar="D", help="EMA of the weights (0: off)")
-    recipe.add_argument("--tta-flip", action=argparse.BooleanOptionalAction, default=None,
-                        help="average each test image's logits with its mirror image's")
-    recipe.add_argument("--precision", choices=PRECISIONS,
-                        help="auto = bf16 autocast on GPUs with native bf16, else fp32; bf16 on a CPU pays off "
-                             "with AMX/AVX512-BF16")
+    add_recipe(train)
+
+    sweep = command("sweep", "search a model's recipe with Optuna; every trial is a run folder", cmd_sweep)
+    study = sweep.add_argument_group("the study")
+    study.add_argument("--trials", type=_positive_int, default=20, metavar="N",
+                       help="finished trials to reach, all workers together (default: 20)")
+    study.add_argument("--workers", type=_positive_int, default=1, metavar="N",
+                       help="local worker processes, sharing the cores (default: 1)")
+    study.add_argument("--storage", metavar="URL",
+                       help="database shared by workers on several machines, e.g. postgresql://user@host/db "
+                            "(default: SQLite in the sweep folder)")
+    study.add_argument("--out", metavar="DIR", help="sweep folder (default: runs/sweep-<model>-<timestamp>)")
+    study.add_argument("--show", metavar="DIR", help="print the leaderboard of a sweep folder and draw its plot")
+    study.add_argument("--json", action="store_true", help="with --show: machine-readable")
+    fixed = sweep.add_argument_group("fixed settings of every trial (a recipe option given is not searched)")
+    add_run_settings(fixed)
+    add_data(fixed)
+    add_recipe(sweep)
 
     models = command("models", "list the registered models: size, cost and recipe", cmd_models)
     models.add_argument("--json", action="store_true", help="machine-readable output")

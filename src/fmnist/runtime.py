@@ -85,3 +85,60 @@ def autocast(device: torch.device, precision: str):
     if precision == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def available_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def share_cores(local_processes: int) -> int:
+    """Give this process its share of the cores when ``local_processes`` train side by side
+    (DDP ranks, sweep workers): set before the first parallel op, since each process's
+    OpenMP threads otherwise spin on every core and all of them crawl. Returns the threads."""
+    return set_threads(max(1, available_cores() // max(1, local_processes)))
+
+
+def set_threads(threads: int) -> int:
+    """PyTorch's threads, and Numba's: both run on one OpenMP runtime, and Numba's layer would
+    set it back to every core when its kernels first run."""
+    import sys
+
+    torch.set_num_threads(threads)
+    for name in ("OMP_NUM_THREADS", "NUMBA_NUM_THREADS"):  # read at start-up, by this process's children too
+        os.environ[name] = str(threads)
+    if "numba" in sys.modules:
+        import numba
+
+        numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    return threads
+
+
+def other_trainers() -> list[int]:
+    """Process ids of other ``fmnist train`` / ``fmnist sweep`` processes on this machine
+    (Linux /proc; an empty list elsewhere)."""
+    found, me, parent = [], os.getpid(), os.getppid()
+    for entry in os.scandir("/proc") if os.path.isdir("/proc") else ():
+        if not entry.name.isdigit() or int(entry.name) in (me, parent):
+            continue
+        try:
+            with open(f"/proc/{entry.name}/cmdline", "rb") as handle:
+                words = handle.read().split(b"\0")
+        except OSError:
+            continue
+        names = [word.rsplit(b"/", 1)[-1] for word in words]
+        if any(name in (b"fmnist", b"torchrun") for name in names) and (b"train" in words or b"sweep" in words):
+            found.append(int(entry.name))
+    return found
+
+
+def warn_if_oversubscribed() -> None:
+    """One warning when other fmnist trainings share the cores with this one's threads."""
+    import warnings
+
+    if os.environ.get("LOCAL_WORLD_SIZE"):  # torchrun's ranks: they share the cores already
+        return
+    others = other_trainers()
+    if others and torch.get_num_threads() * (len(others) + 1) > available_cores():
+        warnings.warn(f"{len(others)} other fmnist training process(es) running (pid {', '.join(map(str, others))}) "
+                      f"and this one uses {torch.get_num_threads()} threads on {available_cores()} cores: all of "
+                      f"them will run several times slower; give each its share with --threads", stacklevel=2)

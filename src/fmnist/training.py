@@ -323,7 +323,8 @@ def _files_bytes(model) -> int:
 
 def train(config: TrainConfig | None = None, data_dir: str | os.PathLike | None = None,
           out: str | os.PathLike | None = None, resume: str | os.PathLike | None = None,
-          data: FashionMNIST | None = None, progress: bool = True, log=print) -> TrainResult:
+          data: FashionMNIST | None = None, progress: bool = True, log=print, *,
+          on_epoch=None, test: bool = True) -> TrainResult:
     """Train, validate each epoch, test the best epoch, write the run folder.
 
     ``resume`` continues an interrupted run from its last checkpoint, with the settings
@@ -331,6 +332,10 @@ def train(config: TrainConfig | None = None, data_dir: str | os.PathLike | None 
     damaged run folder is refused before any training. ``log`` receives one line per epoch
     (the CLI sends it to stderr). Ctrl-C and SIGTERM stop after saving nothing partial:
     the last complete epoch's checkpoint is kept (Interrupted).
+
+    ``on_epoch(row)`` is called with each epoch's history row once it is saved (a sweep
+    reports it, and may stop the run by raising). ``test=False`` skips the test set and the
+    report (sweep trials: only the winner is ever tested).
     """
     with contextlib.ExitStack() as held, _sigterm_as_interrupt():
         saved = state = None
@@ -342,10 +347,10 @@ def train(config: TrainConfig | None = None, data_dir: str | os.PathLike | None 
                 state = runs.load_checkpoint(run_dir / runs.CHECKPOINT)
             runs.check_resumable(run_dir, None if state is None else state["epoch"])
             data_dir = runs.data_dir_for(saved, data_dir)
-        return _train(config, data_dir, out, resume, data, progress, log, saved, state, held)
+        return _train(config, data_dir, out, resume, data, progress, log, saved, state, held, on_epoch, test)
 
 
-def _train(config, data_dir, out, resume, data, progress, log, saved, state, held) -> TrainResult:
+def _train(config, data_dir, out, resume, data, progress, log, saved, state, held, on_epoch, test) -> TrainResult:
     config = (config or TrainConfig()).resolved()
     device = resolve_device(config.device)
     precision = resolve_precision(config.precision, device)
@@ -439,9 +444,14 @@ def _train(config, data_dir, out, resume, data, progress, log, saved, state, hel
             log(f"epoch {epoch:>2}/{config.epochs}  train loss {train_loss:.4f} acc {train_acc:.4f}  "
                 f"{validation}  {seconds:.1f}s  {len(x_train) / train_seconds:,.0f} img/s"
                 + ("  *best" if validating and best_epoch == epoch else ""))
+            if on_epoch is not None:
+                on_epoch(history[-1])
     except KeyboardInterrupt as stop:
         raise Interrupted(run_dir, epoch - 1, "SIGTERM" if isinstance(stop, _Terminated) else "SIGINT") from None
 
+    if not test:
+        return TrainResult(run_dir=run_dir, history=history,
+                           metrics={"best_epoch": best_epoch, "best_val_accuracy": best_val if validating else None})
     # Test the best-by-validation weights, not merely the last epoch's.
     kept = ema.module if ema is not None else model
     runs.load_weights_into(kept, run_dir / runs.WEIGHTS, config.model)
