@@ -125,6 +125,8 @@ def cmd_train(args) -> int:
         config = None
     result = train(config, data_dir=args.data, out=args.out, resume=args.resume,
                    progress=not args.quiet and sys.stderr.isatty(), log=_log)
+    if result.run_dir is None:  # a torchrun rank other than 0: rank 0 reports
+        return 0
     if args.json:
         _print_json({"run_dir": str(result.run_dir), "history": result.history, "metrics": result.metrics})
     else:
@@ -276,7 +278,7 @@ def cmd_serve(args) -> int:
 
 
 # Options that become TrainConfig fields; unset ones (None) take the recipe's or TrainConfig's defaults.
-TRAIN_OPTIONS = ("model", "seed", "val_fraction", "limit_train", "device", "deterministic",
+TRAIN_OPTIONS = ("model", "model_args", "seed", "val_fraction", "limit_train", "device", "deterministic",
                  "epochs", "batch_size", "optimizer", "lr", "momentum", "eps", "weight_decay", "schedule",
                  "warmup_epochs", "label_smoothing", "crop_padding", "hflip", "erasing", "ema_decay", "tta_flip",
                  "precision")
@@ -295,6 +297,16 @@ def _whole_number(minimum: int):
 
 
 _positive_int = _whole_number(1)
+
+
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a JSON object, got '{text}'") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"must be a JSON object, got '{text}'")
+    return value
 
 
 class _Parser(argparse.ArgumentParser):
@@ -368,6 +380,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     def add_recipe(sub):
         recipe = sub.add_argument_group("the recipe (default: the model's own, see 'fmnist models')")
+        recipe.add_argument("--model-args", type=_json_object, metavar="JSON",
+                            help='the architecture\'s arguments, e.g. \'{"width": 32}\' (fmnist models lists them)')
         recipe.add_argument("--epochs", type=_positive_int, metavar="N")
         recipe.add_argument("--batch-size", type=_positive_int, metavar="N")
         recipe.add_argument("--optimizer", choices=OPTIMIZERS, help=", ".join(OPTIMIZERS) + " (sgd: Nesterov momentum)")

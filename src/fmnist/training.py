@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from . import runs
+from . import distributed, runs
 from .augment import augment
 from .data import FashionMNIST, load_dataset, stratified_split, to_float
 from .errors import Interrupted, UserError
@@ -175,11 +175,14 @@ class NonFiniteLoss(Exception):
 
 
 def train_one_epoch(step, images, labels, batch_size, generator, *, augmentation=None, scheduler=None, ema=None,
-                    bar=None):
+                    bar=None, shard=(0, 1), reduce=None):
     """One pass over ``images`` in a fresh random order; returns (mean loss, accuracy).
 
     ``step`` is a training step (fmnist.steps); ``augmentation`` maps (images, generator) to
     augmented images; ``scheduler`` and ``ema`` are stepped after every batch when given.
+    ``shard`` = (rank, ranks): this process trains on its slice of every batch (the epoch's
+    order is the same on every rank), and ``reduce`` sums the epoch's statistics over the
+    ranks (fmnist.distributed).
     Raises NonFiniteLoss, naming the first bad step, if the loss became NaN or infinite.
     """
     step.model.train()
@@ -187,6 +190,10 @@ def train_one_epoch(step, images, labels, batch_size, generator, *, augmentation
     images, labels = images[order], labels[order]  # one gather per epoch; batches are views
     if augmentation is not None:
         images = augmentation(images, generator)
+    rank, ranks = shard
+    if ranks > 1:  # every rank takes an equal slice of each batch: drop what does not divide
+        usable = len(images) - (len(images) % batch_size) % ranks
+        images, labels = images[:usable], labels[:usable]
     starts = range(0, len(images), batch_size)
     # Each step's loss stays on the device (no host sync per step); summed, and checked for
     # NaN/inf, once at the end of the epoch.
@@ -195,6 +202,9 @@ def train_one_epoch(step, images, labels, batch_size, generator, *, augmentation
     with step.epoch():
         for index, start in enumerate(starts):
             x, y = images[start:start + batch_size], labels[start:start + batch_size]
+            if ranks > 1:
+                share = len(y) // ranks
+                x, y = x[rank * share:(rank + 1) * share], y[rank * share:(rank + 1) * share]
             logits, loss = step(x, y)
             if scheduler is not None:
                 scheduler.step()
@@ -211,9 +221,11 @@ def train_one_epoch(step, images, labels, batch_size, generator, *, augmentation
     if len(bad):
         first = int(bad[0])
         raise NonFiniteLoss(first + 1, losses[first].item())
-    sizes = torch.full((len(starts),), float(batch_size), device=images.device)
-    sizes[-1] = len(images) - starts[-1]
-    return (losses * sizes).sum().item() / len(images), correct.item() / len(images)
+    sizes = torch.full((len(starts),), float(batch_size // ranks), device=images.device)
+    sizes[-1] = (len(images) - starts[-1]) // ranks
+    totals = torch.stack([(losses * sizes).sum(), correct.float(), sizes.sum()])
+    loss_sum, right, seen = (reduce(totals) if reduce is not None else totals).tolist()
+    return loss_sum / seen, right / seen
 
 
 def evaluate_split(model, images, labels) -> tuple[float, float, torch.Tensor]:
@@ -281,7 +293,7 @@ def _open_for_resume(resume) -> tuple[Path, TrainConfig, dict]:
 
 
 def _write_config(run_dir: Path, config: TrainConfig, data: FashionMNIST, model, step, device, precision: str,
-                  n_train: int, n_val: int) -> dict:
+                  n_train: int, n_val: int, parallel: dict) -> dict:
     record = {
         "train": dataclasses.asdict(config),
         "data": dataclasses.asdict(data.source),
@@ -291,6 +303,8 @@ def _write_config(run_dir: Path, config: TrainConfig, data: FashionMNIST, model,
         "environment": {**environment(device), "precision": precision},
         "created": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
     }
+    if parallel:
+        record["distributed"] = parallel
     runs.write_json(run_dir / runs.CONFIG, record)
     return record
 
@@ -341,20 +355,35 @@ def train(config: TrainConfig | None = None, data_dir: str | os.PathLike | None 
         saved = state = None
         if resume is not None:
             run_dir, config, saved = _open_for_resume(resume)
-            held.enter_context(runs.training_lock(run_dir))  # before reading: one resumer at a time
-            runs.remove_stale_temporaries(run_dir)
+        world = distributed.join((config or TrainConfig()).device)  # torchrun's ranks, or None
+        held.callback(distributed.leave, world)
+        main = world is None or world.main
+        if resume is not None:
+            if main:
+                held.enter_context(runs.training_lock(run_dir))  # before reading: one resumer at a time
+                runs.remove_stale_temporaries(run_dir)
             if (run_dir / runs.CHECKPOINT).is_file():
                 state = runs.load_checkpoint(run_dir / runs.CHECKPOINT)
             runs.check_resumable(run_dir, None if state is None else state["epoch"])
             data_dir = runs.data_dir_for(saved, data_dir)
-        return _train(config, data_dir, out, resume, data, progress, log, saved, state, held, on_epoch, test)
+        if not main:  # rank 0 speaks for all
+            progress, log = False, (lambda line: None)
+        return _train(config, data_dir, out, resume, data, progress, log, saved, state, held, on_epoch, test,
+                      world)
 
 
-def _train(config, data_dir, out, resume, data, progress, log, saved, state, held, on_epoch, test) -> TrainResult:
+def _train(config, data_dir, out, resume, data, progress, log, saved, state, held, on_epoch, test,
+           world) -> TrainResult:
     config = (config or TrainConfig()).resolved()
-    device = resolve_device(config.device)
+    device = distributed.device_for(world, resolve_device(config.device))
     precision = resolve_precision(config.precision, device)
     seed_everything(config.seed, config.deterministic)
+    main, ranks = world is None or world.main, 1 if world is None else world.size
+    if world is not None:
+        torch.manual_seed(config.seed + world.rank)  # dropout: each rank its own masks
+        if config.batch_size % ranks:
+            raise UserError(f"batch_size {config.batch_size} does not divide among {ranks} ranks "
+                            f"(--batch-size is the global batch)")
     data = data or load_dataset(data_dir)
     if saved is not None and saved["data"].get("content_sha256") not in (None, data.source.content_sha256):
         raise UserError(f"this data differs from the data the run started with ('{data.source.release}' vs "
@@ -375,10 +404,18 @@ def _train(config, data_dir, out, resume, data, progress, log, saved, state, hel
     validating = len(val_idx) > 0  # without a hold-out the last epoch is kept
 
     model = create_model(config.model, **config.model_args).to(device)
+    model, trained, parallel = distributed.wrap(model, world, device)  # trained: DDP under torchrun
     optimizer = make_optimizer(model, config)
-    step = make_step(model, optimizer, precision=precision, label_smoothing=config.label_smoothing,
+    # Under DDP the written-out CPU step steps aside (it bypasses the autograd hooks DDP needs).
+    step = make_step(trained, optimizer, precision=precision, label_smoothing=config.label_smoothing,
                      device=device, fast=config.fast)
-    steps_per_epoch = math.ceil(len(x_train) / config.batch_size)
+    if world is not None:
+        parallel.update(per_rank_batch_size=config.batch_size // ranks, global_batch_size=config.batch_size,
+                        lr=config.lr, training_step=step.name)
+        log(f"torchrun: {ranks} ranks ({world.backend}), global batch {config.batch_size} = "
+            f"{ranks} x {config.batch_size // ranks}, {step.name} step, batch norm {parallel['batch_norm']}")
+    usable = len(x_train) - (len(x_train) % config.batch_size) % ranks
+    steps_per_epoch = math.ceil(usable / config.batch_size)
     scheduler = make_scheduler(optimizer, config, steps_per_epoch)
     ema = make_ema(model, config.ema_decay)
     evaluated = ema.module if ema is not None else model      # the weights that are validated and kept
@@ -391,10 +428,13 @@ def _train(config, data_dir, out, resume, data, progress, log, saved, state, hel
     generator = torch.Generator().manual_seed(config.seed)
     history, start_epoch, best_val, best_epoch = [], 1, -1.0, 0
 
-    if resume is None:
+    if resume is None and not main:
+        run_dir = None  # only rank 0 writes
+    elif resume is None:
         run_dir = runs.new_run_dir(out, config.model, needed_bytes=_files_bytes(model))
         held.enter_context(runs.training_lock(run_dir))
-        _write_config(run_dir, config, data, model, step, device, precision, len(train_idx), len(val_idx))
+        _write_config(run_dir, config, data, model, step, device, precision, len(train_idx), len(val_idx),
+                      parallel)
     elif state is not None:
         run_dir = Path(resume)
         if state["epoch"] >= config.epochs and (run_dir / runs.METRICS).is_file():
@@ -420,12 +460,16 @@ def _train(config, data_dir, out, resume, data, progress, log, saved, state, hel
                 try:
                     train_loss, train_acc = train_one_epoch(step, x_train, y_train, config.batch_size, generator,
                                                             augmentation=augmentation, scheduler=scheduler,
-                                                            ema=ema, bar=bar)
+                                                            ema=ema, bar=bar, reduce=distributed.reducer(world),
+                                                            shard=(0, 1) if world is None else (world.rank, ranks))
                 except NonFiniteLoss as exc:
                     kept = f"the checkpoint of epoch {epoch - 1} is kept" if epoch > 1 else "no epoch was saved"
                     raise UserError(f"{exc} of epoch {epoch}; training stopped and {kept} ({run_dir})",
                                     hint="a lower --lr, or --precision fp32") from None
             train_seconds = time.perf_counter() - started
+            if not main:
+                distributed.barrier(world)  # rank 0 validates and writes the epoch meanwhile
+                continue
             val_loss, val_acc, _ = evaluate_split(evaluated, x_val, y_val) if validating else (math.nan, math.nan, None)
             seconds = time.perf_counter() - started
             history.append({
@@ -444,11 +488,14 @@ def _train(config, data_dir, out, resume, data, progress, log, saved, state, hel
             log(f"epoch {epoch:>2}/{config.epochs}  train loss {train_loss:.4f} acc {train_acc:.4f}  "
                 f"{validation}  {seconds:.1f}s  {len(x_train) / train_seconds:,.0f} img/s"
                 + ("  *best" if validating and best_epoch == epoch else ""))
+            distributed.barrier(world)
             if on_epoch is not None:
                 on_epoch(history[-1])
     except KeyboardInterrupt as stop:
         raise Interrupted(run_dir, epoch - 1, "SIGTERM" if isinstance(stop, _Terminated) else "SIGINT") from None
 
+    if not main:
+        return TrainResult(run_dir=None, history=[], metrics={})
     if not test:
         return TrainResult(run_dir=run_dir, history=history,
                            metrics={"best_epoch": best_epoch, "best_val_accuracy": best_val if validating else None})
