@@ -230,3 +230,26 @@ def test_an_unwritable_output_folder_is_an_error_before_training(tmp_path, data_
             subprocess.run(["chattr", "-i", str(parent)], capture_output=True)
         else:
             parent.chmod(0o755)
+
+
+def _position(out: Path) -> int:
+    try:
+        return runs.load_checkpoint(out / runs.CHECKPOINT).get("position", 0)
+    except (UserError, FileNotFoundError):
+        return 0
+
+
+def test_sigkill_inside_an_epoch_resumes_from_the_last_checkpoint_inside_it(data_dir, tmp_path):
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    args = ("train", "--epochs", "2", "--limit-train", "12000", "--quiet", "--data", data_dir)
+    run_cli(*args, "--out", whole, check=True)
+    process = _start(*args, "--out", cut, "--checkpoint-every", "0.2")
+    _wait_for(lambda: _epochs_on_disk(cut) >= 1 and _position(cut) > 0, process)  # inside epoch 2
+    process.kill()
+    process.wait()
+    state = runs.load_checkpoint(cut / runs.CHECKPOINT)
+    assert state["epoch"] == 1 and 0 < state["position"] < 12000 // 32
+    result = run_cli("train", "--resume", cut, "--quiet")
+    assert result.returncode == 0, result.stderr
+    assert f"continuing epoch 2 after step {state['position']}" in result.stderr
+    _same_run(cut, whole)

@@ -124,7 +124,7 @@ def cmd_train(args) -> int:
                             f"drop {' '.join(conflicting)}")
         config = None
     result = train(config, data_dir=args.data, out=args.out, resume=args.resume,
-                   progress=not args.quiet and sys.stderr.isatty(), log=_log)
+                   progress=not args.quiet and sys.stderr.isatty(), log=_log, checkpoint_every=args.checkpoint_every)
     if result.run_dir is None:  # a torchrun rank other than 0: rank 0 reports
         return 0
     if args.json:
@@ -411,6 +411,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_run_settings(run)
     run.add_argument("--out", metavar="DIR", help="run folder (default: runs/<model>-<timestamp>)")
     run.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run (its settings win)")
+    run.add_argument("--checkpoint-every", type=float, metavar="SECONDS",
+                     help="also checkpoint inside an epoch this often (default: after each epoch only)")
     run.add_argument("--threads", type=_positive_int, metavar="N",
                      help="CPU threads (default: all cores; give each of several runs its share)")
     run.add_argument("--quiet", action="store_true", help="no progress bar")

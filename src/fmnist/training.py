@@ -175,14 +175,16 @@ class NonFiniteLoss(Exception):
 
 
 def train_one_epoch(step, images, labels, batch_size, generator, *, augmentation=None, scheduler=None, ema=None,
-                    bar=None, shard=(0, 1), reduce=None):
+                    bar=None, shard=(0, 1), reduce=None, resume_at=None, checkpoint=None):
     """One pass over ``images`` in a fresh random order; returns (mean loss, accuracy).
 
     ``step`` is a training step (fmnist.steps); ``augmentation`` maps (images, generator) to
     augmented images; ``scheduler`` and ``ema`` are stepped after every batch when given.
     ``shard`` = (rank, ranks): this process trains on its slice of every batch (the epoch's
     order is the same on every rank), and ``reduce`` sums the epoch's statistics over the
-    ranks (fmnist.distributed).
+    ranks (fmnist.distributed). ``resume_at`` = (steps done, their losses, correct so far)
+    continues an epoch a mid-epoch checkpoint cut short; ``checkpoint`` = (seconds, save)
+    calls ``save(steps done, their losses, correct so far)`` whenever that many seconds passed.
     Raises NonFiniteLoss, naming the first bad step, if the loss became NaN or infinite.
     """
     step.model.train()
@@ -199,8 +201,22 @@ def train_one_epoch(step, images, labels, batch_size, generator, *, augmentation
     # NaN/inf, once at the end of the epoch.
     losses = torch.empty(len(starts), device=images.device)
     correct = torch.zeros((), dtype=torch.long, device=images.device)
+    done = 0
+    if resume_at is not None:  # the same order and augmentation (same generator state); skip what was done
+        done, partial_losses, partial_correct = resume_at
+        losses[:done] = partial_losses.to(losses.device)
+        correct += partial_correct.to(correct.device)
+        if bar is not None:
+            bar.update(min(len(images), done * batch_size))
+    every, save = checkpoint if checkpoint is not None else (None, None)
+    last_save = time.perf_counter()
     with step.epoch():
         for index, start in enumerate(starts):
+            if index < done:
+                continue
+            if every is not None and time.perf_counter() - last_save >= every:
+                save(index, losses[:index].clone(), correct.clone())
+                last_save = time.perf_counter()
             x, y = images[start:start + batch_size], labels[start:start + batch_size]
             if ranks > 1:
                 share = len(y) // ranks
@@ -338,7 +354,7 @@ def _files_bytes(model) -> int:
 def train(config: TrainConfig | None = None, data_dir: str | os.PathLike | None = None,
           out: str | os.PathLike | None = None, resume: str | os.PathLike | None = None,
           data: FashionMNIST | None = None, progress: bool = True, log=print, *,
-          on_epoch=None, test: bool = True) -> TrainResult:
+          on_epoch=None, test: bool = True, checkpoint_every: float | None = None) -> TrainResult:
     """Train, validate each epoch, test the best epoch, write the run folder.
 
     ``resume`` continues an interrupted run from its last checkpoint, with the settings
@@ -349,7 +365,9 @@ def train(config: TrainConfig | None = None, data_dir: str | os.PathLike | None 
 
     ``on_epoch(row)`` is called with each epoch's history row once it is saved (a sweep
     reports it, and may stop the run by raising). ``test=False`` skips the test set and the
-    report (sweep trials: only the winner is ever tested).
+    report (sweep trials: only the winner is ever tested). ``checkpoint_every`` seconds, the
+    checkpoint is also written inside an epoch (position, partial statistics, RNG states), so
+    a stop loses at most that much work.
     """
     with contextlib.ExitStack() as held, _sigterm_as_interrupt():
         saved = state = None
@@ -369,11 +387,11 @@ def train(config: TrainConfig | None = None, data_dir: str | os.PathLike | None 
         if not main:  # rank 0 speaks for all
             progress, log = False, (lambda line: None)
         return _train(config, data_dir, out, resume, data, progress, log, saved, state, held, on_epoch, test,
-                      world)
+                      world, checkpoint_every)
 
 
 def _train(config, data_dir, out, resume, data, progress, log, saved, state, held, on_epoch, test,
-           world) -> TrainResult:
+           world, checkpoint_every) -> TrainResult:
     config = (config or TrainConfig()).resolved()
     device = distributed.device_for(world, resolve_device(config.device))
     precision = resolve_precision(config.precision, device)
@@ -428,6 +446,7 @@ def _train(config, data_dir, out, resume, data, progress, log, saved, state, hel
     generator = torch.Generator().manual_seed(config.seed)
     history, start_epoch, best_val, best_epoch = [], 1, -1.0, 0
 
+    config_every = checkpoint_every
     if resume is None and not main:
         run_dir = None  # only rank 0 writes
     elif resume is None:
@@ -451,17 +470,33 @@ def _train(config, data_dir, out, resume, data, progress, log, saved, state, hel
         run_dir = Path(resume)
         log(f"resuming {run_dir}: no epoch had completed, starting from epoch 1")
 
+    resume_at = None
+    if state is not None and state.get("position"):  # a checkpoint from inside an epoch
+        resume_at = (state["position"], state["partial_losses"], state["partial_correct"])
+        log(f"  ... continuing epoch {state['epoch'] + 1} after step {state['position']}")
     epoch = start_epoch - 1
     try:
         for epoch in range(start_epoch, config.epochs + 1):
             started = time.perf_counter()
+            epoch_rng = generator.get_state()  # the order and augmentation of this epoch
+
+            def save_inside_epoch(position, losses, correct, epoch=epoch, epoch_rng=epoch_rng):
+                state = _checkpoint_state(model, optimizer, scheduler, ema, generator, epoch - 1, best_val,
+                                          best_epoch, device)
+                state.update(shuffle_rng=epoch_rng, position=position, partial_losses=losses.cpu(),
+                             partial_correct=correct.cpu())
+                runs.save_checkpoint(run_dir / runs.CHECKPOINT, state)
             with _progress_bar(len(x_train), epoch, config.epochs, progress) as bar:
                 lr = optimizer.param_groups[0]["lr"]
                 try:
                     train_loss, train_acc = train_one_epoch(step, x_train, y_train, config.batch_size, generator,
                                                             augmentation=augmentation, scheduler=scheduler,
                                                             ema=ema, bar=bar, reduce=distributed.reducer(world),
-                                                            shard=(0, 1) if world is None else (world.rank, ranks))
+                                                            shard=(0, 1) if world is None else (world.rank, ranks),
+                                                            resume_at=resume_at,
+                                                            checkpoint=(config_every, save_inside_epoch)
+                                                            if config_every and main else None)
+                    resume_at = None
                 except NonFiniteLoss as exc:
                     kept = f"the checkpoint of epoch {epoch - 1} is kept" if epoch > 1 else "no epoch was saved"
                     raise UserError(f"{exc} of epoch {epoch}; training stopped and {kept} ({run_dir})",
