@@ -253,3 +253,21 @@ def test_sigkill_inside_an_epoch_resumes_from_the_last_checkpoint_inside_it(data
     assert result.returncode == 0, result.stderr
     assert f"continuing epoch 2 after step {state['position']}" in result.stderr
     _same_run(cut, whole)
+
+
+def test_a_second_training_on_the_same_cores_is_warned_about(data_dir, tmp_path):
+    first = _start("train", "--epochs", "30", "--limit-train", "3000", "--quiet", "--data", data_dir,
+                   "--out", tmp_path / "first")
+    try:
+        _wait_for(lambda: (tmp_path / "first" / runs.CONFIG).exists(), first)
+        second = run_cli("train", "--epochs", "1", "--limit-train", "500", "--quiet", "--data", data_dir,
+                         "--out", tmp_path / "second")
+        shared = run_cli("train", "--epochs", "1", "--limit-train", "500", "--quiet", "--data", data_dir,
+                         "--out", tmp_path / "third", "--threads", "1")
+    finally:
+        first.kill()
+        first.wait()
+    assert second.returncode == 0 and shared.returncode == 0
+    if len(os.sched_getaffinity(0)) >= 2:  # all the cores' threads twice: warned; one thread of its own: not
+        assert f"warning: 1 other fmnist training process(es) running (pid {first.pid})" in second.stderr
+        assert "warning: 1 other" not in shared.stderr
