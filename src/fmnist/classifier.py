@@ -135,6 +135,8 @@ class Classifier:
         self.preprocess = preprocess or prep.Preprocess()
         self.metadata = dict(metadata or {})
         self.uncertain_below = uncertain_below
+        # Temperature scaling fitted on the run's validation split (fmnist.calibration); 1: none.
+        self.temperature = float(self.metadata.get("temperature") or 1.0)
         self.session = session
         if session is None and (backend == "onnx" or (backend == "auto" and _on_cpu(model))):
             from .inference import onnx_session
@@ -238,8 +240,9 @@ class Classifier:
         return self._logits(self.prepare(images)[0])
 
     def probabilities(self, batch: np.ndarray) -> np.ndarray:
-        """Probabilities [N, classes] for prepared float32 [N, 1, 28, 28] inputs."""
-        return softmax(self._logits(batch))
+        """Calibrated probabilities [N, classes] for prepared float32 [N, 1, 28, 28] inputs."""
+        logits = self._logits(batch)
+        return softmax(logits / np.float32(self.temperature) if self.temperature != 1.0 else logits)
 
     def predict_proba(self, images) -> np.ndarray:
         """Class probabilities [N, classes] for images in any form ``prepare`` accepts."""
@@ -269,12 +272,12 @@ class Classifier:
 
     def describe(self) -> dict:
         """What ``GET /v1/model`` answers: classes, backend, preprocessing, run metadata."""
-        return {"classes": list(self.class_names), "backend": self.backend,
+        return {"classes": list(self.class_names), "backend": self.backend, "temperature": self.temperature,
                 "uncertain_below": self.uncertain_below, "preprocess": json.loads(self.preprocess.to_json()),
                 **{k: _decoded(k, v) for k, v in self.metadata.items() if k not in ("class_names", "preprocess")}}
 
 
-JSON_METADATA = ("test_accuracy", "parity")  # stored as strings (ONNX metadata holds only strings)
+JSON_METADATA = ("test_accuracy", "parity", "temperature")  # stored as strings (ONNX metadata holds only strings)
 
 
 def _decoded(key: str, value):

@@ -43,7 +43,7 @@ def report(run_dir: str | os.PathLike, data_dir: str | os.PathLike | None = None
     metrics = metrics_on_test_set(logits, data)
     try:  # keep what only training knew: which epoch was best
         saved = runs.read_json(run_dir / runs.METRICS)
-        metrics.update({k: saved[k] for k in ("best_epoch", "best_val_accuracy") if k in saved})
+        metrics.update({k: saved[k] for k in ("best_epoch", "best_val_accuracy", "calibration") if k in saved})
     except UserError:  # missing or unreadable: write the fresh one
         runs.write_json(run_dir / runs.METRICS, metrics)
     return build_report(run_dir, data, logits, metrics)

@@ -24,7 +24,8 @@ FORMATS = ("onnx",)
 PARITY_IMAGES = 1000
 PARITY_MAX_PROBABILITY_DIFF = 1e-4
 INPUT_DESCRIPTION = ("images: float32 [N, 1, 28, 28], pixel value / 255, a light object on black "
-                     "(fmnist.preprocess prepares photos); output logits: float32 [N, 10]")
+                     "(fmnist.preprocess prepares photos); output logits: float32 [N, 10], calibrated "
+                     "probabilities softmax(logits / temperature)")
 
 
 def run_metadata(run_dir: str | os.PathLike) -> dict[str, str]:
@@ -32,9 +33,11 @@ def run_metadata(run_dir: str | os.PathLike) -> dict[str, str]:
     run_dir = runs.require_run_dir(run_dir)
     config = runs.read_config(run_dir)
     try:
-        accuracy = runs.read_json(run_dir / runs.METRICS).get("accuracy")
+        metrics = runs.read_json(run_dir / runs.METRICS)
     except UserError:  # not evaluated yet
-        accuracy = None
+        metrics = {}
+    accuracy = metrics.get("accuracy")
+    temperature = (metrics.get("calibration") or {}).get("temperature", 1.0)
     data = config.get("data", {})
     return {
         "fmnist_version": __version__,
@@ -45,6 +48,7 @@ def run_metadata(run_dir: str | os.PathLike) -> dict[str, str]:
         "data_sha256": data.get("content_sha256", ""),
         "test_accuracy": "" if accuracy is None else f"{accuracy:.4f}",
         "class_names": json.dumps(list(CLASS_NAMES)),
+        "temperature": repr(float(temperature)),  # probabilities = softmax(logits / temperature)
         "input": INPUT_DESCRIPTION,
     }
 

@@ -98,6 +98,9 @@ def format_report(metrics: dict, digits: int = 4) -> str:
 
 def format_summary(metrics: dict) -> str:
     pairs = ", ".join(f"{p['true']} -> {p['predicted']} ({p['count']})" for p in metrics["most_confused"][:3])
+    calibration = metrics.get("calibration")
+    calibrated = (f"\ncalibration: test ECE {calibration['test_ece_before']:.4f} -> {calibration['test_ece_after']:.4f} "
+                  f"with temperature {calibration['temperature']:.3f} (fitted on validation)" if calibration else "")
     return (f"test accuracy {metrics['accuracy']:.4f}  top-2 {metrics['top2_accuracy']:.4f}  "
             f"loss {metrics['loss']:.4f}  on {metrics['count']} images\n"
-            f"most confused: {pairs}")
+            f"most confused: {pairs}" + calibrated)

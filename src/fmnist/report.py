@@ -4,6 +4,7 @@
     figures/confusion_matrix.png   counts and row-normalised, with class names
     figures/samples.png            test images with prediction, confidence, truth, probability bars
     figures/misclassified.png      the most confidently wrong test images
+    figures/reliability.png        accuracy against confidence, before and after temperature scaling
     report.html                    all of it on one page, figures embedded
 """
 
@@ -137,6 +138,26 @@ def plot_misclassified(images: np.ndarray, labels: np.ndarray, probs: np.ndarray
 # ----------------------------------------------------------------------------- HTML
 
 
+def plot_reliability(calibration: dict, path: Path) -> None:
+    """Accuracy against confidence per bin, before and after temperature scaling."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 4), sharey=True)
+    for ax, key, title in ((axes[0], "reliability_before", "as trained"),
+                           (axes[1], "reliability_after", f"temperature {calibration['temperature']:.2f}")):
+        rows = [r for r in calibration[key] if r["count"]]
+        ece = calibration["test_ece_before" if key.endswith("before") else "test_ece_after"]
+        width = rows[0]["upper"] - rows[0]["lower"] if rows else 0.05
+        ax.bar([r["lower"] for r in rows], [r["accuracy"] for r in rows], width=width, align="edge",
+               color="#2f6fde", edgecolor="white", label="accuracy")
+        ax.plot([0, 1], [0, 1], "--", color="#888", lw=1, label="perfect calibration")
+        ax.set(title=f"{title}: ECE {ece:.4f}", xlabel="confidence (test set)", xlim=(0, 1), ylim=(0, 1))
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("accuracy")
+    axes[0].legend(loc="upper left", fontsize=8)
+    _save(fig, path)
+
+
 def _table(rows: list[list], header: list[str] | None = None) -> str:
     head = "<tr>" + "".join(f"<th>{html.escape(str(h))}</th>" for h in header) + "</tr>" if header else ""
     body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
@@ -177,6 +198,12 @@ def _html(run_dir: Path, config: dict, history: list[dict], metrics: dict, figur
         "<h2 id=confused>Most confused pairs</h2>" + _table(confused, ["true", "predicted as", "count"]),
         "<h2 id=samples>Sample predictions</h2>" + _embedded_png(figures["samples"], "sample predictions"),
         "<h2 id=wrong>Most confidently wrong</h2>" + _embedded_png(figures["misclassified"], "misclassified"),
+        *(["<h2 id=calibration>Calibration</h2><p>" + html.escape(
+            f"Expected calibration error on the test set: {metrics['calibration']['test_ece_before']:.4f} as "
+            f"trained, {metrics['calibration']['test_ece_after']:.4f} after dividing the logits by "
+            f"{metrics['calibration']['temperature']:.3f}, fitted on the {metrics['calibration']['fitted_on']}. "
+            f"fmnist predict and the server use the fitted temperature.") + "</p>"
+           + _embedded_png(figures["reliability"], "reliability diagram")] if "reliability" in figures else []),
         "<h2 id=history>History</h2>" + _table(history_rows, ["epoch", "train loss", "train acc", "val loss",
                                                    "val acc", "seconds", "img/s"]),
         "<h2 id=settings>Settings</h2>" + _table(settings),
@@ -206,6 +233,9 @@ def build_report(run_dir: str | os.PathLike, data: FashionMNIST, test_logits: to
     plot_confusion(np.array(metrics["confusion_matrix"]), figures["confusion_matrix"])
     plot_samples(images, labels, probs, figures["samples"])
     plot_misclassified(images, labels, probs, figures["misclassified"])
+    if metrics.get("calibration"):
+        figures["reliability"] = figures_dir / "reliability.png"
+        plot_reliability(metrics["calibration"], figures["reliability"])
     report = run_dir / runs.REPORT
     runs.atomic_write_text(report, _html(run_dir, config, history, metrics, figures))
     return report

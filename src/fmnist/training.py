@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 from . import distributed, runs
 from .augment import augment
+from .calibration import calibrate
 from .data import FashionMNIST, load_dataset, stratified_split, to_float
 from .errors import Interrupted, UserError
 from .fast import make_step
@@ -541,6 +542,8 @@ def _train(config, data_dir, out, resume, data, progress, log, saved, state, hel
     metrics = metrics_on_test_set(test_logits, data)
     metrics.update(best_epoch=best_epoch,
                    best_val_accuracy=best_val if validating else None)
+    if validating:  # the temperature is fitted on validation; the test set only measures it
+        metrics["calibration"] = calibrate(predict_logits(evaluated, x_val), y_val, test_logits, data.test_labels)
     runs.write_json(run_dir / runs.METRICS, metrics)
 
     from .report import build_report  # matplotlib is imported only when drawing
