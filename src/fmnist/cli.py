@@ -32,7 +32,8 @@ EXAMPLES = {
   fmnist train --model resnet              # another model, trained with its own recipe
   fmnist train --epochs 1 --limit-train 10000 --out runs/quick
   fmnist train --model resnet --lr 0.05 --no-hflip   # the recipe, with two values overridden
-  fmnist train --resume runs/notebook-20261127-120000   # continue after Ctrl-C""",
+  fmnist train --resume runs/notebook-20261127-120000   # continue after Ctrl-C
+  fmnist train --seeds 0,1,2 --out runs/seeds          # one run per seed, summary.json: mean ± std""",
     "sweep": """examples:
   fmnist sweep --model resnet --trials 20 --workers 2       # SQLite study in runs/sweep-resnet-<time>/
   fmnist sweep --model notebook --trials 8 --epochs 3       # --epochs given: fixed, not searched
@@ -43,7 +44,8 @@ EXAMPLES = {
   fmnist models --json""",
     "evaluate": """examples:
   fmnist evaluate runs/notebook-20261127-120000
-  fmnist evaluate runs/notebook-20261127-120000 --json""",
+  fmnist evaluate runs/notebook-20261127-120000 --json
+  fmnist evaluate runs/seeds/seed-0 runs/seeds/seed-1 runs/seeds/seed-2 --out runs/ensemble   # ensemble""",
     "bench": """examples:
   fmnist bench                              # about a minute on a 2-core CPU
   fmnist bench --json > bench.json""",
@@ -117,6 +119,18 @@ def cmd_train(args) -> int:
         set_threads(args.threads)
     warn_if_oversubscribed()
     config = TrainConfig(**given)
+    if args.seeds is not None:
+        from .ensembles import SUMMARY, format_seeds, train_seeds
+        from .runs import read_json
+
+        if args.resume is not None or "seed" in given:
+            raise UserError("--seeds runs several seeds; drop --resume and --seed")
+        out = train_seeds(config, args.seeds, args.out, args.data, progress=not args.quiet and sys.stderr.isatty(),
+                          log=_log)
+        summary = read_json(out / SUMMARY)
+        print(json.dumps(summary, indent=2) if args.json else format_seeds(summary))
+        print(f"summary: {out / SUMMARY}", file=sys.stderr)
+        return 0
     if args.resume is not None:
         conflicting = [f"--{name.replace('_', '-')}" for name in given] + (["--out"] if args.out else [])
         if conflicting:
@@ -184,7 +198,12 @@ def cmd_evaluate(args) -> int:
     from .evaluation import evaluate
     from .metrics import format_report, format_summary
 
-    metrics = evaluate(args.run_dir, args.data, device=args.device)
+    if len(args.run_dir) > 1 or args.out:
+        from .ensembles import evaluate_ensemble
+
+        metrics = evaluate_ensemble(args.run_dir, args.data, device=args.device, out=args.out)
+    else:
+        metrics = evaluate(args.run_dir[0], args.data, device=args.device)
     if args.json:
         _print_json(metrics)
         return 0
@@ -299,6 +318,16 @@ def _whole_number(minimum: int):
 _positive_int = _whole_number(1)
 
 
+def _seed_list(text: str) -> list[int]:
+    try:
+        seeds = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be seeds separated by commas, e.g. 0,1,2; got '{text}'") from None
+    if not seeds or min(seeds) < 0:
+        raise argparse.ArgumentTypeError(f"must be whole numbers of at least 0, e.g. 0,1,2; got '{text}'")
+    return seeds
+
+
 def _json_object(text: str) -> dict:
     try:
         value = json.loads(text)
@@ -411,6 +440,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_run_settings(run)
     run.add_argument("--out", metavar="DIR", help="run folder (default: runs/<model>-<timestamp>)")
     run.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run (its settings win)")
+    run.add_argument("--seeds", type=_seed_list, metavar="LIST",
+                     help="one run per seed (e.g. 0,1,2) under --out, and summary.json with mean ± std")
     run.add_argument("--checkpoint-every", type=float, metavar="SECONDS",
                      help="also checkpoint inside an epoch this often (default: after each epoch only)")
     run.add_argument("--threads", type=_positive_int, metavar="N",
@@ -443,11 +474,16 @@ def build_parser() -> argparse.ArgumentParser:
     for name, help_text, func in (("evaluate", "test-set metrics of a trained run", cmd_evaluate),
                                   ("report", "redraw a run's figures and report.html", cmd_report)):
         sub = command(name, help_text, func)
-        sub.add_argument("run_dir", metavar="RUN_DIR", help="a folder written by 'fmnist train'")
+        if name == "evaluate":
+            sub.add_argument("run_dir", metavar="RUN_DIR", nargs="+",
+                             help="a folder written by 'fmnist train'; several: their ensemble (averaged "
+                                  "probabilities)")
+            sub.add_argument("--out", metavar="DIR", help="write the ensemble's metrics.json here")
+            sub.add_argument("--json", action="store_true", help="machine-readable output")
+        else:
+            sub.add_argument("run_dir", metavar="RUN_DIR", help="a folder written by 'fmnist train'")
         add_data(sub)
         sub.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
-        if name == "evaluate":
-            sub.add_argument("--json", action="store_true", help="machine-readable output")
     def add_preprocess(sub):
         group = sub.add_argument_group("preprocessing of image files (default: the model's own settings)")
         group.add_argument("--invert", choices=("auto", "always", "never"),
