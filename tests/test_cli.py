@@ -15,7 +15,8 @@ from .conftest import run_cli
 pytestmark = pytest.mark.slow  # end to end: each test starts the fmnist command, some train
 
 RUN_FILES = ("config.json", "history.csv", "model.safetensors", "checkpoint.pt", "metrics.json", "report.html",
-             "figures/curves.png", "figures/confusion_matrix.png", "figures/samples.png", "figures/misclassified.png")
+             "figures/curves.png", "figures/confusion_matrix.png", "figures/samples.png", "figures/misclassified.png",
+             "figures/reliability.png")
 
 
 def test_train_one_epoch_reaches_floor_and_writes_every_file(trained_run):
@@ -32,7 +33,7 @@ def test_train_one_epoch_reaches_floor_and_writes_every_file(trained_run):
     assert config["train"]["batch_size"] == 32 and config["split"]["train"] == 10000
     assert config["environment"]["torch"]
     html = (out / "report.html").read_text()
-    assert html.count("data:image/png;base64,") == 4 and "Classification report" in html
+    assert html.count("data:image/png;base64,") == 5 and "Classification report" in html and "id=calibration" in html
     assert not list(out.rglob("*.tmp"))  # atomic writes leave no temporaries
 
 
