@@ -161,6 +161,8 @@ def main() -> None:
         with served(args.serve) as url:
             run(url, 4, 1.0, image)  # warm-up: connections, first batches
             result = run(url, args.clients, args.seconds, image)
+    from fmnist.runtime import _cpu_name  # after the run: PyTorch's import stays out of the clients' way
+
     result["cpu"] = _cpu_name()
     if args.json:
         print(json.dumps(result, indent=2))
@@ -168,17 +170,6 @@ def main() -> None:
         print(f"{result['clients']} clients, {result['seconds']} s: {result['requests']} requests, "
               f"{result['requests_per_s']} requests/s, p50 {result['p50_ms']} ms, p99 {result['p99_ms']} ms, "
               f"{result['errors']} errors {result['error_kinds'] or ''}  ({result['cpu']}, {os.cpu_count()} cores)")
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-    return platform.processor() or "unknown CPU"
 
 
 if __name__ == "__main__":

@@ -41,8 +41,8 @@ def photo_gap(classifier, images: np.ndarray, labels: np.ndarray, seed: int = 0)
     """Accuracy on the original images and on their photo-like versions through the pipeline."""
     rng = np.random.default_rng(seed)
     photos = [photo_like(image, rng) for image in images]
-    original = np.asarray(classifier.predict_proba(images)).argmax(1)
-    photo = np.asarray(classifier.predict_proba(photos)).argmax(1)
+    original = classifier.predict_proba(images).argmax(1)
+    photo = classifier.predict_proba(photos).argmax(1)
     return {"images": len(images), "original_accuracy": float((original == labels).mean()),
             "photo_accuracy": float((photo == labels).mean()),
             "agreement": float((original == photo).mean())}
