@@ -161,9 +161,9 @@ def main() -> None:
         with served(args.serve) as url:
             run(url, 4, 1.0, image)  # warm-up: connections, first batches
             result = run(url, args.clients, args.seconds, image)
-    from fmnist.runtime import _cpu_name  # after the run: PyTorch's import stays out of the clients' way
+    from fmnist.runtime import cpu_name  # after the run: PyTorch's import stays out of the clients' way
 
-    result["cpu"] = _cpu_name()
+    result["cpu"] = cpu_name()
     if args.json:
         print(json.dumps(result, indent=2))
     else:

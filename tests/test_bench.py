@@ -45,12 +45,18 @@ def test_bench_quick_json(data_dir):
     assert executed["fmnist fp32"] == routed and executed["textbook fp32"] == report["train_flops_per_image"]
     assert {row["batch"] for row in report["inference"]} == {16, 256, 1024}
     assert all(lat["p50"] <= lat["p99"] for lat in report["latency_ms"].values())
+    presets = {row["preset"]: row for row in report["presets"]}
+    assert set(presets) == {"fast", "best-cpu"}  # `best` is for GPUs
+    assert presets["fast"]["step"].startswith("fast") and presets["best-cpu"]["step"] == "autograd"
+    assert presets["fast"]["executed_flops_per_image"] < presets["best-cpu"]["executed_flops_per_image"]
+    assert all(row["images_per_second"] > 0 and row["hardware_use"] > 0 for row in presets.values())
 
 
 def test_bench_table(data_dir):
     result = run_cli("bench", "--quick", "--data", data_dir)
     assert result.returncode == 0, result.stderr
     assert "vs textbook" in result.stdout and "single-image latency" in result.stdout
+    assert "preset (train)" in result.stdout and "best-cpu" in result.stdout
 
 
 def test_bench_without_data_is_a_one_line_error(tmp_path):

@@ -212,3 +212,41 @@ def test_flushing_denormals_changes_no_training_result(dataset, monkeypatch):
     kept, kept_denormals = two_epochs()
     assert flushed_denormals == 0 and kept_denormals > 0  # the case the flush exists for did arise
     assert all(torch.equal(flushed[name], kept[name]) for name in kept)
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_inference_through_the_kernels_gives_the_stock_logits(layout):
+    from fmnist.fast import make_predictor
+    from fmnist.inference import predict_logits, with_test_time_flip
+
+    model = create_model("notebook").to(memory_format=layout).eval()
+    images = torch.rand(300, 1, 28, 28)
+    assert make_predictor(model) is not model
+    with torch.no_grad():
+        expected = model(images)
+        flipped = (model(images) + model(images.flip(3))) / 2
+    torch.testing.assert_close(predict_logits(model, images, batch_size=128), expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(predict_logits(with_test_time_flip(model).eval(), images), flipped, rtol=0, atol=1e-5)
+
+
+def test_inference_through_the_kernels_steps_aside_where_it_would_differ():
+    from fmnist.fast import make_predictor
+
+    model = create_model("notebook")
+    assert make_predictor(model) is model                      # training mode: dropout is on
+    model.eval()
+    handle = model.fc2.register_forward_hook(lambda *args: None)
+    assert make_predictor(model) is model                      # hooks must run
+    handle.remove()
+    assert make_predictor(model) is not model
+    resnet = create_model("resnet").eval()
+    assert make_predictor(resnet) is resnet
+
+
+def test_the_fast_preset_trains_with_the_written_out_step():
+    from fmnist.recipes import RECIPES
+
+    config = TrainConfig(model="fast").resolved()
+    model = create_model("fast", **RECIPES["fast"].model_args)
+    assert isinstance(make_step(model, make_optimizer(model, config), label_smoothing=config.label_smoothing),
+                      NotebookStep)

@@ -67,3 +67,31 @@ def test_resnet_takes_its_architecture_arguments(width, blocks):
     assert model(torch.rand(3, 1, 28, 28)).shape == (3, 10)
     assert model.fc.in_features == width * 2 ** (len(blocks) - 1)
     assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules()) >= 1 + 2 * sum(blocks)
+
+
+def test_convnet_pools_before_batch_norm_and_counts_its_cost():
+    from fmnist.models import ConvNet
+
+    model = create_model("best-cpu", widths=(8, 16, 32), depth=2)
+    assert isinstance(model, ConvNet) and model(torch.rand(3, 1, 28, 28)).shape == (3, 10)
+    first = list(model.groups[0])
+    assert [type(m) for m in first[:4]] == [torch.nn.Conv2d, torch.nn.MaxPool2d, torch.nn.BatchNorm2d, torch.nn.ReLU]
+    # 2 * (28*28*8*9 + 14*14*8*72 + 14*14*16*72 + 7*7*16*144 + 7*7*32*144 + 3*3*32*288 + 32*10)
+    assert forward_flops(model) == 2 * (28 * 28 * 8 * 9 + 14 * 14 * 8 * 72 + 14 * 14 * 16 * 72 + 7 * 7 * 16 * 144
+                                        + 7 * 7 * 32 * 144 + 3 * 3 * 32 * 288 + 32 * 10)
+
+
+def test_every_preset_builds_from_its_recipe_and_has_a_reason_to_exist():
+    from fmnist.recipes import RECIPES
+
+    sizes = {}
+    for name in ("fast", "best-cpu", "best"):
+        assert name in list_models()
+        recipe = RECIPES[name]
+        recipe.check()
+        model = create_model(name, **recipe.model_args)
+        assert model(torch.rand(2, 1, 28, 28)).shape == (2, 10)
+        sizes[name] = forward_flops(model) * recipe.epochs
+    # more compute for more accuracy, in order
+    assert sizes["fast"] < sizes["best-cpu"] < sizes["best"]
+    assert isinstance(create_model("fast", **RECIPES["fast"].model_args), NotebookCNN)  # fmnist.fast's net

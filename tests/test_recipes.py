@@ -41,7 +41,7 @@ def test_the_model_recipe_fills_what_is_not_given():
     ("epochs", 0, "epochs must be"), ("batch_size", 0, "batch_size must be"), ("lr", -1.0, "lr must be"),
     ("lr", float("nan"), "lr must be"), ("epochs", "ten", "epochs must be"), ("optimizer", "lbfgs", "optimizer"),
     ("schedule", "step", "schedule"), ("erasing", 1.5, "erasing"), ("val_fraction", 1.0, "val_fraction"),
-    ("seed", -5, "seed must be"), ("hflip", "yes", "hflip"),
+    ("seed", -5, "seed must be"), ("hflip", "yes", "hflip"), ("tta_flip", True, "unless hflip"),
 ])
 def test_bad_values_are_user_errors_worded_for_the_caller(field, value, message):
     with pytest.raises(UserError, match=message) as info:

@@ -101,7 +101,7 @@ def test_ema_erasing_and_flip_averaging_run_and_are_kept(dataset, tmp_path):
     from fmnist.evaluation import evaluate
     from fmnist.inference import FlipAveraged, load_run_model
 
-    config = TrainConfig(model="notebook", epochs=2, limit_train=400, ema_decay=0.9, erasing=0.5, tta_flip=True,
+    config = TrainConfig(model="notebook", epochs=2, limit_train=400, ema_decay=0.9, erasing=0.5, hflip=True, tta_flip=True,
                          schedule="cosine", warmup_epochs=1, optimizer="adamw", weight_decay=0.01)
     result = train(config, data=dataset, out=tmp_path / "r", **_quiet())
     state = runs.load_checkpoint(tmp_path / "r" / runs.CHECKPOINT)
@@ -115,3 +115,22 @@ def test_ema_erasing_and_flip_averaging_run_and_are_kept(dataset, tmp_path):
     assert isinstance(model, FlipAveraged)
     assert evaluate(tmp_path / "r", data=dataset)["accuracy"] == result.metrics["accuracy"]
     assert [row["lr"] for row in result.history][0] < config.resolved().lr  # warming up
+
+
+@pytest.mark.filterwarnings("ignore:60 training and 20 test images")
+def test_the_gpu_preset_runs_end_to_end_on_a_cpu(tmp_path):
+    """`best` as a GPU would run it (its architecture, EMA, erasing, flip averaging, the run
+    folder and report), shrunk to one epoch of a tiny synthetic set so that a CPU takes seconds."""
+    from fmnist.inference import FlipAveraged, load_run_model
+
+    from .conftest import write_idx_set
+
+    data = write_idx_set(tmp_path / "data", n_train=60, n_test=20)
+    config = TrainConfig(model="best", epochs=1, batch_size=32, device="cpu")
+    result = train(config, data_dir=data, out=tmp_path / "best", **_quiet())
+    assert result.metrics["count"] == 20 and 0 <= result.metrics["accuracy"] <= 1
+    recorded = runs.read_config(tmp_path / "best")["train"]
+    assert recorded["model_args"] == {"widths": [128, 256, 512], "depth": 3} and recorded["ema_decay"] == 0.999
+    model, _ = load_run_model(tmp_path / "best")
+    assert isinstance(model, FlipAveraged)
+    assert (tmp_path / "best" / runs.REPORT).exists()

@@ -49,6 +49,8 @@ class BenchConfig:
     inference_batches: tuple = (16, 256, 1024)  # 16: a web request's worth, not just bulk
     inference_images: int = 8192  # images predicted per round and backend
     latency_calls: int = 300     # enough for a stable p99
+    presets: tuple | None = None  # None: the presets meant for the device (below)
+    preset_images: int = 4096    # images per round for each preset, at its recipe's batch size
     device: str = "auto"
     data_dir: str | None = None  # as for 'fmnist train': --data, then $FMNIST_DATA, the cache, a download
 
@@ -65,6 +67,7 @@ class BenchResult:
     inference: list[dict] = field(default_factory=list)
     latency_ms: dict = field(default_factory=dict)
     keras: list[dict] = field(default_factory=list)
+    presets: list[dict] = field(default_factory=list)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -108,7 +111,7 @@ def training_flops(model: nn.Module, winners_only: tuple[int, ...] = (), image_s
 
 
 def executed_training_flops(step) -> int:
-    """What a notebook CNN training step computes per image: the fast CPU step sees only the
+    """What a training step computes per image: the notebook CNN's fast CPU step sees only the
     26x26 pixels that reach the output and backpropagates conv2 through the pooling winners
     (in fp32 and under bf16 autocast alike); the autograd step computes the whole network."""
     from .fast.notebook import NotebookStep
@@ -205,6 +208,42 @@ def keras_trainer(data: FashionMNIST, batch_size: int, steps: int):
 # ----------------------------------------------------------------------------- measuring
 
 
+# `best` is a GPU recipe: on a CPU a round of it would take minutes
+PRESETS_FOR = {"cpu": ("fast", "best-cpu"), "cuda": ("fast", "best-cpu", "best")}
+
+
+def preset_trainer(data: FashionMNIST, name: str, images: int, device: torch.device):
+    """(closure running fmnist's epoch loop with the preset's own step and batch size, the
+    step, images per call, batch size): what ``fmnist train --model NAME`` runs, minus
+    augmentation and validation."""
+    from .runtime import resolve_precision
+
+    config = TrainConfig(model=name, device=str(device)).resolved()
+    model = create_model(name, **config.model_args).to(device)
+    step = make_step(model, make_optimizer(model, config), precision=resolve_precision(config.precision, device),
+                     label_smoothing=config.label_smoothing, device=device)
+    steps = max(1, images // config.batch_size)
+    x, y = training_sample(data, steps * config.batch_size, device)
+    generator = torch.Generator().manual_seed(0)
+
+    def run(n_steps: int = steps):
+        n = min(n_steps, steps) * config.batch_size
+        train_one_epoch(step, x[:n], y[:n], config.batch_size, generator)
+    return run, step, steps * config.batch_size, config.batch_size
+
+
+def _presets(data: FashionMNIST, config: BenchConfig, device: torch.device, gemm_gflops: float) -> list[dict]:
+    rows = []
+    for name in config.presets or PRESETS_FOR.get(device.type, ("fast",)):
+        run, step, images, batch = preset_trainer(data, name, config.preset_images, device)
+        rate = _interleaved_rates({name: run}, images, config, device)[name]
+        executed = executed_training_flops(step)
+        rows.append({"preset": name, "batch": batch,
+                     "images_per_second": rate, "executed_flops_per_image": executed,
+                     "hardware_use": rate * executed / (gemm_gflops * 1e9), "step": step.name})
+    return rows
+
+
 def _interleaved_rates(contenders: dict, images_per_call: int, config: BenchConfig, device) -> dict:
     """images/s per contender: warm each up, then alternate them for ``rounds`` rounds."""
     for run in contenders.values():
@@ -290,6 +329,8 @@ def run_benchmark(config: BenchConfig | None = None, log=lambda line: None) -> B
     result.inference, result.latency_ms = _inference(data, config, device)
     log("inference: " + ", ".join(f"{r['backend']} batch {r['batch']} {r['images_per_second']:,.0f} img/s"
                                   for r in result.inference))
+    result.presets = _presets(data, config, device, result.gemm_gflops)
+    log("presets: " + ", ".join(f"{r['preset']} {r['images_per_second']:,.0f} img/s" for r in result.presets))
     try:
         for batch in config.batch_sizes:
             rate = _interleaved_rates({"keras": keras_trainer(data, batch, config.train_steps)},
@@ -322,6 +363,13 @@ def format_table(result: BenchResult) -> str:
                      f"{100 * row['hardware_use']:>12.0f}%")
     for row in result.keras:
         lines.append(f"{'keras fit':<16} {row['batch']:>5} {row['images_per_second']:>10,.0f}")
+    if result.presets:
+        lines += ["", f"{'preset (train)':<16} {'batch':>5} {'images/s':>10} {'MFLOP/image':>12} "
+                      f"{'hardware use':>13}  step"]
+    for row in result.presets:
+        lines.append(f"{row['preset']:<16} {row['batch']:>5} {row['images_per_second']:>10,.0f} "
+                     f"{row['executed_flops_per_image'] / 1e6:>12.1f} {100 * row['hardware_use']:>12.0f}%  "
+                     f"{row['step'].split(':')[0]}")
     lines += ["", f"{'predict_proba':<16} {'batch':>5} {'images/s':>10}"]
     for row in result.inference:
         label = row["backend"] + (" (default)" if row["default"] else "")

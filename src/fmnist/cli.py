@@ -223,7 +223,7 @@ def cmd_bench(args) -> int:
     config = BenchConfig(device=args.device, data_dir=args.data)
     if args.quick:  # a smoke run: every code path, numbers too rough to quote
         config = dataclasses.replace(config, rounds=1, train_steps=5, warmup_steps=2, latency_calls=20,
-                                     inference_images=1024)
+                                     inference_images=1024, preset_images=256)
     result = run_benchmark(config, log=_log)
     if args.json:
         _print_json(dataclasses.asdict(result))

@@ -28,12 +28,24 @@ def predict_logits(model: torch.nn.Module, images: torch.Tensor,
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
+    forward = _batch_forward(model)
     outputs = []
     for start in range(0, len(images), batch_size):
         batch = images[start:start + batch_size].to(device, non_blocking=True)
-        outputs.append(model(batch.contiguous(memory_format=torch.channels_last)).float())
+        outputs.append(forward(batch.contiguous(memory_format=torch.channels_last)).float())
     model.train(was_training)
     return torch.cat(outputs).cpu() if outputs else torch.empty(0, len(CLASS_NAMES))
+
+
+def _batch_forward(model: torch.nn.Module):
+    """What maps a batch to logits: fmnist.fast's inference where it applies (inside the flip
+    averaging too), the model itself elsewhere."""
+    from .fast import make_predictor
+
+    if isinstance(model, FlipAveraged):
+        inner = _batch_forward(model.model)
+        return lambda x: (inner(x) + inner(x.flip(3))) / 2
+    return make_predictor(model)
 
 
 class FlipAveraged(torch.nn.Module):
@@ -64,6 +76,8 @@ def load_run_model(run_dir: str | os.PathLike, device: str = "cpu") -> tuple[tor
     model = create_model(settings["model"], **arguments)
     runs.load_weights_into(model, path / runs.WEIGHTS, settings["model"])
     model = model.to(resolve_device(device))
+    if next(model.parameters()).is_cpu:
+        model = model.to(memory_format=torch.channels_last)  # as trained on a CPU (fmnist.fast.make_step)
     if settings.get("tta_flip"):
         model = with_test_time_flip(model)
     return model.eval(), config

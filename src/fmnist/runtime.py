@@ -47,7 +47,7 @@ def environment(device: torch.device) -> dict:
         "torch": torch.__version__,
         "numpy": np.__version__,
         "platform": platform.platform(),
-        "processor": _cpu_name(),
+        "processor": cpu_name(),
         "threads": torch.get_num_threads(),
         "device": str(device),
     }
@@ -56,7 +56,7 @@ def environment(device: torch.device) -> dict:
     return info
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
     try:
         with open("/proc/cpuinfo") as handle:
             for line in handle:
