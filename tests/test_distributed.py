@@ -48,12 +48,15 @@ def test_two_ranks_match_one_process_with_the_same_global_batch(data_dir, tmp_pa
     h2, h1 = runs.read_history(two)[0], runs.read_history(one)[0]
     # The same images in the same steps, the same mean gradient; only the order of the float
     # additions differs (two half-batch means averaged by all-reduce), which Adam's
-    # normalised steps carry into the weights at the 1e-3 level after 50 steps.
-    assert h2["train_accuracy"] == pytest.approx(h1["train_accuracy"], abs=2e-3)
-    assert h2["train_loss"] == pytest.approx(h1["train_loss"], rel=2e-3)  # 1.15e-3 seen on a loaded machine
-    assert h2["val_accuracy"] == pytest.approx(h1["val_accuracy"], abs=5e-3)
+    # normalised steps carry into the weights at the 1e-3 level after 50 steps. How far that
+    # moves the metrics depends on the CPU: on an AVX-512 Xeon without AMX the train loss
+    # differed by 1.15e-3 (relative) and validation accuracy by 7e-3 with the same code that
+    # stayed within 1e-3 on an AMD EPYC. A broken all-reduce is off by far more.
+    assert h2["train_accuracy"] == pytest.approx(h1["train_accuracy"], abs=5e-3)
+    assert h2["train_loss"] == pytest.approx(h1["train_loss"], rel=3e-3)
+    assert h2["val_accuracy"] == pytest.approx(h1["val_accuracy"], abs=1.5e-2)
     w2, w1 = load_file(str(two / runs.WEIGHTS)), load_file(str(one / runs.WEIGHTS))
-    assert max((w2[k] - w1[k]).abs().max().item() for k in w1) < 5e-3
+    assert max((w2[k] - w1[k]).abs().max().item() for k in w1) < 3e-2  # 1.7e-2 on that Xeon, 7e-4 on the EPYC
     assert not list(two.glob(".*.tmp")) and (two / runs.METRICS).is_file()
 
 
