@@ -142,16 +142,20 @@ def notebook_step(device: torch.device, precision: str = "fp32", fast: bool = Tr
     return make_step(model, make_optimizer(model, config), precision=precision, device=device, fast=fast)
 
 
-def fmnist_trainer(data: FashionMNIST, batch_size: int, steps: int, device: torch.device, precision: str,
-                   fast: bool = True):
-    """A closure that runs ``steps`` optimizer steps of fmnist's own epoch loop."""
-    step = notebook_step(device, precision, fast)
+def _epoch_loop(step, data: FashionMNIST, batch_size: int, steps: int, device: torch.device):
+    """A closure that runs up to ``steps`` optimizer steps of fmnist's own epoch loop with ``step``."""
     images, labels = training_sample(data, steps * batch_size, device)
     generator = torch.Generator().manual_seed(0)
 
     def run(n_steps: int = steps):
         train_one_epoch(step, images[:n_steps * batch_size], labels[:n_steps * batch_size], batch_size, generator)
     return run
+
+
+def fmnist_trainer(data: FashionMNIST, batch_size: int, steps: int, device: torch.device, precision: str,
+                   fast: bool = True):
+    """The notebook CNN's steps through fmnist's own epoch loop."""
+    return _epoch_loop(notebook_step(device, precision, fast), data, batch_size, steps, device)
 
 
 def textbook_trainer(data: FashionMNIST, batch_size: int, steps: int, device: torch.device):
@@ -223,13 +227,7 @@ def preset_trainer(data: FashionMNIST, name: str, images: int, device: torch.dev
     step = make_step(model, make_optimizer(model, config), precision=resolve_precision(config.precision, device),
                      label_smoothing=config.label_smoothing, device=device)
     steps = max(1, images // config.batch_size)
-    x, y = training_sample(data, steps * config.batch_size, device)
-    generator = torch.Generator().manual_seed(0)
-
-    def run(n_steps: int = steps):
-        n = min(n_steps, steps) * config.batch_size
-        train_one_epoch(step, x[:n], y[:n], config.batch_size, generator)
-    return run, step, steps * config.batch_size, config.batch_size
+    return _epoch_loop(step, data, config.batch_size, steps, device), step, steps * config.batch_size, config.batch_size
 
 
 def _presets(data: FashionMNIST, config: BenchConfig, device: torch.device, gemm_gflops: float) -> list[dict]:

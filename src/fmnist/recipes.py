@@ -117,7 +117,8 @@ RECIPES: dict[str, Recipe] = {
         optimizer="adam",      # fmnist.fast's fused step; Adam needs no tuning for a short run
         lr=2e-3,               # twice the notebook's: the decay below makes a high start safe
         schedule="linear",     # warm up, then decay to 0 by the last step
-        warmup_epochs=0.2,     # (no mirror averaging: without flips in training it costs accuracy)
+        warmup_epochs=0.2,
+        # no mirror averaging (tta_flip): without flips in training it costs accuracy
     ),
     # best-cpu: about twenty minutes on a 2-core CPU. A batch-norm ConvNet with the standard
     # recipe of the CIFAR-10 speed runs, sized so that twenty epochs fit.

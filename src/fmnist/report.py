@@ -128,15 +128,15 @@ def plot_misclassified(images: np.ndarray, labels: np.ndarray, probs: np.ndarray
     wrong = np.flatnonzero(predictions != labels)
     worst = wrong[np.argsort(-probs[wrong, predictions[wrong]])][: rows * cols]
     size, gap_x, gap_y = images.shape[-1], 8, 20  # pixels; the caption sits in the gap below each image
-    mosaic = np.zeros((rows * (size + gap_y), cols * (size + gap_x)), dtype=np.float32)
+    mosaic = np.zeros((rows * (size + gap_y), cols * (size + gap_x)), dtype=images.dtype)
     fig, ax = plt.subplots(figsize=(1.9 * cols, 2.5 * rows))
     for k, index in enumerate(worst):
         top, left = (k // cols) * (size + gap_y), (k % cols) * (size + gap_x)
-        mosaic[top:top + size, left:left + size] = images[index] / 255.0 if images.dtype == np.uint8 else images[index]
+        mosaic[top:top + size, left:left + size] = images[index]
         ax.text(left + size / 2, top + size + 1, f"#{index}: {CLASS_NAMES[predictions[index]]} "
                 f"{100 * probs[index, predictions[index]]:.0f}%\ntrue: {CLASS_NAMES[labels[index]]}",
                 ha="center", va="top", fontsize=7.5, color=WRONG)
-    ax.imshow(mosaic, cmap="binary", vmin=0, vmax=1, interpolation="nearest")
+    ax.imshow(mosaic, cmap="binary", vmin=0, vmax=255 if images.dtype == np.uint8 else 1, interpolation="nearest")
     ax.axis("off")
     ax.set_title(f"Most confidently wrong test images ({len(wrong)} wrong in all)", fontsize=11)
     fig.subplots_adjust(left=0.01, right=0.99, top=0.95, bottom=0.01)
@@ -161,6 +161,9 @@ def plot_reliability(calibration: dict, path: Path) -> None:
     axes[0].set_ylabel("accuracy")
     axes[0].legend(loc="upper left", fontsize=8)
     _save(fig, path)
+
+
+# ----------------------------------------------------------------------------- HTML
 
 
 def _table(rows: list[list], header: list[str] | None = None) -> str:

@@ -1,7 +1,8 @@
 """CPU speed code, behind two entry points: ``make_step`` (training) and ``make_predictor``
 (inference).
 
-Everything here exists only to make training faster on a CPU, and changes no result:
+Everything here exists only to make training and inference faster on a CPU, and changes no
+result:
 
     kernels.py    Numba kernels for the notebook CNN's two conv + max-pool + ReLU blocks
     notebook.py   the notebook CNN's training step written out without autograd, and its
