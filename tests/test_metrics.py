@@ -55,3 +55,16 @@ def test_format_report_lists_every_class_and_the_averages():
     text = format_report(compute_metrics(*_random_case(2)))
     for name in CLASS_NAMES + ("accuracy", "macro avg", "weighted avg"):
         assert name in text
+
+
+@pytest.mark.parametrize("epochs", [3, 20, 21, 100])
+def test_learning_curves_draw_for_short_and_long_runs(tmp_path, epochs):
+    import matplotlib.image
+
+    from fmnist.report import plot_curves
+
+    history = [{"epoch": e, "train_accuracy": 0.8 + e / 1000, "val_accuracy": 0.79 + e / 1000,
+                "train_loss": 1 / e, "val_loss": 1.1 / e} for e in range(1, epochs + 1)]
+    path = tmp_path / "curves.png"
+    plot_curves(history, path)
+    assert matplotlib.image.imread(path).shape[2] in (3, 4)

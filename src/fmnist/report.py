@@ -21,6 +21,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only, never a window
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
@@ -53,7 +54,10 @@ def plot_curves(history: list[dict], path: Path) -> None:
         ax.axvline(best["epoch"], color=NEUTRAL, linestyle="--", linewidth=1,
                    label=f"best epoch ({int(best['epoch'])})")
         ax.set(title=title, xlabel="epoch", ylabel=key)
-        ax.set_xticks(epochs if len(epochs) <= 20 else None)
+        if len(epochs) <= 20:
+            ax.set_xticks(epochs)  # every epoch labelled
+        else:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # whole epochs, a few of them
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
