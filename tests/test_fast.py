@@ -241,12 +241,3 @@ def test_inference_through_the_kernels_steps_aside_where_it_would_differ():
     assert make_predictor(model) is not model
     resnet = create_model("resnet").eval()
     assert make_predictor(resnet) is resnet
-
-
-def test_the_fast_preset_trains_with_the_written_out_step():
-    from fmnist.recipes import RECIPES
-
-    config = TrainConfig(model="fast").resolved()
-    model = create_model("fast", **RECIPES["fast"].model_args)
-    assert isinstance(make_step(model, make_optimizer(model, config), label_smoothing=config.label_smoothing),
-                      NotebookStep)

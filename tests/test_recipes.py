@@ -64,3 +64,24 @@ def test_models_command_lists_size_cost_and_recipe():
     assert models["resnet"]["recipe"]["optimizer"] == "sgd" and models["resnet"]["forward_flops_per_image"] > 0
     text = run_cli("models").stdout
     assert "notebook (alias: seed): 225,034 parameters" in text and "resnet:" in text
+
+
+@pytest.mark.parametrize("device,flags,cuda_native,auto,native", [
+    ("cpu", {"avx512f"}, False, "fp32", "fp32"),                  # bf16 would be emulated: fp32
+    ("cpu", {"avx512f", "avx512_bf16"}, False, "fp32", "bf16"),   # Zen 4, Cooper Lake
+    ("cpu", {"amx_bf16", "amx_tile"}, False, "fp32", "bf16"),     # Sapphire Rapids and later
+    ("cuda", set(), True, "bf16", "bf16"),
+    ("cuda", set(), False, "fp32", "fp32"),                       # before Ampere
+])
+def test_auto_keeps_the_notebooks_fp32_on_cpus_and_bf16_native_takes_what_the_hardware_has(
+        monkeypatch, device, flags, cuda_native, auto, native):
+    import torch
+
+    from fmnist import runtime
+
+    monkeypatch.setattr(runtime, "cpu_flags", lambda: flags)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: cuda_native)
+    assert runtime.resolve_precision("auto", torch.device(device)) == auto
+    assert runtime.resolve_precision("bf16-native", torch.device(device)) == native
+    assert runtime.resolve_precision("fp32", torch.device(device)) == "fp32"
+    assert "notebook" not in {name for name, recipe in RECIPES.items() if recipe.precision == "bf16-native"}

@@ -224,19 +224,21 @@ def preset_trainer(data: FashionMNIST, name: str, images: int, device: torch.dev
 
     config = TrainConfig(model=name, device=str(device)).resolved()
     model = create_model(name, **config.model_args).to(device)
-    step = make_step(model, make_optimizer(model, config), precision=resolve_precision(config.precision, device),
+    precision = resolve_precision(config.precision, device)
+    step = make_step(model, make_optimizer(model, config), precision=precision,
                      label_smoothing=config.label_smoothing, device=device)
     steps = max(1, images // config.batch_size)
-    return _epoch_loop(step, data, config.batch_size, steps, device), step, steps * config.batch_size, config.batch_size
+    return (_epoch_loop(step, data, config.batch_size, steps, device), step, steps * config.batch_size,
+            config.batch_size, precision)
 
 
 def _presets(data: FashionMNIST, config: BenchConfig, device: torch.device, gemm_gflops: float) -> list[dict]:
     rows = []
     for name in config.presets or PRESETS_FOR.get(device.type, ("fast",)):
-        run, step, images, batch = preset_trainer(data, name, config.preset_images, device)
+        run, step, images, batch, precision = preset_trainer(data, name, config.preset_images, device)
         rate = _interleaved_rates({name: run}, images, config, device)[name]
         executed = executed_training_flops(step)
-        rows.append({"preset": name, "batch": batch,
+        rows.append({"preset": name, "batch": batch, "precision": precision,
                      "images_per_second": rate, "executed_flops_per_image": executed,
                      "hardware_use": rate * executed / (gemm_gflops * 1e9), "step": step.name})
     return rows
@@ -367,7 +369,9 @@ def format_table(result: BenchResult) -> str:
     for row in result.presets:
         lines.append(f"{row['preset']:<16} {row['batch']:>5} {row['images_per_second']:>10,.0f} "
                      f"{row['executed_flops_per_image'] / 1e6:>12.1f} {100 * row['hardware_use']:>12.0f}%  "
-                     f"{row['step'].split(':')[0]}")
+                     f"{row['step'].split(':')[0]} {row['precision']}")
+    if any(row["precision"] == "bf16" for row in result.presets):
+        lines.append("(hardware use is of the fp32 GEMM rate, bf16 rows too)")
     lines += ["", f"{'predict_proba':<16} {'batch':>5} {'images/s':>10}"]
     for row in result.inference:
         label = row["backend"] + (" (default)" if row["default"] else "")

@@ -431,8 +431,8 @@ def build_parser() -> argparse.ArgumentParser:
         recipe.add_argument("--tta-flip", action=argparse.BooleanOptionalAction, default=None,
                             help="average each test image's logits with its mirror image's")
         recipe.add_argument("--precision", choices=PRECISIONS,
-                            help="auto = bf16 autocast on GPUs with native bf16, else fp32; bf16 on a CPU pays "
-                                 "off with AMX/AVX512-BF16")
+                            help="auto = bf16 autocast on GPUs with native bf16, else fp32; bf16-native = bf16 "
+                                 "wherever the hardware has it (AMX/AVX512-BF16 CPUs too), else fp32")
 
     train = command("train", "train a model with its recipe (any option below overrides it) and write a run "
                              "folder", cmd_train)

@@ -56,27 +56,46 @@ def environment(device: torch.device) -> dict:
     return info
 
 
-def cpu_name() -> str:
+def _cpuinfo(field: str) -> str | None:
+    """The first value of ``field`` in Linux's /proc/cpuinfo (None elsewhere)."""
     try:
         with open("/proc/cpuinfo") as handle:
             for line in handle:
-                if line.startswith("model name"):
+                if line.startswith(field):
                     return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return platform.processor() or "unknown"
+    return None
 
 
+def cpu_name() -> str:
+    return _cpuinfo("model name") or platform.processor() or "unknown"
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags as Linux lists them (empty elsewhere)."""
+    return set((_cpuinfo("flags") or "").split())
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` computes bf16 natively: a GPU from Ampere on, or a CPU with AVX512-BF16
+    or AMX, where oneDNN's bf16 convolutions run at about twice its fp32 ones (elsewhere bf16
+    is emulated and no faster; docs/results.md)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    return device.type == "cpu" and bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
     """auto: bf16 autocast on a GPU with native bf16 (Ampere and later), else fp32 (the
-    notebook's numerics; on the CPU bf16 is opt-in, see README)."""
+    notebook's numerics on a CPU); bf16-native: bf16 wherever the hardware computes it
+    natively, CPUs included (the presets' choice), else fp32."""
     if precision not in PRECISIONS:
         raise UserError(f"unknown precision '{precision}' (choose {', '.join(PRECISIONS)})")
     if precision == "auto":
-        native = device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
-        return "bf16" if native else "fp32"
+        return "bf16" if device.type == "cuda" and native_bf16(device) else "fp32"
+    if precision == "bf16-native":
+        return "bf16" if native_bf16(device) else "fp32"
     return precision
 
 

@@ -1,0 +1,88 @@
+"""fp32 against bf16 autocast for the presets' ConvNets on this CPU: why the presets train
+with ``precision="bf16-native"`` (docs/results.md).
+
+    python benchmarks/precision.py             # about a minute on a 2-core CPU
+    python benchmarks/precision.py --profile   # and where fast's bf16 step spends its time
+
+One training step (forward, label-smoothed cross-entropy, backward, SGD with Nesterov) as
+``fmnist train`` runs it on a CPU: channels-last, at the presets' batch of 128, on random
+images (the speed does not depend on the pixels). The two precisions alternate in rounds;
+each figure is the median round.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from fmnist.models import create_model
+from fmnist.runtime import autocast, cpu_name, native_bf16
+
+NETS = {  # name: the ConvNet's arguments
+    "fast (32-64-128, 1 conv a group)": {"widths": (32, 64, 128), "depth": 1},
+    "best-cpu (32-64-128, 2 convs a group)": {"widths": (32, 64, 128), "depth": 2},
+    "64-128-256, 2 convs a group": {"widths": (64, 128, 256), "depth": 2},
+}
+BATCH = 128
+
+
+def make_step(model_args: dict, precision: str):
+    torch.manual_seed(0)
+    model = create_model("best-cpu", **model_args).to(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    x = torch.rand(BATCH, 1, 28, 28).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (BATCH,))
+
+    def step():
+        with autocast(x.device, precision):
+            logits = model(x)
+        loss = F.cross_entropy(logits.float(), y, label_smoothing=0.1)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return step
+
+
+def images_per_second(steps: dict, rounds: int, steps_per_round: int) -> dict:
+    for step in steps.values():
+        for _ in range(3):  # warm-up: oneDNN picks and caches its kernels
+            step()
+    rates = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            for _ in range(steps_per_round):
+                step()
+            rates[name].append(BATCH * steps_per_round / (time.perf_counter() - start))
+    return {name: statistics.median(values) for name, values in rates.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--profile", action="store_true", help="profile fast's bf16 step (top operators)")
+    args = parser.parse_args()
+    print(f"{cpu_name()}, {torch.get_num_threads()} threads, native bf16: {native_bf16(torch.device('cpu'))}")
+    print(f"{'net (batch 128)':<40} {'fp32 img/s':>11} {'bf16 img/s':>11} {'bf16/fp32':>10}")
+    for name, model_args in NETS.items():
+        rates = images_per_second({p: make_step(model_args, p) for p in ("fp32", "bf16")}, args.rounds, 8)
+        print(f"{name:<40} {rates['fp32']:>11,.0f} {rates['bf16']:>11,.0f} {rates['bf16'] / rates['fp32']:>9.2f}x")
+    if args.profile:
+        from torch.profiler import profile
+
+        step = make_step(NETS["fast (32-64-128, 1 conv a group)"], "bf16")
+        for _ in range(3):
+            step()
+        with profile(record_shapes=True) as prof:
+            for _ in range(10):
+                step()
+        print(prof.key_averages(group_by_input_shape=True).table(sort_by="self_cpu_time_total", row_limit=15,
+                                                                  max_name_column_width=32))
+
+
+if __name__ == "__main__":
+    main()
