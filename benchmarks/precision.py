@@ -4,9 +4,9 @@ with ``precision="bf16-native"`` (docs/results.md).
     python benchmarks/precision.py             # about a minute on a 2-core CPU
     python benchmarks/precision.py --profile   # and where fast's bf16 step spends its time
 
-One training step (forward, label-smoothed cross-entropy, backward, SGD with Nesterov) as
-``fmnist train`` runs it on a CPU: channels-last, at the presets' batch of 128, on random
-images (the speed does not depend on the pixels). The two precisions alternate in rounds;
+One training step as ``fmnist train --model best-cpu`` runs it on a CPU (its optimizer and
+``fmnist.fast.make_step``'s step: channels-last, denormals flushed), at the presets' batch
+of 128, on random images (the speed does not depend on the pixels). The two precisions alternate in rounds;
 each figure is the median round.
 """
 
@@ -17,10 +17,11 @@ import statistics
 import time
 
 import torch
-import torch.nn.functional as F
 
+from fmnist.fast import make_step as make_training_step
 from fmnist.models import create_model
-from fmnist.runtime import autocast, cpu_name, native_bf16
+from fmnist.runtime import cpu_name, native_bf16
+from fmnist.training import TrainConfig, make_optimizer
 
 NETS = {  # name: the ConvNet's arguments
     "fast (32-64-128, 1 conv a group)": {"widths": (32, 64, 128), "depth": 1},
@@ -31,20 +32,19 @@ BATCH = 128
 
 
 def make_step(model_args: dict, precision: str):
+    """A closure running one of best-cpu's training steps on the ConvNet with ``model_args``."""
     torch.manual_seed(0)
-    model = create_model("best-cpu", **model_args).to(memory_format=torch.channels_last)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4)
-    x = torch.rand(BATCH, 1, 28, 28).contiguous(memory_format=torch.channels_last)
+    config = TrainConfig(model="best-cpu").resolved()
+    model = create_model("best-cpu", **model_args)
+    step = make_training_step(model, make_optimizer(model, config), precision=precision,
+                              label_smoothing=config.label_smoothing)
+    x = torch.rand(BATCH, 1, 28, 28)
     y = torch.randint(0, 10, (BATCH,))
 
-    def step():
-        with autocast(x.device, precision):
-            logits = model(x)
-        loss = F.cross_entropy(logits.float(), y, label_smoothing=0.1)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-    return step
+    def run():
+        with step.epoch():
+            step(x, y)
+    return run
 
 
 def images_per_second(steps: dict, rounds: int, steps_per_round: int) -> dict:

@@ -224,21 +224,19 @@ def preset_trainer(data: FashionMNIST, name: str, images: int, device: torch.dev
 
     config = TrainConfig(model=name, device=str(device)).resolved()
     model = create_model(name, **config.model_args).to(device)
-    precision = resolve_precision(config.precision, device)
-    step = make_step(model, make_optimizer(model, config), precision=precision,
+    step = make_step(model, make_optimizer(model, config), precision=resolve_precision(config.precision, device),
                      label_smoothing=config.label_smoothing, device=device)
     steps = max(1, images // config.batch_size)
-    return (_epoch_loop(step, data, config.batch_size, steps, device), step, steps * config.batch_size,
-            config.batch_size, precision)
+    return _epoch_loop(step, data, config.batch_size, steps, device), step, steps * config.batch_size, config.batch_size
 
 
 def _presets(data: FashionMNIST, config: BenchConfig, device: torch.device, gemm_gflops: float) -> list[dict]:
     rows = []
     for name in config.presets or PRESETS_FOR.get(device.type, ("fast",)):
-        run, step, images, batch, precision = preset_trainer(data, name, config.preset_images, device)
+        run, step, images, batch = preset_trainer(data, name, config.preset_images, device)
         rate = _interleaved_rates({name: run}, images, config, device)[name]
         executed = executed_training_flops(step)
-        rows.append({"preset": name, "batch": batch, "precision": precision,
+        rows.append({"preset": name, "batch": batch, "precision": step.precision,
                      "images_per_second": rate, "executed_flops_per_image": executed,
                      "hardware_use": rate * executed / (gemm_gflops * 1e9), "step": step.name})
     return rows
