@@ -7,13 +7,15 @@ result:
     kernels.py    Numba kernels for the notebook CNN's two conv + max-pool + ReLU blocks
     notebook.py   the notebook CNN's training step written out without autograd, and its
                   inference through the same forward kernels
+    pooling.py    a 2x2 max-pool kernel for every other model (the same results as PyTorch's)
     adam.py       the fused Adam kernel called without ``Optimizer.step``'s Python
     denormals.py  flush-to-zero on every CPU thread while training
     _numba.py     Numba, configured on first use (never at import)
 
 ``make_step`` is called once per run. It returns the notebook CNN's written-out step where
 that computes exactly what autograd would (``notebook.applies``), and the plain
-``fmnist.steps.AutogradStep`` everywhere else, with denormals flushed on x86 CPUs (which
+``fmnist.steps.AutogradStep`` everywhere else, with the model channels-last, its 2x2
+max-pools switched to ``pooling.FastMaxPool2d`` and denormals flushed on x86 CPUs (which
 changes no weight: the updates it drops are far below a weight's float resolution). How
 fast each piece is, and what was tried and dropped: docs/performance.md.
 """
@@ -42,6 +44,9 @@ def make_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, preci
         # Not under DDP: its gradient buckets were laid out for the parameters as they were.
         if not isinstance(model, torch.nn.parallel.DistributedDataParallel):
             model.to(memory_format=torch.channels_last)
+        from .pooling import use_fast_max_pools
+
+        use_fast_max_pools(model)  # bit-for-bit PyTorch's pooling, in a fraction of the time
         return AutogradStep(model, optimizer, precision, label_smoothing, epoch_context=denormals_flushed)
     return AutogradStep(model, optimizer, precision, label_smoothing, epoch_context=contextlib.nullcontext)
 

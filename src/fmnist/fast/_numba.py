@@ -2,8 +2,8 @@
 
 Two process-wide things happen the first time a kernel is about to run, not when fmnist is
 imported: LLVM is allowed 512-bit vectors on AVX-512 CPUs (see ``prefer_512_bit_vectors``),
-and, if the kernels are not in Numba's on-disk cache yet, one line on stderr says that they
-are being compiled (a few seconds, once). Numba caches beside the package when that folder
+and, if the kernels about to run are not in Numba's on-disk cache yet, one line on stderr
+says that they are being compiled (a few seconds, once). Numba caches beside the package when that folder
 is writable and in the user cache folder otherwise (a read-only install; ``NUMBA_CACHE_DIR``
 overrides both).
 """
@@ -20,8 +20,9 @@ except ImportError:  # pragma: no cover - numba is a declared dependency; stay u
     numba = None
 
 X86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
-_DISPATCHERS: list = []  # every cached kernel, to tell whether a compile is ahead
 _prepared = False
+_announced = False
+_checked: set[int] = set()  # the kernels whose cache was looked up already
 
 
 def available() -> bool:
@@ -29,12 +30,8 @@ def available() -> bool:
 
 
 def njit(**options):
-    """``numba.njit(cache=True, **options)``, remembered so that ``prepare`` can check its cache."""
-    def decorate(function):
-        dispatcher = numba.njit(cache=True, **options)(function)
-        _DISPATCHERS.append(dispatcher)
-        return dispatcher
-    return decorate
+    """``numba.njit(cache=True, **options)``: compiled once, then loaded from the disk cache."""
+    return numba.njit(cache=True, **options)
 
 
 def prefer_512_bit_vectors() -> None:
@@ -55,28 +52,35 @@ def prefer_512_bit_vectors() -> None:
         numba.config.CPU_FEATURES = features.flatten() + ",-prefer-256-bit"
 
 
-def _uncached() -> bool:
-    """Whether some kernel has no entry in Numba's on-disk cache (so it will compile now)."""
+def _uncached(kernels) -> bool:
+    """Whether one of these kernels has no entry in Numba's on-disk cache (so it will compile now)."""
     try:
-        return any(not os.path.exists(d._cache._cache_file._index_path) for d in _DISPATCHERS)
+        return any(not os.path.exists(k._cache._cache_file._index_path) for k in kernels)
     except AttributeError:  # Numba's cache internals moved: say nothing rather than guess
         return False
 
 
-def _cache_folder() -> str:
+def _cache_folder(kernels) -> str:
     try:
-        return os.path.dirname(_DISPATCHERS[0]._cache._cache_file._index_path)
+        return os.path.dirname(kernels[0]._cache._cache_file._index_path)
     except (AttributeError, IndexError):
         return "Numba's cache"
 
 
-def prepare() -> None:
-    """Once per process, before the first kernel runs: the vector setting and the compile notice."""
-    global _prepared
-    if _prepared or numba is None:
+def prepare(*kernels) -> None:
+    """Before ``kernels`` run: the vector setting (once per process) and, the first time any
+    kernel about to run is not in the disk cache, the compile notice (once per process)."""
+    global _prepared, _announced
+    if numba is None:
         return
-    _prepared = True
-    prefer_512_bit_vectors()
-    if _uncached():
-        print(f"fmnist: compiling the CPU kernels, once (cached in {_cache_folder()})",
+    if not _prepared:
+        _prepared = True
+        prefer_512_bit_vectors()
+    new = [k for k in kernels if id(k) not in _checked]
+    if not new or _announced:
+        return
+    _checked.update(id(k) for k in new)
+    if _uncached(new):
+        _announced = True
+        print(f"fmnist: compiling the CPU kernels, once (cached in {_cache_folder(new)})",
               file=sys.stderr, flush=True)

@@ -77,7 +77,7 @@ def denormals_flushed(enabled: bool = True):
         return
     threads = numba.get_num_threads()
     saved = np.full(threads, UNSAVED, np.uint32)
-    prepare()
+    prepare(_set_ftz_daz)
     _set_ftz_daz(np.full(threads, FTZ_DAZ, np.uint32), saved)
     try:
         yield

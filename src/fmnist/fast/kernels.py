@@ -274,7 +274,7 @@ def _nhwc(t: torch.Tensor) -> np.ndarray:
 
 def block1_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor):
     """First block, forward: (images [N, H, W] view of x, pooled [N, PH, PW, C] channels-last, winner codes)."""
-    prepare()
+    prepare(_forward)
     n, _, height, width = x.shape
     images = x.detach().numpy()[:, 0]  # strided as it comes (a crop is not copied)
     taps = np.ascontiguousarray(weight.detach().numpy().reshape(weight.shape[0], 9).T)
@@ -286,7 +286,7 @@ def block1_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor):
 
 def block1_backward(images: np.ndarray, grad: np.ndarray, code: np.ndarray):
     """First block, backward from ``grad`` [N, PH, PW, C] (C-contiguous): (weight grad, bias grad)."""
-    prepare()
+    prepare(_backward)
     partial = np.zeros((max(len(images), 1), 10, CHANNELS), np.float32)  # row 0 exists for an empty batch
     _backward(images, grad, code, partial)
     return torch.from_numpy(np.ascontiguousarray(partial[0, :9].T)).view(-1, 1, 3, 3), torch.from_numpy(partial[0, 9])
@@ -297,7 +297,7 @@ def block2_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor):
 
     Under bf16 autocast the convolution runs in bf16 (pooling and backward stay fp32, on the
     fp32 weights). x is channels-last, so _nhwc is a free view."""
-    prepare()
+    prepare(_pool_relu)
     conv = _nhwc(F.conv2d(x, weight, bias).float())
     n, conv_height, conv_width, channels = conv.shape
     pooled = np.empty((n, channels, conv_height // 2, conv_width // 2), np.float32)
@@ -310,7 +310,7 @@ def block2_backward(x: np.ndarray, weight: torch.Tensor, grad: np.ndarray, code:
     """Second block, backward through the pooling winners from ``grad`` [N, C, PH, PW] (C-contiguous),
     for the input ``x`` [N, H, W, CI] (C-contiguous): (input grad [N, H, W, CI] or None, weight grad
     (channels-last), bias grad)."""
-    prepare()
+    prepare(_routed_backward)
     n, height, width, channels = x.shape
     filters = _nhwc(weight).reshape(weight.shape[0], -1)  # [CO, 3 * 3 * CI], a view if weight is channels-last
     grad_x = np.empty((n if want_x else 0, height, width, channels), np.float32)
