@@ -15,7 +15,10 @@
     timed alone);
   * which threads do the work of a Numba kernel and of a PyTorch op: the same worker threads,
     because Numba's OpenMP layer binds to the OpenMP runtime PyTorch loaded first;
-  * conv2 + max-pool + ReLU backward: the stock layers against the routed kernel.
+  * conv2 + max-pool + ReLU backward: the stock layers against the routed kernel;
+  * the presets' 2x2 max-pools, forward + backward at batch 128 on the three map sizes of
+    their ConvNet, PyTorch's against fmnist.fast.pooling's, bf16 and fp32; and one training
+    step of the fast preset's net with either (bf16 autocast).
 Each figure is the median of several timed repeats after a warm-up.
 """
 
@@ -29,7 +32,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from fmnist.fast import kernels, make_step
+from fmnist.fast import kernels, make_step, pooling
 from fmnist.fast.adam import adam_step
 from fmnist.fast.denormals import denormals_flushed
 from fmnist.fast.notebook import byte_dropout_mask
@@ -149,6 +152,52 @@ def conv2_backward_ms(batch: int) -> dict:
     return {**timed, "live": (stock > 0).float().mean().item()}
 
 
+def max_pool_ms(batch: int = 128) -> dict:
+    """Forward + backward of a 2x2 max-pool, PyTorch's and fmnist's, per (dtype, channels, size)."""
+    rows = {}
+    for dtype in (torch.bfloat16, torch.float32):
+        for channels, size in ((32, 28), (64, 14), (128, 7)):
+            x = torch.randn(batch, channels, size, size).to(dtype).contiguous(memory_format=torch.channels_last)
+            x.requires_grad_()
+            grad = torch.randn(batch, channels, size // 2, size // 2).to(dtype).contiguous(
+                memory_format=torch.channels_last)
+            rows[(str(dtype).removeprefix("torch."), channels, size)] = {
+                name: median_seconds(lambda pool=pool: torch.autograd.grad(pool(x), x, grad)) * 1e3
+                for name, pool in (("stock", lambda t: F.max_pool2d(t, 2)), ("fmnist", pooling.max_pool_2x2))}
+    return rows
+
+
+def preset_step_ms(name: str = "fast", steps: int = 40, rounds: int = 7) -> dict:
+    """One bf16 training step of a preset's net, its max-pools PyTorch's or fmnist's: the two
+    alternate, ``rounds`` times ``steps`` steps each, and the medians are kept (this shared
+    machine's speed drifts within a minute)."""
+    config = TrainConfig(model=name).resolved()
+    images, labels = torch.rand(128 * steps, 1, 28, 28), torch.randint(0, 10, (128 * steps,))
+    runs = {}
+    for kind in ("stock", "fmnist"):
+        torch.manual_seed(0)
+        model = create_model(name, **config.model_args)
+        step = make_step(model, make_optimizer(model, config), precision="bf16", label_smoothing=0.1)
+        if kind == "stock":
+            for module in model.modules():
+                if isinstance(module, pooling.FastMaxPool2d):
+                    module.__class__ = torch.nn.MaxPool2d
+
+        def run(step=step):
+            with step.epoch():
+                for start in range(0, len(images), 128):
+                    step(images[start:start + 128], labels[start:start + 128])
+        runs[kind] = run
+        run()  # warm-up
+    times = {kind: [] for kind in runs}
+    for _ in range(rounds):
+        for kind, run in runs.items():
+            start = time.perf_counter()
+            run()
+            times[kind].append(time.perf_counter() - start)
+    return {kind: statistics.median(t) / steps * 1e3 for kind, t in times.items()}
+
+
 def dropout_mask_ms(batch: int = 128) -> dict:
     """Dropout on the flattened conv features: PyTorch's, a float per value compared with p,
     and fmnist.fast's byte masks (one random byte per value)."""
@@ -230,6 +279,12 @@ def main() -> None:
         backward = conv2_backward_ms(batch)
         print(f"conv2 + pool + ReLU backward, batch {batch}: stock {backward['stock']:.3f} ms, routed "
               f"{backward['routed']:.3f} ms ({100 * backward['live']:.0f}% of pooled outputs live)")
+    for (dtype, channels, size), ms in max_pool_ms().items():
+        print(f"2x2 max-pool fwd + bwd, batch 128, {dtype} {channels}x{size}x{size}: stock {ms['stock']:.3f} ms, "
+              f"fmnist {ms['fmnist']:.3f} ms")
+    step = preset_step_ms()
+    print(f"fast preset's bf16 step, batch 128: stock pools {step['stock']:.1f} ms, fmnist's {step['fmnist']:.1f} ms "
+          f"({step['stock'] / step['fmnist']:.2f}x)")
     masks = dropout_mask_ms()
     print("dropout on 128 x 1600 features: " + ", ".join(f"{name} {ms:.3f} ms" for name, ms in masks.items()))
     switch = alternation_ms()

@@ -48,7 +48,7 @@ def test_bench_quick_json(data_dir):
     presets = {row["preset"]: row for row in report["presets"]}
     assert set(presets) == {"fast", "best-cpu"}  # `best` is for GPUs
     assert presets["fast"]["step"] == presets["best-cpu"]["step"] == "autograd"
-    assert presets["fast"]["executed_flops_per_image"] < presets["best-cpu"]["executed_flops_per_image"]
+    assert presets["fast"]["executed_flops_per_image"] <= presets["best-cpu"]["executed_flops_per_image"]
     assert all(row["images_per_second"] > 0 and row["hardware_use"] > 0 for row in presets.values())
 
 

@@ -399,7 +399,8 @@ def build_parser() -> argparse.ArgumentParser:
         group.add_argument("--seed", type=_whole_number(0), metavar="N",
                            help="seeds everything, the split included (default: 0)")
         group.add_argument("--val-fraction", type=float, metavar="F",
-                           help="stratified validation hold-out from train; 0 keeps the last epoch (default: 0.1)")
+                           help="stratified validation hold-out from train; 0 keeps the last epoch "
+                                "(default: the recipe's, 0.1 for most)")
         group.add_argument("--limit-train", type=_positive_int, metavar="N", help="train on the first N images only")
         group.add_argument("--device", help="auto, cpu or cuda (default: auto)")
         group.add_argument("--deterministic", action="store_true", default=None,

@@ -51,7 +51,6 @@ class TrainConfig:
 
     model: str = "notebook"        # registry name (fmnist.models.list_models())
     seed: int = 0                  # seeds Python, NumPy, PyTorch, the split, shuffling, augmentation
-    val_fraction: float = 0.1      # stratified hold-out from train for monitoring and model selection
     limit_train: int | None = None  # use only the first N training images (quick runs)
     device: str = "auto"           # auto = cuda if available, else cpu
     deterministic: bool = False    # forbid nondeterministic kernels (see docs/performance.md)
@@ -74,6 +73,7 @@ class TrainConfig:
     ema_decay: float | None = None
     tta_flip: bool | None = None
     precision: str | None = None
+    val_fraction: float | None = None  # stratified hold-out from train for model selection and calibration
 
     def resolved(self) -> "TrainConfig":
         """A copy with the model's registered name and every recipe field filled in, checked."""
@@ -92,8 +92,6 @@ class TrainConfig:
     def check_run_settings(self) -> None:
         if not (isinstance(self.seed, int) and self.seed >= 0):
             raise UserError(f"seed must be a whole number of at least 0, got {self.seed!r}")
-        if not (isinstance(self.val_fraction, (int, float)) and 0.0 <= self.val_fraction < 1.0):
-            raise UserError(f"val_fraction must be in [0, 1), got {self.val_fraction!r}")
         if self.limit_train is not None and not (isinstance(self.limit_train, int) and self.limit_train >= 1):
             raise UserError(f"limit_train must be a whole number of at least 1, got {self.limit_train!r}")
 

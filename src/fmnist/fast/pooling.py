@@ -6,7 +6,8 @@ time (the 28x28 and 14x14 maps: forward, backward, and zero-filling the gradient
 forward pass stores an int64 index for every output; its backward pass zero-fills the
 input-sized gradient and then scatters into it. Here each window's winner is one byte (0-3),
 and the backward pass writes every input-sized gradient value once, row by row in memory
-order (the winner's gradient or zero): no fill, no scatter. ``benchmarks/micro.py`` times it.
+order (the winner's gradient or zero): no fill, no scatter. ``benchmarks/micro.py`` times it
+(docs/performance.md has the figures).
 
 Exactly PyTorch's semantics, which makes the results identical, not just close: the first
 maximum in row-major window order wins (strict ``>``), a NaN wins (a later NaN over an
