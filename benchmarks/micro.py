@@ -179,9 +179,7 @@ def preset_step_ms(name: str = "fast", steps: int = 40, rounds: int = 7) -> dict
         model = create_model(name, **config.model_args)
         step = make_step(model, make_optimizer(model, config), precision="bf16", label_smoothing=0.1)
         if kind == "stock":
-            for module in model.modules():
-                if isinstance(module, pooling.FastMaxPool2d):
-                    module.__class__ = torch.nn.MaxPool2d
+            pooling.use_stock_max_pools(model)
 
         def run(step=step):
             with step.epoch():

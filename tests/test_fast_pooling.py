@@ -92,9 +92,7 @@ def _train_steps(precision: str, fast_pools: bool, steps: int = 3) -> dict:
     config = TrainConfig(model="fast", model_args={"widths": (8, 16, 32), "depth": (1, 2, 2)}).resolved()
     step = make_step(model, make_optimizer(model, config), precision=precision, label_smoothing=0.1)
     if not fast_pools:  # the same step with PyTorch's pooling back
-        for module in model.modules():
-            if isinstance(module, pooling.FastMaxPool2d):
-                module.__class__ = nn.MaxPool2d
+        pooling.use_stock_max_pools(model)
     generator = torch.Generator().manual_seed(1)
     with step.epoch():
         for _ in range(steps):

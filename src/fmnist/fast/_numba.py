@@ -3,9 +3,9 @@
 Two process-wide things happen the first time a kernel is about to run, not when fmnist is
 imported: LLVM is allowed 512-bit vectors on AVX-512 CPUs (see ``prefer_512_bit_vectors``),
 and, if the kernels about to run are not in Numba's on-disk cache yet, one line on stderr
-says that they are being compiled (a few seconds, once). Numba caches beside the package when that folder
-is writable and in the user cache folder otherwise (a read-only install; ``NUMBA_CACHE_DIR``
-overrides both).
+says that they are being compiled (a few seconds, once). Numba caches beside the package
+when that folder is writable and in the user cache folder otherwise (a read-only install;
+``NUMBA_CACHE_DIR`` overrides both).
 """
 
 from __future__ import annotations

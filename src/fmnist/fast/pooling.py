@@ -151,6 +151,13 @@ def use_fast_max_pools(model: nn.Module) -> int:
     return switched
 
 
+def use_stock_max_pools(model: nn.Module) -> None:
+    """Undo ``use_fast_max_pools`` (for comparisons against PyTorch's pooling)."""
+    for module in model.modules():
+        if type(module) is FastMaxPool2d:
+            module.__class__ = nn.MaxPool2d
+
+
 def max_pool_2x2(x: torch.Tensor) -> torch.Tensor:
     """Functional form (for tests and benchmarks)."""
     return MaxPool2x2.apply(x) if handles(x) else F.max_pool2d(x, 2)
