@@ -318,6 +318,16 @@ def _whole_number(minimum: int):
 _positive_int = _whole_number(1)
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds, got '{text}'") from None
+    if not value >= 0:  # also NaN
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {text}")
+    return value
+
+
 def _seed_list(text: str) -> list[int]:
     try:
         seeds = [int(part) for part in text.split(",") if part.strip()]
@@ -443,7 +453,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run (its settings win)")
     run.add_argument("--seeds", type=_seed_list, metavar="LIST",
                      help="one run per seed (e.g. 0,1,2) under --out, and summary.json with mean ± std")
-    run.add_argument("--checkpoint-every", type=float, metavar="SECONDS",
+    run.add_argument("--checkpoint-every", type=_seconds, metavar="SECONDS",
                      help="also checkpoint inside an epoch this often (default: after each epoch only)")
     run.add_argument("--threads", type=_positive_int, metavar="N",
                      help="CPU threads (default: all cores; give each of several runs its share)")

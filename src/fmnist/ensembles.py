@@ -78,10 +78,7 @@ def evaluate_ensemble(run_dirs: list, data_dir=None, device: str = "cpu", out=No
     probabilities, members = torch.zeros(len(images), 10), []
     for run_dir in run_dirs:
         model, _ = load_run_model(run_dir, device)
-        try:
-            temperature = (runs.read_json(Path(run_dir) / runs.METRICS).get("calibration") or {}).get("temperature", 1.0)
-        except UserError:
-            temperature = 1.0
+        temperature = runs.temperature_of(Path(run_dir))
         probabilities += (predict_logits(model, images) / temperature).softmax(1)
         members.append({"run_dir": str(run_dir), "temperature": temperature})
     probabilities /= len(run_dirs)

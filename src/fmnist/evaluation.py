@@ -7,7 +7,6 @@ from pathlib import Path
 
 from . import runs
 from .data import FashionMNIST, load_dataset, to_float
-from .errors import UserError
 from .inference import load_run_model, predict_logits
 from .metrics import metrics_on_test_set
 
@@ -41,9 +40,11 @@ def report(run_dir: str | os.PathLike, data_dir: str | os.PathLike | None = None
     data = data or load_dataset(runs.data_dir_for(runs.read_config(run_dir), data_dir))
     logits, _ = _test_logits(run_dir, data, device)
     metrics = metrics_on_test_set(logits, data)
-    try:  # keep what only training knew: which epoch was best
-        saved = runs.read_json(run_dir / runs.METRICS)
-        metrics.update({k: saved[k] for k in ("best_epoch", "best_val_accuracy", "calibration") if k in saved})
-    except UserError:  # missing or unreadable: write the fresh one
+    saved = runs.read_metrics(run_dir)
+    if saved is None:  # not finished (or deleted): the fresh one is written after the report
+        path = build_report(run_dir, data, logits, metrics)
         runs.write_json(run_dir / runs.METRICS, metrics)
+        return path
+    # keep what only training knew: which epoch was best, the temperature
+    metrics.update({k: saved[k] for k in ("best_epoch", "best_val_accuracy", "calibration") if k in saved})
     return build_report(run_dir, data, logits, metrics)

@@ -32,10 +32,7 @@ def run_metadata(run_dir: str | os.PathLike) -> dict[str, str]:
     """String metadata describing a run's model (ONNX metadata_props hold strings only)."""
     run_dir = runs.require_run_dir(run_dir)
     config = runs.read_config(run_dir)
-    try:
-        metrics = runs.read_json(run_dir / runs.METRICS)
-    except UserError:  # not evaluated yet
-        metrics = {}
+    metrics = runs.read_metrics(run_dir) or {}  # {}: not evaluated yet
     accuracy = metrics.get("accuracy")
     temperature = (metrics.get("calibration") or {}).get("temperature", 1.0)
     data = config.get("data", {})
@@ -74,6 +71,7 @@ def export_onnx(run_dir: str | os.PathLike, out: str | os.PathLike | None = None
     images: identical top-1 on every image and probabilities within 1e-4, else nothing is
     written and UserError says by how much it failed. Returns the path and the check."""
     import onnx
+    import torch
 
     from .classifier import ort_session
     from .data import load_dataset
@@ -84,10 +82,15 @@ def export_onnx(run_dir: str | os.PathLike, out: str | os.PathLike | None = None
     if out.is_dir():
         raise UserError(f"--out is a folder; give a file name such as {out / 'model.onnx'}")
     model, config = load_run_model(run_dir)
+    broken = [name for name, tensor in model.state_dict().items()
+              if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
+    if broken:  # NaN logits would also pass a parity check: NaN compares false with any bound
+        raise UserError(f"the weights hold NaN or infinite values ({', '.join(broken[:3])}"
+                        f"{', ...' if len(broken) > 3 else ''}): nothing exported ({run_dir / runs.WEIGHTS})")
     data = load_dataset(runs.data_dir_for(config, data_dir))
     graph = onnx.load_from_string(onnx_bytes(model))
     check = _parity(model, ort_session(graph.SerializeToString()), data.test_images[:check_images].numpy())
-    if check["top1_agreement"] < 1 or check["max_probability_diff"] > PARITY_MAX_PROBABILITY_DIFF:
+    if not (check["top1_agreement"] == 1 and check["max_probability_diff"] <= PARITY_MAX_PROBABILITY_DIFF):  # NaN fails
         raise UserError(f"parity check failed on {check['images']} test images: top-1 agreement "
                         f"{check['top1_agreement']:.2%}, largest probability difference "
                         f"{check['max_probability_diff']:.1e} (limit {PARITY_MAX_PROBABILITY_DIFF:g}); "

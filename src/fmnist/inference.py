@@ -70,10 +70,10 @@ def load_run_model(run_dir: str | os.PathLike, device: str = "cpu") -> tuple[tor
     path = runs.require_run_dir(run_dir)
     config = runs.read_config(path)
     settings = config["train"]
-    arguments = settings.get("model_args") or {}
-    if not isinstance(arguments, dict):
-        raise UserError(f"model_args must be a dict in {runs.CONFIG} ({path / runs.CONFIG})")
-    model = create_model(settings["model"], **arguments)
+    try:
+        model = create_model(settings["model"], **(settings.get("model_args") or {}))
+    except UserError as exc:
+        raise UserError(f"{exc} ({path / runs.CONFIG})") from None
     runs.load_weights_into(model, path / runs.WEIGHTS, settings["model"])
     model = model.to(resolve_device(device))
     if next(model.parameters()).is_cpu:

@@ -35,6 +35,8 @@ def list_models() -> list[str]:
 
 def canonical_name(name: str) -> str:
     """The registered name for ``name`` (aliases resolved), or a UserError listing the choices."""
+    if not isinstance(name, str):
+        raise UserError(f"a model name must be a string, got {name!r}")
     name = ALIASES.get(name, name)
     if name not in _REGISTRY:
         raise UserError(f"unknown model '{name}' (choose from: {', '.join(list_models())})")
@@ -43,10 +45,13 @@ def canonical_name(name: str) -> str:
 
 def create_model(name: str, **arguments) -> nn.Module:
     """A fresh model; ``arguments`` are its architecture's (the recipe's ``model_args``)."""
+    factory = _REGISTRY[canonical_name(name)]
     try:
-        return _REGISTRY[canonical_name(name)](**arguments)
-    except TypeError as exc:
+        return factory(**arguments)
+    except TypeError as exc:  # an argument the architecture does not have
         raise UserError(f"model '{name}' does not take these arguments: {exc}") from None
+    except ValueError as exc:  # a value out of its range, e.g. a dropout probability of 5
+        raise UserError(f"model '{name}' cannot be built with {arguments}: {exc}") from None
 
 
 # ----------------------------------------------------------------------------- the notebook CNN

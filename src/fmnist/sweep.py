@@ -215,8 +215,8 @@ def leaderboard(sweep_dir) -> dict:
     complete = [r for r in rows if r["state"] == "complete"]
     if complete:
         winner = complete[0]
-        metrics = Path(winner["run_dir"]) / runs.METRICS
-        board["winner"] = {**winner, "test_accuracy": runs.read_json(metrics)["accuracy"] if metrics.is_file() else None}
+        metrics = runs.read_metrics(Path(winner["run_dir"])) or {}
+        board["winner"] = {**winner, "test_accuracy": metrics.get("accuracy")}
     return board
 
 

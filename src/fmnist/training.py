@@ -16,6 +16,7 @@ on the test set and the report is drawn.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import datetime
 import math
@@ -263,8 +264,9 @@ def _progress_bar(total: int, epoch: int, epochs: int, enabled: bool):
                 file=sys.stderr, leave=False, disable=not enabled, mininterval=0.5)
 
 
-def _checkpoint_state(model, optimizer, scheduler, ema, generator, epoch, best_val_accuracy, best_epoch,
-                      device) -> dict:
+def _checkpoint_state(model, optimizer, scheduler, ema, generator, epoch, progress: "Progress", device) -> dict:
+    """The run's state of record after ``epoch`` complete epochs (see fmnist.runs for why the
+    history and the best weights travel inside it)."""
     state = {
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
@@ -272,8 +274,10 @@ def _checkpoint_state(model, optimizer, scheduler, ema, generator, epoch, best_v
         "shuffle_rng": generator.get_state(),  # shuffling and augmentation
         "torch_rng": torch.get_rng_state(),    # dropout
         "epoch": epoch,
-        "best_val_accuracy": best_val_accuracy,
-        "best_epoch": best_epoch,
+        "history": progress.history[:epoch],
+        "best_val_accuracy": progress.best_val,
+        "best_epoch": progress.best_epoch,
+        "best_weights": progress.best_weights,
     }
     if ema is not None:
         state["ema"] = ema.state_dict()
@@ -282,17 +286,63 @@ def _checkpoint_state(model, optimizer, scheduler, ema, generator, epoch, best_v
     return state
 
 
-def _restore(state: dict, model, optimizer, scheduler, ema, generator, device) -> None:
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    if "scheduler" in state:  # runs from before schedules existed had a constant rate
-        scheduler.load_state_dict(state["scheduler"])
-    if ema is not None and "ema" in state:
-        ema.load_state_dict(state["ema"])
-    generator.set_state(state["shuffle_rng"])
-    torch.set_rng_state(state["torch_rng"])
-    if device.type == "cuda" and "cuda_rng" in state:
-        torch.cuda.set_rng_state(state["cuda_rng"], device)
+def _restore(state: dict, model, optimizer, scheduler, ema, generator, device, where: Path, name: str) -> None:
+    """Put a checkpoint's state back; a checkpoint that does not fit this model is a UserError."""
+    try:
+        runs.load_state_into(model, state["model"], where, name)
+        optimizer.load_state_dict(state["optimizer"])
+        if "scheduler" in state:  # runs from before schedules existed had a constant rate
+            scheduler.load_state_dict(state["scheduler"])
+        if ema is not None and "ema" in state:
+            ema.load_state_dict(state["ema"])
+        generator.set_state(state["shuffle_rng"])
+        torch.set_rng_state(state["torch_rng"])
+        if device.type == "cuda" and "cuda_rng" in state:
+            torch.cuda.set_rng_state(state["cuda_rng"], device)
+    except (RuntimeError, ValueError, KeyError, TypeError) as exc:  # shapes, optimizer groups, RNG sizes
+        raise UserError(f"the checkpoint does not fit this run: {str(exc).splitlines()[0][:200]} ({where})") from None
+
+
+@dataclass
+class Progress:
+    """What the run has done so far: the history rows and the best epoch with its weights."""
+
+    history: list[dict] = dataclasses.field(default_factory=list)
+    best_val: float = -1.0
+    best_epoch: int = 0
+    best_weights: dict | None = None  # a CPU copy of the kept weights at the best epoch
+
+    def keep_if_best(self, row: dict, kept: torch.nn.Module, validating: bool) -> bool:
+        """Record ``row``; if it is the best epoch so far (or there is no validation, the last
+        one), keep a copy of the weights. Returns whether it is."""
+        self.history.append(row)
+        if validating and not row["val_accuracy"] > self.best_val:
+            return False
+        self.best_val = row["val_accuracy"] if validating else self.best_val
+        self.best_epoch = row["epoch"]
+        self.best_weights = {k: v.detach().to("cpu", copy=True) for k, v in kept.state_dict().items()}
+        return True
+
+    @classmethod
+    def from_checkpoint(cls, state: dict, run_dir: Path, kept: torch.nn.Module, model_name: str) -> "Progress":
+        history = state.get("history")
+        if history is None:  # a checkpoint from before they held the history: history.csv has it
+            history = runs.read_history(run_dir)[:state["epoch"]]
+        weights = state.get("best_weights")
+        if weights is None and state["best_epoch"]:
+            weights = runs.load_weights(run_dir / runs.WEIGHTS)
+        if weights is not None:  # check it fits before training, not at the end
+            runs.load_state_into(copy.deepcopy(kept).cpu(), weights, run_dir / runs.CHECKPOINT, model_name)
+        return cls(list(history), state["best_val_accuracy"], state["best_epoch"], weights)
+
+    def write_copies(self, run_dir: Path, model_name: str, weights_too: bool = True) -> None:
+        """history.csv and model.safetensors: copies of what the checkpoint holds, written after it."""
+        if weights_too and self.best_weights is not None:
+            metadata = {"model": model_name, "epoch": str(self.best_epoch),
+                        "val_accuracy": repr(self.history[self.best_epoch - 1]["val_accuracy"])}
+            runs.atomic_write_bytes(run_dir / runs.WEIGHTS, runs.weights_bytes(self.best_weights, metadata))
+        if self.history:
+            runs.write_csv(run_dir / runs.HISTORY, self.history)
 
 
 def _open_for_resume(resume) -> tuple[Path, TrainConfig, dict]:
@@ -300,15 +350,18 @@ def _open_for_resume(resume) -> tuple[Path, TrainConfig, dict]:
     run_dir = Path(resume)
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"not a folder: {run_dir}", hint="--resume takes a run folder written by 'fmnist train'")
-    if not (run_dir / runs.CONFIG).is_file():
+    if not run_dir.is_dir():
+        raise UserError(f"nothing to resume: {run_dir} does not exist",
+                        hint="a run stopped before its folder was made has nothing to lose: start it again")
+    if not (run_dir / runs.CONFIG).exists():
         raise UserError(f"nothing to resume: {runs.CONFIG} is missing ({run_dir})",
                         hint="pass a folder written by 'fmnist train'")
     saved = runs.read_config(run_dir)
     return run_dir, TrainConfig.from_record(saved["train"], run_dir / runs.CONFIG), saved
 
 
-def _write_config(run_dir: Path, config: TrainConfig, data: FashionMNIST, model, step, device, precision: str,
-                  n_train: int, n_val: int, parallel: dict) -> dict:
+def _config_record(config: TrainConfig, data: FashionMNIST, model, step, device, precision: str,
+                   n_train: int, n_val: int, parallel: dict) -> dict:
     record = {
         "train": dataclasses.asdict(config),
         "data": dataclasses.asdict(data.source),
@@ -320,7 +373,6 @@ def _write_config(run_dir: Path, config: TrainConfig, data: FashionMNIST, model,
     }
     if parallel:
         record["distributed"] = parallel
-    runs.write_json(run_dir / runs.CONFIG, record)
     return record
 
 
@@ -356,11 +408,12 @@ def train(config: TrainConfig | None = None, data_dir: str | os.PathLike | None 
           on_epoch=None, test: bool = True, checkpoint_every: float | None = None) -> TrainResult:
     """Train, validate each epoch, test the best epoch, write the run folder.
 
-    ``resume`` continues an interrupted run from its last checkpoint, with the settings
-    and data it started with (a run stopped before its first epoch ended restarts); a
-    damaged run folder is refused before any training. ``log`` receives one line per epoch
-    (the CLI sends it to stderr). Ctrl-C and SIGTERM stop after saving nothing partial:
-    the last complete epoch's checkpoint is kept (Interrupted).
+    ``resume`` continues a stopped run from its checkpoint, with the settings and data it
+    started with, to the same weights, history and metrics as if it had never stopped,
+    whatever instant it was stopped at (fmnist.runs says how the writes are ordered for
+    that); a run folder damaged by something else is refused before any training. ``log``
+    receives one line per epoch (the CLI sends it to stderr). Ctrl-C and SIGTERM stop
+    without a partial file: the last checkpoint is kept (Interrupted).
 
     ``on_epoch(row)`` is called with each epoch's history row once it is saved (a sweep
     reports it, and may stop the run by raising). ``test=False`` skips the test set and the
@@ -379,9 +432,9 @@ def train(config: TrainConfig | None = None, data_dir: str | os.PathLike | None 
             if main:
                 held.enter_context(runs.training_lock(run_dir))  # before reading: one resumer at a time
                 runs.remove_stale_temporaries(run_dir)
-            if (run_dir / runs.CHECKPOINT).is_file():
+            if (run_dir / runs.CHECKPOINT).exists():
                 state = runs.load_checkpoint(run_dir / runs.CHECKPOINT)
-            runs.check_resumable(run_dir, None if state is None else state["epoch"])
+            runs.check_resumable(run_dir, state)
             data_dir = runs.data_dir_for(saved, data_dir)
         if not main:  # rank 0 speaks for all
             progress, log = False, (lambda line: None)
@@ -435,35 +488,31 @@ def _train(config, data_dir, out, resume, data, progress, log, saved, state, hel
     steps_per_epoch = math.ceil(usable / config.batch_size)
     scheduler = make_scheduler(optimizer, config, steps_per_epoch)
     ema = make_ema(model, config.ema_decay)
-    evaluated = ema.module if ema is not None else model      # the weights that are validated and kept
-    if config.tta_flip:
-        evaluated = with_test_time_flip(evaluated)
+    kept = ema.module if ema is not None else model          # the weights that are validated and kept
+    evaluated = with_test_time_flip(kept) if config.tta_flip else kept
     augmentation = None
     if config.crop_padding or config.hflip or config.erasing:
         def augmentation(images, generator):
             return augment(images, generator, config.crop_padding, config.hflip, config.erasing)
     generator = torch.Generator().manual_seed(config.seed)
-    history, start_epoch, best_val, best_epoch = [], 1, -1.0, 0
+    done, start_epoch = Progress(), 1
 
-    config_every = checkpoint_every
     if resume is None and not main:
         run_dir = None  # only rank 0 writes
     elif resume is None:
-        run_dir = runs.new_run_dir(out, config.model, needed_bytes=_files_bytes(model))
+        record = _config_record(config, data, model, step, device, precision, len(train_idx), len(val_idx), parallel)
+        run_dir = runs.new_run_dir(out, config.model, record, needed_bytes=_files_bytes(model))
         held.enter_context(runs.training_lock(run_dir))
-        _write_config(run_dir, config, data, model, step, device, precision, len(train_idx), len(val_idx),
-                      parallel)
     elif state is not None:
         run_dir = Path(resume)
-        if state["epoch"] >= config.epochs and (run_dir / runs.METRICS).is_file():
+        if state["epoch"] >= config.epochs and (run_dir / runs.METRICS).exists():
             raise UserError(f"the run is already complete ({state['epoch']}/{config.epochs} epochs) ({run_dir})",
                             hint=f"fmnist evaluate {run_dir}  or  fmnist report {run_dir}")
-        _restore(state, model, optimizer, scheduler, ema, generator, device)
-        start_epoch, best_val, best_epoch = state["epoch"] + 1, state["best_val_accuracy"], state["best_epoch"]
-        # A kill between saving better weights and the checkpoint leaves weights newer than
-        # the checkpoint: never replace them by a worse epoch.
-        best_val = max(best_val, runs.saved_val_accuracy(run_dir / runs.WEIGHTS))
-        history = runs.read_history(run_dir)[:state["epoch"]]
+        _restore(state, model, optimizer, scheduler, ema, generator, device, run_dir / runs.CHECKPOINT, config.model)
+        done = Progress.from_checkpoint(state, run_dir, kept, config.model)
+        start_epoch = state["epoch"] + 1
+        if main:
+            done.write_copies(run_dir, config.model)  # whatever a stop left of them
         log(f"resuming {run_dir} after epoch {state['epoch']}")
     else:
         run_dir = Path(resume)
@@ -473,15 +522,14 @@ def _train(config, data_dir, out, resume, data, progress, log, saved, state, hel
     if state is not None and state.get("position"):  # a checkpoint from inside an epoch
         resume_at = (state["position"], state["partial_losses"], state["partial_correct"])
         log(f"  ... continuing epoch {state['epoch'] + 1} after step {state['position']}")
-    epoch = start_epoch - 1
+    saved_epochs = start_epoch - 1  # complete epochs in the checkpoint: what a stop keeps
     try:
         for epoch in range(start_epoch, config.epochs + 1):
             started = time.perf_counter()
             epoch_rng = generator.get_state()  # the order and augmentation of this epoch
 
             def save_inside_epoch(position, losses, correct, epoch=epoch, epoch_rng=epoch_rng):
-                state = _checkpoint_state(model, optimizer, scheduler, ema, generator, epoch - 1, best_val,
-                                          best_epoch, device)
+                state = _checkpoint_state(model, optimizer, scheduler, ema, generator, epoch - 1, done, device)
                 state.update(shuffle_rng=epoch_rng, position=position, partial_losses=losses.cpu(),
                              partial_correct=correct.cpu())
                 runs.save_checkpoint(run_dir / runs.CHECKPOINT, state)
@@ -493,12 +541,12 @@ def _train(config, data_dir, out, resume, data, progress, log, saved, state, hel
                                                             ema=ema, bar=bar, reduce=distributed.reducer(world),
                                                             shard=(0, 1) if world is None else (world.rank, ranks),
                                                             resume_at=resume_at,
-                                                            checkpoint=(config_every, save_inside_epoch)
-                                                            if config_every and main else None)
+                                                            checkpoint=(checkpoint_every, save_inside_epoch)
+                                                            if checkpoint_every is not None and main else None)
                     resume_at = None
                 except NonFiniteLoss as exc:
-                    kept = f"the checkpoint of epoch {epoch - 1} is kept" if epoch > 1 else "no epoch was saved"
-                    raise UserError(f"{exc} of epoch {epoch}; training stopped and {kept} ({run_dir})",
+                    kept_note = f"the checkpoint of epoch {epoch - 1} is kept" if epoch > 1 else "no epoch was saved"
+                    raise UserError(f"{exc} of epoch {epoch}; training stopped and {kept_note} ({run_dir})",
                                     hint="a lower --lr, or --precision fp32") from None
             train_seconds = time.perf_counter() - started
             if not main:
@@ -506,44 +554,47 @@ def _train(config, data_dir, out, resume, data, progress, log, saved, state, hel
                 continue
             val_loss, val_acc, _ = evaluate_split(evaluated, x_val, y_val) if validating else (math.nan, math.nan, None)
             seconds = time.perf_counter() - started
-            history.append({
+            best = done.keep_if_best({
                 "epoch": epoch, "train_loss": train_loss, "train_accuracy": train_acc,
                 "val_loss": val_loss, "val_accuracy": val_acc,
                 "lr": lr, "seconds": seconds, "images_per_second": len(x_train) / train_seconds,
-            })
-            if not validating or val_acc > best_val:
-                best_val, best_epoch = (val_acc if validating else best_val), epoch
-                runs.save_weights(run_dir / runs.WEIGHTS, ema.module if ema is not None else model,
-                                  {"model": config.model, "epoch": str(epoch), "val_accuracy": repr(val_acc)})
+            }, kept, validating)
+            # The checkpoint first: history.csv and model.safetensors are copies of it (fmnist.runs).
             runs.save_checkpoint(run_dir / runs.CHECKPOINT, _checkpoint_state(
-                model, optimizer, scheduler, ema, generator, epoch, best_val, best_epoch, device))
-            runs.write_csv(run_dir / runs.HISTORY, history)
+                model, optimizer, scheduler, ema, generator, epoch, done, device))
+            saved_epochs = epoch
+            done.write_copies(run_dir, config.model, weights_too=best)
             validation = f"val loss {val_loss:.4f} acc {val_acc:.4f}" if validating else "no validation set"
             log(f"epoch {epoch:>2}/{config.epochs}  train loss {train_loss:.4f} acc {train_acc:.4f}  "
                 f"{validation}  {seconds:.1f}s  {len(x_train) / train_seconds:,.0f} img/s"
-                + ("  *best" if validating and best_epoch == epoch else ""))
+                + ("  *best" if validating and best else ""))
             distributed.barrier(world)
             if on_epoch is not None:
-                on_epoch(history[-1])
+                on_epoch(done.history[-1])
+        if not main:
+            return TrainResult(run_dir=None, history=[], metrics={})
+        if not test:
+            return TrainResult(run_dir=run_dir, history=done.history, metrics={
+                "best_epoch": done.best_epoch, "best_val_accuracy": done.best_val if validating else None})
+        metrics = _finish(run_dir, data, done, kept, evaluated, x_val, y_val, x_test, validating)
     except KeyboardInterrupt as stop:
-        raise Interrupted(run_dir, epoch - 1, "SIGTERM" if isinstance(stop, _Terminated) else "SIGINT") from None
+        raise Interrupted(run_dir, saved_epochs, "SIGTERM" if isinstance(stop, _Terminated) else "SIGINT") from None
+    return TrainResult(run_dir=run_dir, history=done.history, metrics=metrics)
 
-    if not main:
-        return TrainResult(run_dir=None, history=[], metrics={})
-    if not test:
-        return TrainResult(run_dir=run_dir, history=history,
-                           metrics={"best_epoch": best_epoch, "best_val_accuracy": best_val if validating else None})
-    # Test the best-by-validation weights, not merely the last epoch's.
-    kept = ema.module if ema is not None else model
-    runs.load_weights_into(kept, run_dir / runs.WEIGHTS, config.model)
+
+def _finish(run_dir: Path, data: FashionMNIST, done: Progress, kept, evaluated, x_val, y_val, x_test,
+            validating: bool) -> dict:
+    """Test the best-by-validation weights (not merely the last epoch's), calibrate on
+    validation, draw the report, and write metrics.json last: its presence marks the run
+    complete, so a stop before it makes the resumed run do all of this again."""
+    kept.load_state_dict(done.best_weights)
     test_logits = predict_logits(evaluated, x_test)
     metrics = metrics_on_test_set(test_logits, data)
-    metrics.update(best_epoch=best_epoch,
-                   best_val_accuracy=best_val if validating else None)
+    metrics.update(best_epoch=done.best_epoch, best_val_accuracy=done.best_val if validating else None)
     if validating:  # the temperature is fitted on validation; the test set only measures it
         metrics["calibration"] = calibrate(predict_logits(evaluated, x_val), y_val, test_logits, data.test_labels)
-    runs.write_json(run_dir / runs.METRICS, metrics)
 
     from .report import build_report  # matplotlib is imported only when drawing
     build_report(run_dir, data, test_logits, metrics)
-    return TrainResult(run_dir=run_dir, history=history, metrics=metrics)
+    runs.write_json(run_dir / runs.METRICS, metrics)
+    return metrics

@@ -1,0 +1,144 @@
+"""Run files that fmnist did not write as it writes them are the user's input: every fault in
+them is one line naming the file and exit status 2, never a traceback, a hang or exit 1."""
+
+from __future__ import annotations
+
+import errno
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fmnist import runs
+from fmnist.errors import UserError
+
+from .conftest import run_cli
+
+
+@pytest.fixture
+def run_copy(trained_run, tmp_path):
+    copy = tmp_path / "run"
+    shutil.copytree(trained_run[0], copy)
+    return copy
+
+
+def _edit_json(path, change):
+    record = json.loads(path.read_text())
+    change(record)
+    path.write_text(json.dumps(record))
+
+
+def _edit_checkpoint(path, change):
+    state = torch.load(path, weights_only=True)
+    change(state)
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    path.write_bytes(buffer.getvalue())
+
+
+def _one_line_error(result, *phrases):
+    assert result.returncode == 2, (result.returncode, result.stderr)
+    assert "Traceback" not in result.stderr and result.stderr.startswith("error: ")
+    assert len(result.stderr.strip().splitlines()) <= 2
+    for phrase in phrases:
+        assert phrase in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("change,phrase", [
+    (lambda s: s.update(epoch="2"), "'epoch' is '2', not a whole number of at least 0"),
+    (lambda s: s.update(epoch=-1), "'epoch' is -1, not a whole number"),
+    (lambda s: s.update(best_val_accuracy=float("nan")), "'best_val_accuracy'"),
+    (lambda s: s.update(history=[{"epoch": 1}]), "its history does not hold epochs 1-1"),
+    (lambda s: s["model"].update({"conv1.weight": torch.zeros(3, 3)}), "weights do not fit model 'notebook'"),
+    (lambda s: s["best_weights"].update({"fc2.bias": torch.zeros(7)}), "fc2.bias is [7] in the file but [10]"),
+])
+def test_a_checkpoint_of_the_wrong_types_or_shapes_is_refused(run_copy, change, phrase):
+    (run_copy / runs.METRICS).unlink()
+    _edit_checkpoint(run_copy / runs.CHECKPOINT, change)
+    _one_line_error(run_cli("train", "--resume", run_copy, "--quiet"), phrase, runs.CHECKPOINT)
+
+
+@pytest.mark.parametrize("command", ["evaluate", "export", "predict"])
+def test_model_args_out_of_range_are_a_user_error(run_copy, command):
+    _edit_json(run_copy / runs.CONFIG, lambda c: c["train"].update(model_args={"dropout_features": 5}))
+    extra = {"predict": [run_copy / "figures" / "curves.png"], "export": ["--out", run_copy / "m.onnx"]}
+    result = run_cli(command, run_copy, *extra.get(command, []))
+    _one_line_error(result, "cannot be built with {'dropout_features': 5}", runs.CONFIG)
+
+
+@pytest.mark.parametrize("entry,value", [("accuracy", "high"), ("accuracy", 7), ("calibration", {"temperature": -1}),
+                                         ("calibration", "warm"), ("best_epoch", 1.5)])
+def test_wrong_typed_metrics_are_a_user_error(run_copy, entry, value):
+    _edit_json(run_copy / runs.METRICS, lambda m: m.update({entry: value}))
+    _one_line_error(run_cli("export", run_copy, "--out", run_copy / "m.onnx"), f"metrics.json: '{entry}'")
+
+
+def test_a_model_name_that_is_not_a_string_is_a_user_error(run_copy):
+    _edit_json(run_copy / runs.CONFIG, lambda c: c["train"].update(model=["notebook"]))
+    _one_line_error(run_cli("evaluate", run_copy), "'train.model' must be a str")
+
+
+def test_export_refuses_weights_that_are_not_finite(run_copy):
+    weights = runs.load_weights(run_copy / runs.WEIGHTS)
+    runs.atomic_write_bytes(run_copy / runs.WEIGHTS, runs.weights_bytes({k: v * float("nan") for k, v in weights.items()}))
+    result = run_cli("export", run_copy, "--out", run_copy / "m.onnx")
+    _one_line_error(result, "the weights hold NaN or infinite values", "nothing exported")
+    assert not (run_copy / "m.onnx").exists()
+
+
+@pytest.mark.parametrize("name,command", [(runs.METRICS, "report"), (runs.CONFIG, "export"),
+                                          (runs.WEIGHTS, "predict"), (runs.METRICS, "serve")])
+def test_a_fifo_in_place_of_a_run_file_is_refused_without_hanging(run_copy, name, command):
+    (run_copy / name).unlink()
+    os.mkfifo(run_copy / name)
+    extra = {"predict": [run_copy / "figures" / "curves.png"], "export": ["--out", run_copy / "m.onnx"],
+             "serve": ["--port", "0"]}
+    exe = os.path.join(os.path.dirname(sys.executable), "fmnist")
+    result = subprocess.run([exe, command, str(run_copy), *map(str, extra.get(command, []))], capture_output=True,
+                            text=True, timeout=60)
+    _one_line_error(result, "not a regular file", name)
+
+
+def test_a_random_file_as_checkpoint_is_not_called_code(tmp_path):
+    path = tmp_path / runs.CHECKPOINT
+    path.write_bytes(os.urandom(3000))
+    with pytest.raises(UserError, match=r"not a PyTorch checkpoint \(not a zip archive\)") as caught:
+        runs.load_checkpoint(path)
+    assert "could run code" not in str(caught.value)
+
+
+def test_a_checkpoint_with_code_in_it_is_refused_as_such(tmp_path):
+    path = tmp_path / runs.CHECKPOINT
+    torch.save({"epoch": 1, "payload": io.BytesIO(b"x")}, path)  # an object: unpickling it would run code
+    with pytest.raises(UserError, match="refused: loading it could run code"):
+        runs.load_checkpoint(path)
+
+
+@pytest.mark.skipif(shutil.which("setpriv") is None or os.geteuid() != 0,
+                    reason="needs root and setpriv to read without the permission-override capabilities")
+def test_an_unreadable_weights_file_says_permission_denied(trained_run, tmp_path):
+    path = tmp_path / runs.WEIGHTS
+    shutil.copy(trained_run[0] / runs.WEIGHTS, path)
+    path.chmod(0)
+    code = f"from fmnist import runs\ntry:\n    runs.load_weights({str(path)!r})\nexcept Exception as e:\n    print(e)"
+    # root reads a mode-000 file anyway; without CAP_DAC_OVERRIDE it is refused as for any user
+    result = subprocess.run(["setpriv", "--bounding-set", "-dac_override,-dac_read_search", sys.executable, "-c",
+                             code], capture_output=True, text=True)
+    assert f"cannot read {runs.WEIGHTS}: permission denied ({path})" in result.stdout, result.stdout + result.stderr
+
+
+def test_a_full_disk_names_the_file(tmp_path, monkeypatch):
+    def no_space(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", no_space)
+    target = tmp_path / "history.csv"
+    with pytest.raises(OSError) as caught:
+        runs.atomic_write_text(target, "epoch\n1\n")
+    assert caught.value.errno == errno.ENOSPC and caught.value.filename == str(target)
+    assert not list(tmp_path.iterdir())  # no half-written temporary file left
