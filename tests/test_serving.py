@@ -1,8 +1,10 @@
-"""The web service in-process: routes, every limit and error path, metrics, micro-batching.
+"""The web service: routes, every limit and error path, metrics, micro-batching in-process;
+then on uvicorn in a thread, with real clients (curl, requests, urllib, a raw socket), the
+refused uploads.
 
 A freshly initialised model is enough here (answers are checked against the Classifier's
-own, not against labels); the trained model, the real server process, the page in a browser
-and the load test are in test_page.py.
+own, not against labels); the trained model, the `fmnist serve` process, the page in a
+browser and the load test are in test_page.py.
 """
 
 from __future__ import annotations
@@ -10,6 +12,16 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import json
+import shutil
+import socket
+import subprocess
+import threading
+import time
+import urllib.error
+import urllib.request
+from contextlib import contextmanager
+from urllib.parse import urlsplit
 
 import numpy as np
 import pytest
@@ -155,3 +167,135 @@ def test_micro_batcher_shares_model_calls_between_concurrent_requests():
     for request, answer in zip(requests, answers):  # every request gets its own rows back
         assert answer.shape == (len(request), 10) and (answer == request[0, 0, 0, 0]).all()
     assert sum(calls) == sum(len(r) for r in requests) and len(calls) < 5
+
+
+# ----------------------------------------------------------------------------- real server, real clients
+
+LIMIT_MB = 0.1
+CONTENT_TYPE = "multipart/form-data; boundary=x"
+
+
+def _multipart(data: bytes) -> bytes:
+    return (b'--x\r\nContent-Disposition: form-data; name="images"; filename="big.png"\r\n\r\n' + data
+            + b"\r\n--x--\r\n")
+
+
+BIG = _multipart(bytes(6_000_000))  # 60x the limit, and more than the socket buffers between client and server
+SMALL = _multipart(PNG)
+
+
+@contextmanager
+def _uvicorn(app):
+    """``app`` on uvicorn in a thread, on a free port of 127.0.0.1; yields its URL."""
+    import uvicorn
+
+    listener = socket.socket()
+    # Accepted connections inherit this small receive buffer: on loopback the kernel would
+    # otherwise buffer megabytes and hide a server that closes with a body unread, as a real
+    # network does not.
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+    listener.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", log_config=None))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 60
+        while not server.started:
+            assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+            time.sleep(0.02)
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(15)
+        listener.close()
+
+
+@pytest.fixture(scope="module")
+def live(classifier):
+    config = ServeConfig(max_body_mb=LIMIT_MB)
+    with _uvicorn(create_app(classifier, config)) as url:
+        yield url
+
+
+def _chunks(body: bytes, size: int = 65536):
+    return (body[i:i + size] for i in range(0, len(body), size))
+
+
+def _send_with_curl(url: str, body: bytes, chunked: bool, tmp_path) -> tuple[int, bytes]:
+    if shutil.which("curl") is None:
+        pytest.skip("no curl")
+    (tmp_path / "body").write_bytes(body)
+    chunking = ["-H", "Transfer-Encoding: chunked"] if chunked else []
+    done = subprocess.run(["curl", "-sS", "--max-time", "20", "-o", "-", "-w", "\n%{http_code}",
+                           "-H", f"Content-Type: {CONTENT_TYPE}", *chunking, "--data-binary", f"@{tmp_path / 'body'}",
+                           url], check=False, capture_output=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    answer, status = done.stdout.rsplit(b"\n", 1)
+    return int(status), answer
+
+
+def _send_with_requests(url: str, body: bytes, chunked: bool, tmp_path) -> tuple[int, bytes]:
+    requests = pytest.importorskip("requests")
+    response = requests.post(url, data=_chunks(body) if chunked else body, headers={"Content-Type": CONTENT_TYPE},
+                             timeout=20)
+    return response.status_code, response.content
+
+
+def _send_with_urllib(url: str, body: bytes, chunked: bool, tmp_path) -> tuple[int, bytes]:
+    request = urllib.request.Request(url, data=_chunks(body) if chunked else body,  # an iterable goes chunked
+                                     headers={"Content-Type": CONTENT_TYPE})
+    try:
+        with urllib.request.urlopen(request, timeout=20) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read()
+
+
+def _raw_request(url: str, body: bytes, chunked: bool) -> bytes:
+    """The whole request as bytes, asking the server to close after its answer, as urllib and
+    HTTP/1.0 clients do."""
+    parts = urlsplit(url)
+    if chunked:
+        framing = "Transfer-Encoding: chunked"
+        body = b"".join(b"%x\r\n%s\r\n" % (len(chunk), chunk) for chunk in _chunks(body)) + b"0\r\n\r\n"
+    else:
+        framing = f"Content-Length: {len(body)}"
+    return (f"POST {parts.path} HTTP/1.1\r\nHost: {parts.netloc}\r\nContent-Type: {CONTENT_TYPE}\r\n{framing}\r\n"
+            + "Connection: close\r\n\r\n").encode() + body
+
+
+def _connect(url: str) -> socket.socket:
+    parts = urlsplit(url)
+    return socket.create_connection((parts.hostname, parts.port), timeout=20)
+
+
+def _read_answer(connection: socket.socket) -> tuple[int, bytes]:
+    reply = b""
+    while chunk := connection.recv(65536):  # until the server closes
+        reply += chunk
+    head, answer = reply.split(b"\r\n\r\n", 1)
+    return int(head.split(b" ", 2)[1]), answer
+
+
+def _send_raw(url: str, body: bytes, chunked: bool, tmp_path=None) -> tuple[int, bytes]:
+    """Writes the whole request, and only then reads: the client that a server closing with
+    the body unread resets."""
+    with _connect(url) as connection:
+        connection.sendall(_raw_request(url, body, chunked))
+        return _read_answer(connection)
+
+
+SENDERS = {"curl": _send_with_curl, "requests": _send_with_requests, "urllib": _send_with_urllib, "raw": _send_raw}
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+@pytest.mark.parametrize("client", list(SENDERS))
+def test_every_client_gets_the_413_of_a_body_over_the_limit(live, client, chunked, tmp_path):
+    status, answer = SENDERS[client](live + "/v1/predict", BIG, chunked, tmp_path)
+    assert status == 413 and json.loads(answer) == {"error": f"request body over the limit of {LIMIT_MB:g} MB"}
+    assert SENDERS[client](live + "/v1/predict", SMALL, chunked, tmp_path)[0] == 200  # still serving
+
+
+def test_any_answer_before_the_body_is_read_reaches_the_client(live):
+    status, answer = _send_raw(live + "/v2/predict", BIG, chunked=True)  # 404 without reading the body
+    assert status == 404 and json.loads(answer) == {"error": "Not Found"}
