@@ -1,6 +1,6 @@
 """The web service: routes, every limit and error path, metrics, micro-batching in-process;
 then on uvicorn in a thread, with real clients (curl, requests, urllib, a raw socket), the
-refused uploads.
+refused uploads and the stalled ones.
 
 A freshly initialised model is enough here (answers are checked against the Classifier's
 own, not against labels); the trained model, the `fmnist serve` process, the page in a
@@ -146,6 +146,8 @@ def test_bad_limits_are_user_errors(classifier):
 
     with pytest.raises(UserError, match="max-images must be positive"):
         create_app(classifier, ServeConfig(max_images=0))
+    with pytest.raises(UserError, match="body-timeout-s must be positive"):
+        create_app(classifier, ServeConfig(body_timeout_s=0))
 
 
 def test_micro_batcher_shares_model_calls_between_concurrent_requests():
@@ -171,7 +173,7 @@ def test_micro_batcher_shares_model_calls_between_concurrent_requests():
 
 # ----------------------------------------------------------------------------- real server, real clients
 
-LIMIT_MB = 0.1
+LIMIT_MB, STALL_S, DEADLINE_S = 0.1, 0.5, 1.5
 CONTENT_TYPE = "multipart/form-data; boundary=x"
 
 
@@ -212,7 +214,7 @@ def _uvicorn(app):
 
 @pytest.fixture(scope="module")
 def live(classifier):
-    config = ServeConfig(max_body_mb=LIMIT_MB)
+    config = ServeConfig(max_body_mb=LIMIT_MB, body_timeout_s=STALL_S, body_deadline_s=DEADLINE_S)
     with _uvicorn(create_app(classifier, config)) as url:
         yield url
 
@@ -251,9 +253,9 @@ def _send_with_urllib(url: str, body: bytes, chunked: bool, tmp_path) -> tuple[i
         return error.code, error.read()
 
 
-def _raw_request(url: str, body: bytes, chunked: bool) -> bytes:
-    """The whole request as bytes, asking the server to close after its answer, as urllib and
-    HTTP/1.0 clients do."""
+def _raw_request(url: str, body: bytes, chunked: bool, close: bool = True) -> bytes:
+    """The whole request as bytes; ``close`` asks the server to close after its answer, as
+    urllib and HTTP/1.0 clients do."""
     parts = urlsplit(url)
     if chunked:
         framing = "Transfer-Encoding: chunked"
@@ -261,7 +263,7 @@ def _raw_request(url: str, body: bytes, chunked: bool) -> bytes:
     else:
         framing = f"Content-Length: {len(body)}"
     return (f"POST {parts.path} HTTP/1.1\r\nHost: {parts.netloc}\r\nContent-Type: {CONTENT_TYPE}\r\n{framing}\r\n"
-            + "Connection: close\r\n\r\n").encode() + body
+            + ("Connection: close\r\n" if close else "") + "\r\n").encode() + body
 
 
 def _connect(url: str) -> socket.socket:
@@ -299,3 +301,38 @@ def test_every_client_gets_the_413_of_a_body_over_the_limit(live, client, chunke
 def test_any_answer_before_the_body_is_read_reaches_the_client(live):
     status, answer = _send_raw(live + "/v2/predict", BIG, chunked=True)  # 404 without reading the body
     assert status == 404 and json.loads(answer) == {"error": "Not Found"}
+
+
+def test_stalled_uploads_get_408_and_are_closed(live):
+    connections = [_connect(live) for _ in range(20)]
+    started = time.monotonic()
+    try:
+        stalled = _raw_request(live + "/v1/predict", SMALL, chunked=False, close=False)[:-len(SMALL) + 10]
+        for connection in connections:  # the headers and 10 bytes of the body, then nothing
+            connection.sendall(stalled)
+        for connection in connections:
+            status, answer = _read_answer(connection)
+            assert status == 408 and "stalled" in json.loads(answer)["error"]
+    finally:
+        for connection in connections:
+            connection.close()
+    assert time.monotonic() - started < STALL_S + 3
+
+
+def test_a_trickling_upload_gets_408_at_the_deadline(live):
+    request = _raw_request(live + "/v1/predict", SMALL, chunked=False, close=False)
+    with _connect(live) as connection:
+        started, reply = time.monotonic(), b""  # before the headers: the server's clock starts after them
+        connection.sendall(request[:-len(SMALL)])
+        connection.settimeout(0.1)
+        for byte in SMALL[:50]:  # a byte every 0.1 s: never a pause of STALL_S, and never done
+            try:
+                reply = connection.recv(65536)
+                break
+            except TimeoutError:
+                connection.sendall(bytes([byte]))
+        connection.settimeout(5)
+        while chunk := connection.recv(65536):
+            reply += chunk
+    assert reply.startswith(b"HTTP/1.1 408") and b"not complete after 1.5 s" in reply
+    assert DEADLINE_S - 0.05 <= time.monotonic() - started < DEADLINE_S + 2  # the loop's clock ticks in ms

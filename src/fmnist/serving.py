@@ -7,8 +7,9 @@
     GET  /docs         OpenAPI docs (Swagger UI served locally: works offline)
     GET  /             the page: drop, pick, paste or draw an image
 
-Every error is JSON ``{"error": "..."}`` with the status that says why (413 too large,
-415 not an image, 422 damaged image or wrong field), and the server keeps serving.
+Every error is JSON ``{"error": "..."}`` with the status that says why (408 upload stalled,
+413 too large, 415 not an image, 422 damaged image or wrong field), and the server keeps
+serving.
 """
 
 from __future__ import annotations
@@ -50,12 +51,14 @@ class ServeConfig:
     max_batch: int = 256            # images per model call; one call of 256 costs less than 16 of 16
     top_k: int = 3
     inline_pixels: int = 512 * 512  # smaller images are prepared on the event loop: a thread hop costs more
+    body_timeout_s: float = 10.0    # longest pause in an upload before 408: a bad mobile link stalls for seconds
+    body_deadline_s: float = 120.0  # a whole upload (5 MB at 0.5 Mbit/s: 80 s): a trickle cannot hold a connection
     drain_max_mb: float = 64.0      # a refused body is read and dropped up to this much, so that its client
     drain_s: float = 5.0            # ... sees the answer, not a reset; more or slower is cut off (a reset)
 
     def check(self) -> None:
-        for name in ("max_body_mb", "max_images", "max_megapixels", "max_batch", "top_k", "drain_max_mb",
-                     "drain_s"):
+        for name in ("max_body_mb", "max_images", "max_megapixels", "max_batch", "top_k", "body_timeout_s",
+                     "body_deadline_s", "drain_max_mb", "drain_s"):
             if getattr(self, name) <= 0:
                 raise UserError(f"{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if self.batch_window_ms < 0:
@@ -202,7 +205,7 @@ else:  # pragma: no cover - Python 3.10
 
 class _Exchange:
     """One request through the Guard: its body as the app reads it (counted against the size
-    limit) and its response as the app sends it.
+    limit, timed against the upload timeouts) and its response as the app sends it.
 
     An answer given before the body was read in full (413 from Content-Length, a 404, any
     error) ends the connection, and waits for the unread rest to be read and dropped first:
@@ -219,9 +222,11 @@ class _Exchange:
         self.body_left = b"transfer-encoding" in headers or bool(self.length)
         self.expects_continue = headers.get(b"expect", b"").lower() == b"100-continue"
         self.asked = False    # the app asked for the body (the server then says 100 Continue)
+        self.stalled = False  # the body timed out: there is nothing left worth waiting for
         self.received = 0
         self.status: int | None = None
         self.config, self.max_body = config, int(config.max_body_mb * 1e6)
+        self.deadline = time.monotonic() + config.body_deadline_s
         self._receive, self._send = receive, send
 
     def _note(self, message) -> None:
@@ -233,13 +238,25 @@ class _Exchange:
 
     async def receive(self):
         if not self.body_left:
-            return await self._receive()
+            return await self._receive()  # after the body only a disconnect can come: no timeout
         self.asked = True
-        message = await self._receive()
+        wait, why = self._wait()
+        try:
+            message = await _within(wait, self._receive())
+        except asyncio.TimeoutError:
+            self.stalled = True
+            raise HTTPError(408, why) from None
         self._note(message)
         if self.received > self.max_body:
             raise HTTPError(413, _too_large(self.max_body))
         return message
+
+    def _wait(self) -> tuple[float, str]:
+        """How long the next piece of the body may take, and the error if it does not come."""
+        left, idle = self.deadline - time.monotonic(), self.config.body_timeout_s
+        if left < idle:
+            return max(left, 0.0), f"request body not complete after {self.config.body_deadline_s:g} s"
+        return idle, f"request body stalled: nothing received for {idle:g} s"
 
     async def send(self, message) -> None:
         if message["type"] == "http.response.start":
@@ -254,9 +271,9 @@ class _Exchange:
         await self._send(message)
 
     def _worth_draining(self) -> bool:
-        """Not when the client was never told to send (it sent Expect: 100-continue and waits),
-        or announced more than the drain would read anyway."""
-        if self.expects_continue and not self.asked:
+        """Not when the client stalled, was never told to send (it sent Expect: 100-continue and
+        waits), or announced more than the drain would read anyway."""
+        if self.stalled or (self.expects_continue and not self.asked):
             return False
         return self.length is None or self.length <= self.config.drain_max_mb * 1e6
 
@@ -264,7 +281,7 @@ class _Exchange:
         """Read and drop the rest of the body, within ``drain_max_mb`` and ``drain_s``."""
         deadline, most = time.monotonic() + self.config.drain_s, self.config.drain_max_mb * 1e6
         while self.body_left and self.received <= most:
-            wait = deadline - time.monotonic()
+            wait = min(deadline - time.monotonic(), self.config.body_timeout_s)
             if wait <= 0:
                 return
             try:
@@ -275,8 +292,8 @@ class _Exchange:
 
 class Guard:
     """Pure ASGI middleware around the app: the body-size limit (from Content-Length before
-    reading, and counted while streaming for chunked uploads), reading what is left of a
-    refused body (see _Exchange), and the request metrics."""
+    reading, and counted while streaming for chunked uploads), the upload timeouts, reading
+    what is left of a refused body (see _Exchange), and the request metrics."""
 
     def __init__(self, app, config: ServeConfig, metrics: Metrics):
         self.app, self.config, self.metrics = app, config, metrics
