@@ -13,6 +13,7 @@ import asyncio
 import base64
 import io
 import json
+import logging
 import shutil
 import socket
 import subprocess
@@ -31,6 +32,7 @@ from PIL import Image
 pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
 
+from fmnist import preprocess as prep  # noqa: E402
 from fmnist.classifier import Classifier  # noqa: E402
 from fmnist.models import create_model  # noqa: E402
 from fmnist.serving import MicroBatcher, ServeConfig, create_app  # noqa: E402
@@ -169,6 +171,38 @@ def test_micro_batcher_shares_model_calls_between_concurrent_requests():
     for request, answer in zip(requests, answers):  # every request gets its own rows back
         assert answer.shape == (len(request), 10) and (answer == request[0, 0, 0, 0]).all()
     assert sum(calls) == sum(len(r) for r in requests) and len(calls) < 5
+
+
+# ----------------------------------------------------------------------------- unexpected errors
+
+
+@pytest.mark.parametrize("where", ["preparation", "model"])
+def test_an_unexpected_error_is_a_json_500_logged_in_one_line(classifier, monkeypatch, caplog, where):
+    failing = {"on": False}
+
+    def fail_when_asked(real):
+        def function(*args, **kwargs):
+            if failing["on"]:
+                raise IndexError("index 0 is out of bounds for axis 0 with size 0")
+            return real(*args, **kwargs)
+        return function
+
+    if where == "preparation":
+        monkeypatch.setattr(prep, "prepare", fail_when_asked(prep.prepare))
+    else:  # the batcher's model call, in its worker thread
+        monkeypatch.setattr(classifier, "probabilities", fail_when_asked(classifier.probabilities))
+    with TestClient(create_app(classifier)) as client:
+        failing["on"] = True
+        with caplog.at_level(logging.ERROR):
+            response = post(client, ("trousers.png", PNG))
+        failing["on"] = False
+        assert response.status_code == 500 and response.headers["content-type"] == "application/json"
+        assert response.json()["error"].startswith("internal error (IndexError)")
+        assert "Traceback" not in response.text and "File " not in response.text
+        [record] = [r for r in caplog.records if "internal error" in r.getMessage()]
+        assert "\n" not in record.getMessage() and record.exc_info is None
+        assert "IndexError: index 0 is out of bounds" in record.getMessage()
+        assert post(client, ("trousers.png", PNG)).status_code == 200  # still serving
 
 
 # ----------------------------------------------------------------------------- real server, real clients

@@ -8,8 +8,8 @@
     GET  /             the page: drop, pick, paste or draw an image
 
 Every error is JSON ``{"error": "..."}`` with the status that says why (408 upload stalled,
-413 too large, 415 not an image, 422 damaged image or wrong field), and the server keeps
-serving.
+413 too large, 415 not an image, 422 damaged image or wrong field, 500 a bug: logged as one
+line), and the server keeps serving.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import gc
+import logging
 import os
 import sys
 import time
@@ -38,6 +39,7 @@ from .errors import UserError
 
 FIELD = "images"
 KNOWN_PATHS = ("/", "/v1/predict", "/v1/model", "/healthz", "/readyz", "/metrics", "/docs", "/openapi.json")
+_log = logging.getLogger("uvicorn.error")  # the server's error log, configured with uvicorn's own lines
 
 
 @dataclass(frozen=True)
@@ -192,6 +194,10 @@ def _too_large(max_body_bytes: int) -> str:
     return f"request body over the limit of {max_body_bytes / 1e6:g} MB"
 
 
+def _internal_error(exc: Exception) -> str:
+    return f"internal error ({type(exc).__name__}): the server could not answer this request and has logged why"
+
+
 if sys.version_info >= (3, 11):
     async def _within(seconds: float, awaitable):
         """``await awaitable``, or asyncio.TimeoutError after ``seconds`` (a timer on this task:
@@ -223,6 +229,7 @@ class _Exchange:
         self.expects_continue = headers.get(b"expect", b"").lower() == b"100-continue"
         self.asked = False    # the app asked for the body (the server then says 100 Continue)
         self.stalled = False  # the body timed out: there is nothing left worth waiting for
+        self.gone = False     # the client disconnected
         self.received = 0
         self.status: int | None = None
         self.config, self.max_body = config, int(config.max_body_mb * 1e6)
@@ -234,7 +241,7 @@ class _Exchange:
             self.received += len(message.get("body", b""))
             self.body_left = message.get("more_body", False)
         else:  # http.disconnect
-            self.body_left = False
+            self.body_left, self.gone = False, True
 
     async def receive(self):
         if not self.body_left:
@@ -293,7 +300,8 @@ class _Exchange:
 class Guard:
     """Pure ASGI middleware around the app: the body-size limit (from Content-Length before
     reading, and counted while streaming for chunked uploads), the upload timeouts, reading
-    what is left of a refused body (see _Exchange), and the request metrics."""
+    what is left of a refused body (see _Exchange), JSON 500s for unexpected errors, and the
+    request metrics."""
 
     def __init__(self, app, config: ServeConfig, metrics: Metrics):
         self.app, self.config, self.metrics = app, config, metrics
@@ -316,10 +324,20 @@ class Guard:
             self.metrics.latency.labels(path).observe(time.perf_counter() - started)
 
     async def _answer(self, scope, exchange: _Exchange) -> None:
-        if exchange.length is not None and exchange.length > self.max_body_bytes:
-            await _json_error(413, _too_large(self.max_body_bytes))(scope, exchange.receive, exchange.send)
-        else:
-            await self.app(scope, exchange.receive, exchange.send)
+        try:
+            if exchange.length is not None and exchange.length > self.max_body_bytes:
+                await _json_error(413, _too_large(self.max_body_bytes))(scope, exchange.receive, exchange.send)
+            else:
+                await self.app(scope, exchange.receive, exchange.send)
+        except Exception as exc:  # noqa: BLE001 - whatever failed, the client gets JSON and the server goes on
+            if exchange.gone:
+                return  # nobody to answer, and a client leaving is no server error
+            # One line, no traceback: the cause, where, and nothing a log scanner splits up.
+            detail = " ".join(str(exc).split())
+            _log.error("fmnist: internal error on %s %s: %s: %s", scope["method"], scope["path"],
+                       type(exc).__name__, detail[:500])
+            if exchange.status is None:  # nothing sent yet (an error outside FastAPI's handlers)
+                await _json_error(500, _internal_error(exc))(scope, exchange.receive, exchange.send)
 
 
 # ----------------------------------------------------------------------------- the app
@@ -368,6 +386,10 @@ def create_app(classifier: Classifier, config: ServeConfig = ServeConfig()):
     @app.exception_handler(HTTPException)
     async def _http_error(request, exc: HTTPException):  # ours, and Starlette's 404/405
         return _json_error(exc.status_code, str(exc.detail))
+
+    @app.exception_handler(Exception)
+    async def _unexpected_error(request, exc: Exception):  # Starlette's 500 page would be plain text; the Guard logs it
+        return _json_error(500, _internal_error(exc))
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request, exc: RequestValidationError):
