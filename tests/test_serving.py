@@ -1,8 +1,10 @@
-"""The web service in-process: routes, every limit and error path, metrics, micro-batching.
+"""The web service: routes, every limit and error path, metrics, micro-batching in-process;
+then on uvicorn in a thread, with real clients (curl, requests, urllib, a raw socket), the
+refused uploads and the stalled ones.
 
 A freshly initialised model is enough here (answers are checked against the Classifier's
-own, not against labels); the trained model, the real server process, the page in a browser
-and the load test are in test_page.py.
+own, not against labels); the trained model, the `fmnist serve` process, the page in a
+browser and the load test are in test_page.py.
 """
 
 from __future__ import annotations
@@ -10,6 +12,17 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import json
+import logging
+import shutil
+import socket
+import subprocess
+import threading
+import time
+import urllib.error
+import urllib.request
+from contextlib import contextmanager
+from urllib.parse import urlsplit
 
 import numpy as np
 import pytest
@@ -19,6 +32,7 @@ from PIL import Image
 pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
 
+from fmnist import preprocess as prep  # noqa: E402
 from fmnist.classifier import Classifier  # noqa: E402
 from fmnist.models import create_model  # noqa: E402
 from fmnist.serving import MicroBatcher, ServeConfig, create_app  # noqa: E402
@@ -134,6 +148,8 @@ def test_bad_limits_are_user_errors(classifier):
 
     with pytest.raises(UserError, match="max-images must be positive"):
         create_app(classifier, ServeConfig(max_images=0))
+    with pytest.raises(UserError, match="body-timeout-s must be positive"):
+        create_app(classifier, ServeConfig(body_timeout_s=0))
 
 
 def test_micro_batcher_shares_model_calls_between_concurrent_requests():
@@ -155,3 +171,202 @@ def test_micro_batcher_shares_model_calls_between_concurrent_requests():
     for request, answer in zip(requests, answers):  # every request gets its own rows back
         assert answer.shape == (len(request), 10) and (answer == request[0, 0, 0, 0]).all()
     assert sum(calls) == sum(len(r) for r in requests) and len(calls) < 5
+
+
+# ----------------------------------------------------------------------------- unexpected errors
+
+
+@pytest.mark.parametrize("where", ["preparation", "model"])
+def test_an_unexpected_error_is_a_json_500_logged_in_one_line(classifier, monkeypatch, caplog, where):
+    failing = {"on": False}
+
+    def fail_when_asked(real):
+        def function(*args, **kwargs):
+            if failing["on"]:
+                raise IndexError("index 0 is out of bounds for axis 0 with size 0")
+            return real(*args, **kwargs)
+        return function
+
+    if where == "preparation":
+        monkeypatch.setattr(prep, "prepare", fail_when_asked(prep.prepare))
+    else:  # the batcher's model call, in its worker thread
+        monkeypatch.setattr(classifier, "probabilities", fail_when_asked(classifier.probabilities))
+    with TestClient(create_app(classifier)) as client:
+        failing["on"] = True
+        with caplog.at_level(logging.ERROR):
+            response = post(client, ("trousers.png", PNG))
+        failing["on"] = False
+        assert response.status_code == 500 and response.headers["content-type"] == "application/json"
+        assert response.json()["error"].startswith("internal error (IndexError)")
+        assert "Traceback" not in response.text and "File " not in response.text
+        [record] = [r for r in caplog.records if "internal error" in r.getMessage()]
+        assert "\n" not in record.getMessage() and record.exc_info is None
+        assert "IndexError: index 0 is out of bounds" in record.getMessage()
+        assert post(client, ("trousers.png", PNG)).status_code == 200  # still serving
+
+
+# ----------------------------------------------------------------------------- real server, real clients
+
+LIMIT_MB, STALL_S, DEADLINE_S = 0.1, 0.5, 1.5
+CONTENT_TYPE = "multipart/form-data; boundary=x"
+
+
+def _multipart(data: bytes) -> bytes:
+    return (b'--x\r\nContent-Disposition: form-data; name="images"; filename="big.png"\r\n\r\n' + data
+            + b"\r\n--x--\r\n")
+
+
+BIG = _multipart(bytes(6_000_000))  # 60x the limit, and more than the socket buffers between client and server
+SMALL = _multipart(PNG)
+
+
+@contextmanager
+def _uvicorn(app):
+    """``app`` on uvicorn in a thread, on a free port of 127.0.0.1; yields its URL."""
+    import uvicorn
+
+    listener = socket.socket()
+    # Accepted connections inherit this small receive buffer: on loopback the kernel would
+    # otherwise buffer megabytes and hide a server that closes with a body unread, as a real
+    # network does not.
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+    listener.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", log_config=None))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 60
+        while not server.started:
+            assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+            time.sleep(0.02)
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(15)
+        listener.close()
+
+
+@pytest.fixture(scope="module")
+def live(classifier):
+    config = ServeConfig(max_body_mb=LIMIT_MB, body_timeout_s=STALL_S, body_deadline_s=DEADLINE_S)
+    with _uvicorn(create_app(classifier, config)) as url:
+        yield url
+
+
+def _chunks(body: bytes, size: int = 65536):
+    return (body[i:i + size] for i in range(0, len(body), size))
+
+
+def _send_with_curl(url: str, body: bytes, chunked: bool, tmp_path) -> tuple[int, bytes]:
+    if shutil.which("curl") is None:
+        pytest.skip("no curl")
+    (tmp_path / "body").write_bytes(body)
+    chunking = ["-H", "Transfer-Encoding: chunked"] if chunked else []
+    done = subprocess.run(["curl", "-sS", "--max-time", "20", "-o", "-", "-w", "\n%{http_code}",
+                           "-H", f"Content-Type: {CONTENT_TYPE}", *chunking, "--data-binary", f"@{tmp_path / 'body'}",
+                           url], check=False, capture_output=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    answer, status = done.stdout.rsplit(b"\n", 1)
+    return int(status), answer
+
+
+def _send_with_requests(url: str, body: bytes, chunked: bool, tmp_path) -> tuple[int, bytes]:
+    requests = pytest.importorskip("requests")
+    response = requests.post(url, data=_chunks(body) if chunked else body, headers={"Content-Type": CONTENT_TYPE},
+                             timeout=20)
+    return response.status_code, response.content
+
+
+def _send_with_urllib(url: str, body: bytes, chunked: bool, tmp_path) -> tuple[int, bytes]:
+    request = urllib.request.Request(url, data=_chunks(body) if chunked else body,  # an iterable goes chunked
+                                     headers={"Content-Type": CONTENT_TYPE})
+    try:
+        with urllib.request.urlopen(request, timeout=20) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read()
+
+
+def _raw_request(url: str, body: bytes, chunked: bool, close: bool = True) -> bytes:
+    """The whole request as bytes; ``close`` asks the server to close after its answer, as
+    urllib and HTTP/1.0 clients do."""
+    parts = urlsplit(url)
+    if chunked:
+        framing = "Transfer-Encoding: chunked"
+        body = b"".join(b"%x\r\n%s\r\n" % (len(chunk), chunk) for chunk in _chunks(body)) + b"0\r\n\r\n"
+    else:
+        framing = f"Content-Length: {len(body)}"
+    return (f"POST {parts.path} HTTP/1.1\r\nHost: {parts.netloc}\r\nContent-Type: {CONTENT_TYPE}\r\n{framing}\r\n"
+            + ("Connection: close\r\n" if close else "") + "\r\n").encode() + body
+
+
+def _connect(url: str) -> socket.socket:
+    parts = urlsplit(url)
+    return socket.create_connection((parts.hostname, parts.port), timeout=20)
+
+
+def _read_answer(connection: socket.socket) -> tuple[int, bytes]:
+    reply = b""
+    while chunk := connection.recv(65536):  # until the server closes
+        reply += chunk
+    head, answer = reply.split(b"\r\n\r\n", 1)
+    return int(head.split(b" ", 2)[1]), answer
+
+
+def _send_raw(url: str, body: bytes, chunked: bool, tmp_path=None) -> tuple[int, bytes]:
+    """Writes the whole request, and only then reads: the client that a server closing with
+    the body unread resets."""
+    with _connect(url) as connection:
+        connection.sendall(_raw_request(url, body, chunked))
+        return _read_answer(connection)
+
+
+SENDERS = {"curl": _send_with_curl, "requests": _send_with_requests, "urllib": _send_with_urllib, "raw": _send_raw}
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+@pytest.mark.parametrize("client", list(SENDERS))
+def test_every_client_gets_the_413_of_a_body_over_the_limit(live, client, chunked, tmp_path):
+    status, answer = SENDERS[client](live + "/v1/predict", BIG, chunked, tmp_path)
+    assert status == 413 and json.loads(answer) == {"error": f"request body over the limit of {LIMIT_MB:g} MB"}
+    assert SENDERS[client](live + "/v1/predict", SMALL, chunked, tmp_path)[0] == 200  # still serving
+
+
+def test_any_answer_before_the_body_is_read_reaches_the_client(live):
+    status, answer = _send_raw(live + "/v2/predict", BIG, chunked=True)  # 404 without reading the body
+    assert status == 404 and json.loads(answer) == {"error": "Not Found"}
+
+
+def test_stalled_uploads_get_408_and_are_closed(live):
+    connections = [_connect(live) for _ in range(20)]
+    started = time.monotonic()
+    try:
+        stalled = _raw_request(live + "/v1/predict", SMALL, chunked=False, close=False)[:-len(SMALL) + 10]
+        for connection in connections:  # the headers and 10 bytes of the body, then nothing
+            connection.sendall(stalled)
+        for connection in connections:
+            status, answer = _read_answer(connection)
+            assert status == 408 and "stalled" in json.loads(answer)["error"]
+    finally:
+        for connection in connections:
+            connection.close()
+    assert time.monotonic() - started < STALL_S + 3
+
+
+def test_a_trickling_upload_gets_408_at_the_deadline(live):
+    request = _raw_request(live + "/v1/predict", SMALL, chunked=False, close=False)
+    with _connect(live) as connection:
+        started, reply = time.monotonic(), b""  # before the headers: the server's clock starts after them
+        connection.sendall(request[:-len(SMALL)])
+        connection.settimeout(0.1)
+        for byte in SMALL[:50]:  # a byte every 0.1 s: never a pause of STALL_S, and never done
+            try:
+                reply = connection.recv(65536)
+                break
+            except TimeoutError:
+                connection.sendall(bytes([byte]))
+        connection.settimeout(5)
+        while chunk := connection.recv(65536):
+            reply += chunk
+    assert reply.startswith(b"HTTP/1.1 408") and b"not complete after 1.5 s" in reply
+    assert DEADLINE_S - 0.05 <= time.monotonic() - started < DEADLINE_S + 2  # the loop's clock ticks in ms

@@ -287,7 +287,7 @@ def cmd_serve(args) -> int:
 
     config = ServeConfig(max_body_mb=args.max_body_mb, max_images=args.max_images,
                          max_megapixels=args.max_megapixels, batch_window_ms=args.batch_window_ms,
-                         max_batch=args.max_batch, top_k=args.top_k)
+                         max_batch=args.max_batch, top_k=args.top_k, body_timeout_s=args.body_timeout_s)
     serve(args.model, args.host, args.port, config, workers=args.workers, preprocess=_preprocess_changes(args),
           uncertain_below=args.uncertain_below, log=_log)
     return 0
@@ -547,6 +547,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="how long a request waits to share a model call (default: 2)")
     limits.add_argument("--max-batch", type=_positive_int, default=256, metavar="N",
                         help="images per model call (default: 256)")
+    limits.add_argument("--body-timeout-s", type=float, default=10.0, metavar="S",
+                        help="longest pause in an upload before it is answered 408 and closed (default: 10)")
     add_preprocess(serve)
 
     bench = command("bench", "measure training and inference speed against the machine's limit", cmd_bench)

@@ -7,8 +7,9 @@
     GET  /docs         OpenAPI docs (Swagger UI served locally: works offline)
     GET  /             the page: drop, pick, paste or draw an image
 
-Every error is JSON ``{"error": "..."}`` with the status that says why (413 too large,
-415 not an image, 422 damaged image or wrong field), and the server keeps serving.
+Every error is JSON ``{"error": "..."}`` with the status that says why (408 upload stalled,
+413 too large, 415 not an image, 422 damaged image or wrong field, 500 a bug: logged as one
+line), and the server keeps serving.
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import gc
+import logging
 import os
+import sys
 import time
 from contextlib import asynccontextmanager
 from concurrent.futures import ThreadPoolExecutor
@@ -36,6 +39,7 @@ from .errors import UserError
 
 FIELD = "images"
 KNOWN_PATHS = ("/", "/v1/predict", "/v1/model", "/healthz", "/readyz", "/metrics", "/docs", "/openapi.json")
+_log = logging.getLogger("uvicorn.error")  # the server's error log, configured with uvicorn's own lines
 
 
 @dataclass(frozen=True)
@@ -49,9 +53,14 @@ class ServeConfig:
     max_batch: int = 256            # images per model call; one call of 256 costs less than 16 of 16
     top_k: int = 3
     inline_pixels: int = 512 * 512  # smaller images are prepared on the event loop: a thread hop costs more
+    body_timeout_s: float = 10.0    # longest pause in an upload before 408: a bad mobile link stalls for seconds
+    body_deadline_s: float = 120.0  # a whole upload (5 MB at 0.5 Mbit/s: 80 s): a trickle cannot hold a connection
+    drain_max_mb: float = 64.0      # a refused body is read and dropped up to this much, so that its client
+    drain_s: float = 5.0            # ... sees the answer, not a reset; more or slower is cut off (a reset)
 
     def check(self) -> None:
-        for name in ("max_body_mb", "max_images", "max_megapixels", "max_batch", "top_k"):
+        for name in ("max_body_mb", "max_images", "max_megapixels", "max_batch", "top_k", "body_timeout_s",
+                     "body_deadline_s", "drain_max_mb", "drain_s"):
             if getattr(self, name) <= 0:
                 raise UserError(f"{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if self.batch_window_ms < 0:
@@ -181,47 +190,154 @@ def _json_error(status: int, message: str):
     return JSONResponse({"error": message}, status_code=status)
 
 
+def _too_large(max_body_bytes: int) -> str:
+    return f"request body over the limit of {max_body_bytes / 1e6:g} MB"
+
+
+def _internal_error(exc: Exception) -> str:
+    return f"internal error ({type(exc).__name__}): the server could not answer this request and has logged why"
+
+
+if sys.version_info >= (3, 11):
+    async def _within(seconds: float, awaitable):
+        """``await awaitable``, or asyncio.TimeoutError after ``seconds`` (a timer on this task:
+        no new task per call, as wait_for makes on 3.10-3.11)."""
+        async with asyncio.timeout(seconds):
+            return await awaitable
+else:  # pragma: no cover - Python 3.10
+    async def _within(seconds: float, awaitable):
+        return await asyncio.wait_for(awaitable, seconds)
+
+
+class _Exchange:
+    """One request through the Guard: its body as the app reads it (counted against the size
+    limit, timed against the upload timeouts) and its response as the app sends it.
+
+    An answer given before the body was read in full (413 from Content-Length, a 404, any
+    error) ends the connection, and waits for the unread rest to be read and dropped first:
+    a client that writes its whole request before reading (urllib, many plain clients) is
+    still writing when the answer is complete, and a server that closes with bytes unread
+    makes the kernel send a reset, so the client sees "connection reset by peer" instead of
+    the answer. The wait is bounded by ``drain_max_mb`` and ``drain_s``.
+    """
+
+    def __init__(self, scope, receive, send, config: ServeConfig):
+        headers = dict(scope["headers"])
+        length = headers.get(b"content-length", b"")
+        self.length = int(length) if length.isdigit() else None  # None: chunked (or no body)
+        self.body_left = b"transfer-encoding" in headers or bool(self.length)
+        self.expects_continue = headers.get(b"expect", b"").lower() == b"100-continue"
+        self.asked = False    # the app asked for the body (the server then says 100 Continue)
+        self.stalled = False  # the body timed out: there is nothing left worth waiting for
+        self.gone = False     # the client disconnected
+        self.received = 0
+        self.status: int | None = None
+        self.config, self.max_body = config, int(config.max_body_mb * 1e6)
+        self.deadline = time.monotonic() + config.body_deadline_s
+        self._receive, self._send = receive, send
+
+    def _note(self, message) -> None:
+        if message["type"] == "http.request":
+            self.received += len(message.get("body", b""))
+            self.body_left = message.get("more_body", False)
+        else:  # http.disconnect
+            self.body_left, self.gone = False, True
+
+    async def receive(self):
+        if not self.body_left:
+            return await self._receive()  # after the body only a disconnect can come: no timeout
+        self.asked = True
+        wait, why = self._wait()
+        try:
+            message = await _within(wait, self._receive())
+        except asyncio.TimeoutError:
+            self.stalled = True
+            raise HTTPError(408, why) from None
+        self._note(message)
+        if self.received > self.max_body:
+            raise HTTPError(413, _too_large(self.max_body))
+        return message
+
+    def _wait(self) -> tuple[float, str]:
+        """How long the next piece of the body may take, and the error if it does not come."""
+        left, idle = self.deadline - time.monotonic(), self.config.body_timeout_s
+        if left < idle:
+            return max(left, 0.0), f"request body not complete after {self.config.body_deadline_s:g} s"
+        return idle, f"request body stalled: nothing received for {idle:g} s"
+
+    async def send(self, message) -> None:
+        if message["type"] == "http.response.start":
+            self.status = message["status"]
+            if self.body_left:  # an early answer: where the next request would start is in doubt
+                message = {**message, "headers": [*message.get("headers", ()), (b"connection", b"close")]}
+        elif (message["type"] == "http.response.body" and not message.get("more_body", False)
+              and self.body_left and self._worth_draining()):
+            await self._send({**message, "more_body": True})  # a client reading meanwhile can stop sending
+            await self._drain()
+            message = {"type": "http.response.body", "body": b"", "more_body": False}
+        await self._send(message)
+
+    def _worth_draining(self) -> bool:
+        """Not when the client stalled, was never told to send (it sent Expect: 100-continue and
+        waits), or announced more than the drain would read anyway."""
+        if self.stalled or (self.expects_continue and not self.asked):
+            return False
+        return self.length is None or self.length <= self.config.drain_max_mb * 1e6
+
+    async def _drain(self) -> None:
+        """Read and drop the rest of the body, within ``drain_max_mb`` and ``drain_s``."""
+        deadline, most = time.monotonic() + self.config.drain_s, self.config.drain_max_mb * 1e6
+        while self.body_left and self.received <= most:
+            wait = min(deadline - time.monotonic(), self.config.body_timeout_s)
+            if wait <= 0:
+                return
+            try:
+                self._note(await _within(wait, self._receive()))
+            except asyncio.TimeoutError:
+                return
+
+
 class Guard:
-    """Pure ASGI middleware: the body-size limit (from Content-Length before reading, and
-    counted while streaming for chunked uploads) and the request metrics."""
+    """Pure ASGI middleware around the app: the body-size limit (from Content-Length before
+    reading, and counted while streaming for chunked uploads), the upload timeouts, reading
+    what is left of a refused body (see _Exchange), JSON 500s for unexpected errors, and the
+    request metrics."""
 
-    def __init__(self, app, max_body_bytes: int, metrics: Metrics):
-        self.app, self.max_body_bytes, self.metrics = app, max_body_bytes, metrics
+    def __init__(self, app, config: ServeConfig, metrics: Metrics):
+        self.app, self.config, self.metrics = app, config, metrics
+        self.max_body_bytes = int(config.max_body_mb * 1e6)
         self.predicting = 0  # /v1/predict requests in progress, for the batcher
-
-    def _too_large(self) -> str:
-        return f"request body over the limit of {self.max_body_bytes / 1e6:g} MB"
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        started, status, received = time.perf_counter(), [500], [0]
+        started = time.perf_counter()
         path = scope["path"] if scope["path"] in KNOWN_PATHS else "other"
-
-        async def send_and_record(message):
-            if message["type"] == "http.response.start":
-                status[0] = message["status"]
-            await send(message)
-
-        async def receive_counted():
-            message = await receive()
-            received[0] += len(message.get("body", b""))
-            if received[0] > self.max_body_bytes:
-                raise HTTPError(413, self._too_large())
-            return message
-
+        exchange = _Exchange(scope, receive, send, self.config)
         counted = path == "/v1/predict"
         self.predicting += counted
         try:
-            length = dict(scope["headers"]).get(b"content-length")
-            if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
-                await _json_error(413, self._too_large())(scope, receive, send_and_record)
-            else:
-                await self.app(scope, receive_counted, send_and_record)
+            await self._answer(scope, exchange)
         finally:
             self.predicting -= counted
-            self.metrics.requests.labels(path, scope["method"], str(status[0])).inc()
+            self.metrics.requests.labels(path, scope["method"], str(exchange.status or 500)).inc()
             self.metrics.latency.labels(path).observe(time.perf_counter() - started)
+
+    async def _answer(self, scope, exchange: _Exchange) -> None:
+        try:
+            if exchange.length is not None and exchange.length > self.max_body_bytes:
+                await _json_error(413, _too_large(self.max_body_bytes))(scope, exchange.receive, exchange.send)
+            else:
+                await self.app(scope, exchange.receive, exchange.send)
+        except Exception as exc:  # noqa: BLE001 - whatever failed, the client gets JSON and the server goes on
+            if exchange.gone:
+                return  # nobody to answer, and a client leaving is no server error
+            # One line, no traceback: the cause, where, and nothing a log scanner splits up.
+            detail = " ".join(str(exc).split())
+            _log.error("fmnist: internal error on %s %s: %s: %s", scope["method"], scope["path"],
+                       type(exc).__name__, detail[:500])
+            if exchange.status is None:  # nothing sent yet (an error outside FastAPI's handlers)
+                await _json_error(500, _internal_error(exc))(scope, exchange.receive, exchange.send)
 
 
 # ----------------------------------------------------------------------------- the app
@@ -270,6 +386,10 @@ def create_app(classifier: Classifier, config: ServeConfig = ServeConfig()):
     @app.exception_handler(HTTPException)
     async def _http_error(request, exc: HTTPException):  # ours, and Starlette's 404/405
         return _json_error(exc.status_code, str(exc.detail))
+
+    @app.exception_handler(Exception)
+    async def _unexpected_error(request, exc: Exception):  # Starlette's 500 page would be plain text; the Guard logs it
+        return _json_error(500, _internal_error(exc))
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request, exc: RequestValidationError):
@@ -346,7 +466,7 @@ def create_app(classifier: Classifier, config: ServeConfig = ServeConfig()):
 
     _add_offline_docs(app)
     app.state.metrics = metrics
-    guard = Guard(app, int(config.max_body_mb * 1e6), metrics)
+    guard = Guard(app, config, metrics)
     return guard
 
 
