@@ -14,6 +14,8 @@ user has not configured it:
   imported. Here: its telemetry is turned off (``ORT_DISABLE_TELEMETRY=1``): no attempt to
   write there, no warning.
 - Numba's disk cache: ``fast/_numba.py`` (the kernels compile in every process instead).
+- The data download into the user cache: ``data.download_release`` says the folder cannot be
+  written instead of blaming the network.
 
 Python itself only skips writing bytecode beside a read-only package.
 """
