@@ -15,6 +15,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _run(args, **kwargs) -> subprocess.CompletedProcess:
+    """``args`` without the caller's PYTHONPATH: a source tree on it would stand in for the wheel
+    (pip would find fmnist installed already, and Python import it from there)."""
+    kwargs.setdefault("env", {k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
     result = subprocess.run([str(a) for a in args], capture_output=True, text=True, **kwargs)
     assert result.returncode == 0, f"{args}\n{result.stdout}\n{result.stderr}"
     return result
