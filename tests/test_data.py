@@ -122,6 +122,17 @@ def test_offline_without_data_gives_hint(tmp_path, monkeypatch):
     assert "FMNIST_DATA" in info.value.hint
 
 
+def test_an_unwritable_cache_is_named_not_the_network(tmp_path, monkeypatch):
+    # A home that cannot be written (here: the cache's parent is a file, which stops root too).
+    (tmp_path / "home").write_text("")
+    monkeypatch.delenv("FMNIST_DATA", raising=False)
+    monkeypatch.setattr(fdata, "default_cache_dir", lambda: tmp_path / "home" / ".cache" / "fmnist")
+    monkeypatch.setattr(fdata, "MIRRORS", ("http://127.0.0.1:9/",))
+    with pytest.raises(UserError, match="download folder cannot be written") as info:
+        fdata.resolve_data_dir()
+    assert str(tmp_path / "home" / ".cache" / "fmnist") in str(info.value) and "--data" in info.value.hint
+
+
 @pytest.fixture
 def local_mirror(data_dir):
     """Serve the real files over HTTP on loopback, as a mirror would."""

@@ -183,6 +183,30 @@ def test_importing_fmnist_changes_no_process_wide_setting():
     assert out == ["True"]
 
 
+def test_kernels_compile_without_a_disk_cache_where_numba_finds_no_folder(monkeypatch, capsys):
+    # A read-only install and no writable home: Numba refuses cache=True (no locator). The
+    # kernel is compiled without a disk cache instead, and one line says so, once.
+    pytest.importorskip("numba")
+    from numba.core import caching
+
+    from fmnist.fast import _numba
+
+    implementation = getattr(caching, "CacheImpl", None) or caching._CacheImpl  # _CacheImpl before Numba 0.61
+    monkeypatch.setattr(implementation, "_locator_classes", [])  # Numba's internals: no folder found
+    for name, value in (("_announced", False), ("_checked", set()), ("_without_cache", set())):
+        monkeypatch.setattr(_numba, name, value, raising=False)
+
+    @_numba.njit()
+    def twice(x):
+        return 2 * x
+
+    _numba.prepare(twice)
+    _numba.prepare(twice)
+    assert twice(21) == 42
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no writable cache folder" in err, err
+
+
 def test_flushing_denormals_changes_no_training_result(dataset, monkeypatch):
     # 1,250 steps on real images: long enough for dead units' Adam moments to go denormal
     # (checked below), and the weights come out bit for bit the same with and without the flush.

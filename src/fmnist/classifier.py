@@ -36,6 +36,9 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 def ort_session(model: bytes | str | os.PathLike):
     """An ONNX Runtime CPU session, quiet unless something fails. Threads: $FMNIST_ORT_THREADS,
     else this process's cores; $FMNIST_ORT_SPIN=0 stops idle threads spinning (the server)."""
+    from .folders import before_onnxruntime
+
+    before_onnxruntime()  # quiet where the user's home cannot be written
     import onnxruntime as ort
 
     options = ort.SessionOptions()

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from .errors import UserError
+from .folders import can_create
 from .idx import CLASS_NAMES, IMAGE_SIZE, NUM_CLASSES, read_idx  # noqa: F401 - re-exported
 
 
@@ -189,6 +190,11 @@ def download_release(directory: Path, release: Release = CURRENT_RELEASE,
                      mirrors: tuple[str, ...] | None = None) -> Path:
     """Download a release's four .gz files into ``directory``, verifying each MD5."""
     import pooch
+
+    if not can_create(directory):  # a read-only home, say: not the network's fault
+        raise UserError(f"the download folder cannot be written ({directory})",
+                        hint="point FMNIST_DATA or --data at a folder holding the four Fashion-MNIST IDX "
+                             "files, or download them into one with 'fmnist data download --dir DIR'")
 
     if mirrors is None:
         extra = os.environ.get("FMNIST_MIRROR")

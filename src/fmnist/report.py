@@ -17,7 +17,10 @@ import math
 import os
 from pathlib import Path
 
-import matplotlib
+from .folders import before_matplotlib
+
+before_matplotlib()  # quiet where the user's home cannot be written (this module is imported on first use)
+import matplotlib  # noqa: E402
 
 matplotlib.use("Agg")  # files only, never a window
 import matplotlib.pyplot as plt  # noqa: E402

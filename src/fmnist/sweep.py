@@ -238,6 +238,9 @@ def finish(sweep_dir, log=print) -> Path:
 
 
 def plot_search(board: dict, path: Path) -> None:
+    from .folders import before_matplotlib
+
+    before_matplotlib()  # quiet where the user's home cannot be written
     import matplotlib
 
     matplotlib.use("Agg")

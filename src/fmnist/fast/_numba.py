@@ -5,11 +5,15 @@ imported: LLVM is allowed 512-bit vectors on AVX-512 CPUs (see ``prefer_512_bit_
 and, if the kernels about to run are not in Numba's on-disk cache yet, one line on stderr
 says that they are being compiled (a few seconds, once). Numba caches beside the package
 when that folder is writable and in the user cache folder otherwise (a read-only install;
-``NUMBA_CACHE_DIR`` overrides both).
+``NUMBA_CACHE_DIR`` overrides both). Where it can write neither (a read-only install with no
+writable home, a container's usual shape), the kernels are compiled without a disk cache, in
+every process that runs them, and the notice says so (in the process the user started, not
+again in each worker process it spawns).
 """
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import platform
 import sys
@@ -23,6 +27,7 @@ X86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
 _prepared = False
 _announced = False
 _checked: set[int] = set()  # the kernels whose cache was looked up already
+_without_cache: set[int] = set()  # the kernels Numba found no writable cache folder for
 
 
 def available() -> bool:
@@ -30,8 +35,21 @@ def available() -> bool:
 
 
 def njit(**options):
-    """``numba.njit(cache=True, **options)``: compiled once, then loaded from the disk cache."""
-    return numba.njit(cache=True, **options)
+    """``numba.njit(cache=True, **options)``: compiled once, then loaded from the disk cache.
+
+    Numba picks the cache folder when it decorates (here, when a kernels module is imported)
+    and refuses ``cache=True`` where it finds none it can write; the kernel is then compiled
+    without a disk cache instead (``prepare`` says so once)."""
+    def decorate(function):
+        try:
+            return numba.njit(cache=True, **options)(function)
+        except RuntimeError as exc:  # "cannot cache function ...: no locator available for file ..."
+            if "cannot cache" not in str(exc):
+                raise
+        kernel = numba.njit(**options)(function)
+        _without_cache.add(id(kernel))
+        return kernel
+    return decorate
 
 
 def prefer_512_bit_vectors() -> None:
@@ -69,7 +87,7 @@ def _cache_folder(kernels) -> str:
 
 def prepare(*kernels) -> None:
     """Before ``kernels`` run: the vector setting (once per process) and, the first time any
-    kernel about to run is not in the disk cache, the compile notice (once per process)."""
+    kernel about to run is not in the disk cache (or has none), the compile notice (once per process)."""
     global _prepared, _announced
     if numba is None:
         return
@@ -80,7 +98,13 @@ def prepare(*kernels) -> None:
     if not new or _announced:
         return
     _checked.update(id(k) for k in new)
-    if _uncached(new):
+    if any(id(k) in _without_cache for k in new):
+        _announced = True
+        if multiprocessing.parent_process() is not None:  # a worker of serve or sweep: its parent says it
+            return
+        print("fmnist: compiling the CPU kernels (no writable cache folder, so at every start; "
+              "NUMBA_CACHE_DIR can name one)", file=sys.stderr, flush=True)
+    elif _uncached(new):
         _announced = True
         print(f"fmnist: compiling the CPU kernels, once (cached in {_cache_folder(new)})",
               file=sys.stderr, flush=True)
