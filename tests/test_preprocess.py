@@ -8,6 +8,8 @@ black, cropped and centred, touching the frame on its long side.
 from __future__ import annotations
 
 import io
+import os
+import threading
 
 import numpy as np
 import pytest
@@ -158,6 +160,38 @@ def test_pixel_limit_is_checked_before_decoding(monkeypatch):
     assert caught.value.status == 413 and not decoded
 
 
+def refused_without_waiting(function, fifo) -> UserError:
+    """``function(fifo)``'s error; if it is still waiting after 10 s (it opened the FIFO and
+    waits for a writer), the writing end is opened and closed to release it, and the test fails."""
+    errors = []
+
+    def call():
+        try:
+            function(fifo)
+        except UserError as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=call, daemon=True)
+    thread.start()
+    thread.join(10)
+    if thread.is_alive():
+        with open(fifo, "wb"):
+            pass
+        thread.join(10)
+        pytest.fail(f"{function.__name__} opened {fifo.name} and waited for a writer")
+    assert errors, f"{function.__name__} accepted {fifo.name}"
+    return errors[0]
+
+
+@pytest.mark.parametrize("name", ["photo.jpg", "batch.npy", "batch-idx3-ubyte"])
+def test_a_fifo_is_refused_without_being_opened(tmp_path, name):
+    fifo = tmp_path / name
+    os.mkfifo(fifo)
+    function = prep.read_batch if prep.is_batch_file(fifo) else prep.prepare
+    error = refused_without_waiting(function, fifo)
+    assert str(error) == f"not a regular file (a pipe, socket or device): {fifo}"
+
+
 def test_batches_from_npy_and_idx(tmp_path):
     images = np.random.default_rng(0).integers(0, 256, (5, 28, 28), dtype=np.uint8)
     np.save(tmp_path / "batch.npy", images)
@@ -168,3 +202,11 @@ def test_batches_from_npy_and_idx(tmp_path):
     (tmp_path / "broken.npy").write_bytes(b"not numpy")
     with pytest.raises(UserError, match="not a readable .npy"):
         prep.read_batch(tmp_path / "broken.npy")
+
+
+def test_a_batch_without_images_is_refused(tmp_path):
+    np.save(tmp_path / "empty.npy", np.zeros((0, 28, 28), np.uint8))
+    (tmp_path / "empty-idx3-ubyte").write_bytes(idx_bytes(np.zeros((0, 28, 28)), 0x803))
+    for name in ("empty.npy", "empty-idx3-ubyte"):
+        with pytest.raises(UserError, match=f"no images in {tmp_path / name}"):
+            prep.read_batch(tmp_path / name)

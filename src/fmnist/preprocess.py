@@ -23,6 +23,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import stat
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -85,6 +86,21 @@ class Preprocess:
 # ----------------------------------------------------------------------------- decoding
 
 
+def _regular_file(path: str | os.PathLike, what: str = "an image") -> None:
+    """Refuse a path that is not a regular file before anything opens it: reading a FIFO
+    waits for a writer forever, and a device may never end."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise UserError(f"no such file: {path}") from None
+    except OSError as exc:
+        raise UserError(f"cannot read {path}: {exc.strerror or exc}") from None
+    if stat.S_ISDIR(mode):
+        raise UserError(f"a folder, not {what}: {path}")
+    if not stat.S_ISREG(mode):
+        raise UserError(f"not a regular file (a pipe, socket or device): {path}")
+
+
 def open_image(source, max_megapixels: float = DEFAULT_MAX_MEGAPIXELS, name: str | None = None) -> Image.Image:
     """A PIL image from a path, bytes or a PIL image, its header read and its pixel count
     checked; no pixel is decoded yet (``prepare`` decodes it)."""
@@ -92,12 +108,10 @@ def open_image(source, max_megapixels: float = DEFAULT_MAX_MEGAPIXELS, name: str
         image = source
     else:
         name = name or (str(source) if isinstance(source, (str, os.PathLike)) else "image")
+        if isinstance(source, (str, os.PathLike)):
+            _regular_file(source)
         try:
             image = Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source)
-        except FileNotFoundError:
-            raise UserError(f"no such file: {name}") from None
-        except IsADirectoryError:
-            raise UserError(f"a folder, not an image: {name}") from None
         except UnidentifiedImageError:
             raise NotAnImage(f"not an image ({IMAGE_FORMATS} expected): {name}") from None
         except Image.DecompressionBombError as exc:
@@ -209,16 +223,18 @@ def is_batch_file(path: str | os.PathLike) -> bool:
 
 def read_batch(path: str | os.PathLike) -> np.ndarray:
     """Already-prepared images from an IDX images file or a .npy array ([N, 28, 28],
-    [28, 28] or [N, 1, 28, 28]; integers 0-255 or floats in [0, 1])."""
+    [28, 28] or [N, 1, 28, 28]; integers 0-255 or floats in [0, 1]); at least one."""
     path = Path(path)
-    if not path.exists():
-        raise UserError(f"no such file: {path}")
+    _regular_file(path, "a batch of images")
     if path.suffix.lower() != ".npy":
-        return read_idx(path, "images")
-    try:
-        array = np.load(path, allow_pickle=False)
-    except (ValueError, OSError, EOFError) as exc:
-        raise UserError(f"not a readable .npy array: {path} ({exc})") from None
+        array = read_idx(path, "images")
+    else:
+        try:
+            array = np.load(path, allow_pickle=False)
+        except (ValueError, OSError, EOFError) as exc:
+            raise UserError(f"not a readable .npy array: {path} ({exc})") from None
+    if array.size == 0:
+        raise UserError(f"no images in {path}")
     return array
 
 
