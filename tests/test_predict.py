@@ -148,12 +148,14 @@ def test_predict_refuses_unusable_inputs_promptly_in_one_line(exported, tmp_path
     """NaN pixels, a batch without images and named pipes (which a reader would wait on for
     ever): exit status 2 and one line naming the file, within the timeout."""
     path, _ = exported
+    Image.fromarray(np.full((40, 30), np.nan, np.float32)).save(tmp_path / "nan.tiff")
     np.save(tmp_path / "nan.npy", np.full((2, 28, 28), np.nan, np.float32))
     np.save(tmp_path / "empty.npy", np.zeros((0, 28, 28), np.uint8))
     os.mkfifo(tmp_path / "pipe.png")
     os.mkfifo(tmp_path / "pipe.npy")
-    for name, message in (("nan.npy", "got NaN or infinite values"), ("empty.npy", "no images in"),
-                          ("pipe.png", "not a regular file"), ("pipe.npy", "not a regular file")):
+    for name, message in (("nan.tiff", "has NaN or infinite pixel values"), ("nan.npy", "got NaN or infinite values"),
+                          ("empty.npy", "no images in"), ("pipe.png", "not a regular file"),
+                          ("pipe.npy", "not a regular file")):
         exe = Path(sys.executable).with_name("fmnist")
         result = subprocess.run([str(exe), "predict", str(path), str(tmp_path / name)],
                                 capture_output=True, text=True, timeout=60)
