@@ -4,8 +4,10 @@ and photo-like versions of test images, with the trained run of conftest.py."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,6 +18,7 @@ from fmnist.errors import UserError
 from fmnist.photolike import photo_gap, photo_like
 
 from .conftest import run_cli
+from .test_preprocess import refused_without_waiting
 
 
 @pytest.fixture(scope="module")
@@ -139,3 +142,32 @@ def test_photo_like_versions_are_labelled_nearly_as_well(trained_run, dataset):
     assert gap["original_accuracy"] - gap["photo_accuracy"] <= 0.04, gap
     raw = np.asarray(Image.open(__import__("io").BytesIO(photo_like(images[0], np.random.default_rng(0)))))
     assert raw.shape[0] > 100 and raw.mean() > 150  # really a large photo on light paper
+
+
+def test_predict_refuses_unusable_inputs_promptly_in_one_line(exported, tmp_path):
+    """NaN pixels, a batch without images and named pipes (which a reader would wait on for
+    ever): exit status 2 and one line naming the file, within the timeout."""
+    path, _ = exported
+    Image.fromarray(np.full((40, 30), np.nan, np.float32)).save(tmp_path / "nan.tiff")
+    np.save(tmp_path / "nan.npy", np.full((2, 28, 28), np.nan, np.float32))
+    np.save(tmp_path / "empty.npy", np.zeros((0, 28, 28), np.uint8))
+    os.mkfifo(tmp_path / "pipe.png")
+    os.mkfifo(tmp_path / "pipe.npy")
+    for name, message in (("nan.tiff", "has NaN or infinite pixel values"), ("nan.npy", "got NaN or infinite values"),
+                          ("empty.npy", "no images in"), ("pipe.png", "not a regular file"),
+                          ("pipe.npy", "not a regular file")):
+        exe = Path(sys.executable).with_name("fmnist")
+        result = subprocess.run([str(exe), "predict", str(path), str(tmp_path / name)],
+                                capture_output=True, text=True, timeout=60)
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 2 and len(lines) == 1, (name, result.stderr)
+        assert lines[0].startswith("error: ") and message in lines[0] and str(tmp_path / name) in lines[0]
+
+
+def test_classifier_refuses_an_empty_list_and_a_fifo(exported, tmp_path):
+    classifier = Classifier.load(exported[0])
+    with pytest.raises(UserError, match="no images in the input"):
+        classifier.classify([])
+    fifo = tmp_path / "pipe.jpg"
+    os.mkfifo(fifo)
+    assert "not a regular file" in str(refused_without_waiting(classifier.classify, fifo))

@@ -8,10 +8,12 @@ black, cropped and centred, touching the frame on its long side.
 from __future__ import annotations
 
 import io
+import os
+import threading
 
 import numpy as np
 import pytest
-from PIL import Image, ImageDraw
+from PIL import Image, ImageCms, ImageDraw
 
 from fmnist import preprocess as prep
 from fmnist.errors import UserError
@@ -57,33 +59,83 @@ def assert_training_like(seen: np.ndarray, tall: bool = True) -> None:
 REFERENCE = prep.prepare(trousers())
 
 
-@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP", "GIF", "BMP"])
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "MPO", "WEBP", "GIF", "BMP", "TIFF"])  # MPO: a JPEG as cameras write it
 def test_every_format_gives_a_training_like_image(fmt):
     seen = prep.prepare(encoded(trousers(), fmt))
     assert_training_like(seen)
     assert np.abs(seen.astype(int) - REFERENCE).mean() < 12  # lossy formats differ a little
 
 
-@pytest.mark.parametrize("mode", ["L", "P", "LA", "CMYK", "1", "I;16"])
-def test_every_mode_gives_the_same_image(mode):
-    source = trousers(mode="L" if mode in ("I;16", "1") else mode)
+def in_mode(image: Image.Image, mode: str) -> Image.Image:
+    """``image`` (RGB) in any of Pillow's modes, including those it does not convert to."""
     if mode == "I;16":  # 16-bit grayscale, as scanners and some cameras write
-        source = Image.fromarray(np.asarray(source, dtype=np.uint16) * 257)
-        assert source.mode.startswith("I")
+        return Image.fromarray(np.asarray(image.convert("L"), dtype=np.uint16) * 257)
+    if mode == "F":  # float, as scientific TIFFs hold
+        return Image.fromarray(np.asarray(image.convert("L"), dtype=np.float32) / 255)
     if mode == "1":  # bilevel, thresholded rather than dithered
-        source = source.point(lambda v: 255 if v > 128 else 0).convert("1", dither=Image.Dither.NONE)
-    seen = prep.prepare(encoded(source, "TIFF" if mode == "CMYK" else "PNG"))
+        return image.convert("L").point(lambda v: 255 if v > 128 else 0).convert("1", dither=Image.Dither.NONE)
+    if mode == "LAB":  # CIELab TIFF: lightness and two colour axes
+        srgb, lab = ImageCms.createProfile("sRGB"), ImageCms.createProfile("LAB")
+        return ImageCms.applyTransform(image, ImageCms.buildTransform(srgb, lab, "RGB", "LAB"))
+    return image.convert(mode)
+
+
+@pytest.mark.parametrize("mode", ["L", "P", "LA", "CMYK", "1", "I;16", "F", "LAB"])
+def test_every_mode_gives_the_same_image(mode):
+    source = in_mode(trousers(), mode)
+    assert source.mode.startswith(mode[0])
+    seen = prep.prepare(encoded(source, "TIFF" if mode in ("CMYK", "F", "LAB") else "PNG"))
     assert_training_like(seen)
     assert np.abs(seen.astype(int) - REFERENCE).mean() < 12
 
 
+def transparent(image: Image.Image) -> Image.Image:
+    """``trousers`` with the paper transparent and black underneath."""
+    pixels = np.asarray(image.convert("RGBA")).copy()
+    pixels[..., 3] = np.where((pixels[..., :3] == PAPER).all(-1), 0, 255)
+    pixels[..., :3] = np.where(pixels[..., 3:] == 0, 0, pixels[..., :3])
+    return Image.fromarray(pixels, "RGBA")
+
+
+def unshrunk(data: bytes, monkeypatch) -> np.ndarray:
+    """What the pipeline makes of ``data`` without shrinking it first (nor drafting a JPEG)."""
+    with monkeypatch.context() as patch:
+        patch.setattr(prep, "WORKING_SIDE", 10**6)
+        return prep.prepare(data, max_megapixels=1000)
+
+
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "P", "I;16", "F"])
+def test_a_large_image_shrunk_in_strips_gives_nearly_the_same_image(mode, monkeypatch):
+    """Past twice the working size, images are converted and shrunk a strip at a time (a box
+    filter) before anything else: 2000x2700 is shrunk 4x in strips of several boxes, then to
+    the working size."""
+    large = trousers(2000, 2700)
+    source = {"RGBA": transparent(large), "P": transparent(large).convert("P")}.get(mode) or in_mode(large, mode)
+    data = encoded(source, "TIFF" if mode == "F" else "PNG")
+    small = prep.working_copy(prep.decode(prep.open_image(data)))
+    assert small.size == (415, 560)
+    seen = prep.prepare(data)
+    assert_training_like(seen)
+    assert np.abs(seen.astype(int) - unshrunk(data, monkeypatch)).mean() < 2  # 0.3-0.7 measured
+
+
+def test_a_large_jpeg_is_decoded_scaled_down_and_upright(monkeypatch):
+    """A JPEG decodes at 1/2-1/8 scale as long as the working size is kept: a 6000x4500 photo,
+    stored sideways with its EXIF rotation, decodes as 750x563 grayscale pixels."""
+    sideways = trousers(4500, 6000).rotate(90, expand=True)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display
+    data = encoded(sideways, "JPEG", exif=exif.tobytes(), quality=90)
+    image = prep.open_image(data)
+    assert image.size == (750, 563) and image.mode == "L"
+    seen = prep.prepare(image)
+    assert_training_like(seen, tall=True)
+    assert np.abs(seen.astype(int) - unshrunk(data, monkeypatch)).mean() < 2  # 0.3-0.7 measured
+
+
 @pytest.mark.parametrize("colour", [INK, (250, 250, 250)])
 def test_transparent_background_is_background_for_dark_and_white_garments(colour):
-    rgba = trousers(colour=colour).convert("RGBA")
-    pixels = np.asarray(rgba).copy()
-    pixels[..., 3] = np.where((pixels[..., :3] == PAPER).all(-1), 0, 255)  # the paper becomes transparent
-    pixels[..., :3] = np.where(pixels[..., 3:] == 0, 0, pixels[..., :3])     # and black underneath
-    seen = prep.prepare(encoded(Image.fromarray(pixels, "RGBA"), "PNG"))
+    seen = prep.prepare(encoded(transparent(trousers(colour=colour)), "PNG"))
     assert_training_like(seen)
     assert np.abs(seen.astype(int) - REFERENCE).mean() < 12
 
@@ -148,14 +200,77 @@ def test_not_an_image_truncated_and_missing():
         prep.prepare("does-not-exist.jpg")
 
 
-def test_pixel_limit_is_checked_before_decoding(monkeypatch):
-    huge = encoded(Image.new("L", (8000, 6000), 255), "PNG")  # 48 MP in about 50 KB
-    assert len(huge) < 200_000
+@pytest.mark.parametrize("size,fmt,limit,error,message", [
+    ((8000, 6000), "PNG", 12, prep.ImageTooLarge, "8000x6000 \\(48 megapixels\\), over the limit of 12"),  # 50 KB
+    ((2000, 1500), "WEBP", 6, prep.ImageTooLarge, "decoding this WEBP needs about 48 MB, over the 24 MB that "
+                                                  "the limit of 6 megapixels allows"),  # 16 bytes a pixel
+    ((2100, 100), "PNG", 12, prep.ImageError, "2100x100: one side over 20 times the other"),
+    ((100, 2100), "PNG", 12, prep.ImageError, "100x2100: one side over 20 times the other"),
+])
+def test_size_shape_and_decoding_memory_are_checked_before_decoding(monkeypatch, size, fmt, limit, error, message):
+    data = encoded(Image.new("L", size, 255), fmt)
     decoded = []
     monkeypatch.setattr(Image.Image, "load", lambda self: decoded.append(self))
-    with pytest.raises(prep.ImageTooLarge, match="8000x6000 \\(48 megapixels\\), over the limit of 40") as caught:
-        prep.prepare(huge)
-    assert caught.value.status == 413 and not decoded
+    with pytest.raises(error, match=message) as caught:
+        prep.prepare(data, max_megapixels=limit)
+    assert caught.value.status == (413 if error is prep.ImageTooLarge else 422) and not decoded
+
+
+def test_the_default_pixel_limit_is_the_servers_and_the_clis():
+    pytest.importorskip("fastapi")
+    from fmnist.cli import build_parser
+    from fmnist.serving import ServeConfig
+
+    serve = build_parser().parse_args(["serve", "model.onnx"])
+    assert prep.DEFAULT_MAX_MEGAPIXELS == ServeConfig().max_megapixels == serve.max_megapixels
+
+
+def test_only_the_measured_formats_are_opened():
+    with pytest.raises(prep.NotAnImage, match="PNG, JPEG, WebP, GIF, BMP or TIFF expected") as caught:
+        prep.prepare(encoded(trousers(), "PPM"))  # Pillow reads it, but no limit here was measured on it
+    assert caught.value.status == 415
+
+
+def test_non_finite_pixels_are_refused_naming_the_file(tmp_path):
+    for value, name in ((np.nan, "nan.tiff"), (np.inf, "inf.tiff")):
+        pixels = np.asarray(trousers().convert("L"), dtype=np.float32) / 255
+        pixels[200, 150] = value
+        Image.fromarray(pixels).save(tmp_path / name)
+        with pytest.raises(prep.ImageError, match=f"{name} has NaN or infinite pixel values") as caught:
+            prep.prepare(tmp_path / name)
+        assert caught.value.status == 422
+
+
+def refused_without_waiting(function, fifo) -> UserError:
+    """``function(fifo)``'s error; if it is still waiting after 10 s (it opened the FIFO and
+    waits for a writer), the writing end is opened and closed to release it, and the test fails."""
+    errors = []
+
+    def call():
+        try:
+            function(fifo)
+        except UserError as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=call, daemon=True)
+    thread.start()
+    thread.join(10)
+    if thread.is_alive():
+        with open(fifo, "wb"):
+            pass
+        thread.join(10)
+        pytest.fail(f"{function.__name__} opened {fifo.name} and waited for a writer")
+    assert errors, f"{function.__name__} accepted {fifo.name}"
+    return errors[0]
+
+
+@pytest.mark.parametrize("name", ["photo.jpg", "batch.npy", "batch-idx3-ubyte"])
+def test_a_fifo_is_refused_without_being_opened(tmp_path, name):
+    fifo = tmp_path / name
+    os.mkfifo(fifo)
+    function = prep.read_batch if prep.is_batch_file(fifo) else prep.prepare
+    error = refused_without_waiting(function, fifo)
+    assert str(error) == f"not a regular file (a pipe, socket or device): {fifo}"
 
 
 def test_batches_from_npy_and_idx(tmp_path):
@@ -168,3 +283,11 @@ def test_batches_from_npy_and_idx(tmp_path):
     (tmp_path / "broken.npy").write_bytes(b"not numpy")
     with pytest.raises(UserError, match="not a readable .npy"):
         prep.read_batch(tmp_path / "broken.npy")
+
+
+def test_a_batch_without_images_is_refused(tmp_path):
+    np.save(tmp_path / "empty.npy", np.zeros((0, 28, 28), np.uint8))
+    (tmp_path / "empty-idx3-ubyte").write_bytes(idx_bytes(np.zeros((0, 28, 28)), 0x803))
+    for name in ("empty.npy", "empty-idx3-ubyte"):
+        with pytest.raises(UserError, match=f"no images in {tmp_path / name}"):
+            prep.read_batch(tmp_path / name)

@@ -93,7 +93,8 @@ def test_model_health_readiness_docs_and_page(client):
 @pytest.mark.parametrize("case,status,message", [
     ("body", 413, "request body over the limit of 1 MB"),
     ("count", 413, "5 images in one request, over the limit of 4"),
-    ("pixels", 413, "over the limit of 40"),
+    ("pixels", 413, "over the limit of 12"),
+    ("nan", 422, "nan.tiff has NaN or infinite pixel values"),
     ("not-image", 415, "not an image"),
     ("truncated", 422, "damaged or truncated"),
     ("empty", 422, "is empty"),
@@ -103,10 +104,12 @@ def test_model_health_readiness_docs_and_page(client):
 def test_errors_are_json_and_the_server_keeps_serving(client, case, status, message):
     huge_png = encoded(Image.new("L", (8000, 6000), 255), "PNG")
     noise = np.random.default_rng(0).integers(0, 256, (1100, 1100), dtype=np.uint8)
+    nan_tiff = encoded(Image.fromarray(np.full((40, 30), np.nan, np.float32)), "TIFF")
     requests = {
         "body": lambda: post(client, ("noise.png", encoded(Image.fromarray(noise), "PNG"))),  # about 1.2 MB
         "count": lambda: post(client, *[(f"{i}.png", PNG) for i in range(5)]),
         "pixels": lambda: post(client, ("bomb.png", huge_png)),
+        "nan": lambda: post(client, ("nan.tiff", nan_tiff)),
         "not-image": lambda: post(client, ("notes.txt", b"just some text")),
         "truncated": lambda: post(client, ("cut.png", PNG[: len(PNG) // 2])),
         "empty": lambda: post(client, ("empty.png", b"")),

@@ -73,9 +73,11 @@ def _is_tensor(value) -> bool:
     return torch is not None and torch.is_tensor(value)
 
 
-def _as_input(images) -> np.ndarray:
+def _as_input(images, source: str | None = None) -> np.ndarray:
     """float32 [N, 1, 28, 28] in [0, 1] from integer pixels (0-255) or floats already in [0, 1];
-    accepts [28, 28], [N, 28, 28], [N, 1, 28, 28] and the notebook's [N, 28, 28, 1]."""
+    accepts [28, 28], [N, 28, 28], [N, 1, 28, 28] and the notebook's [N, 28, 28, 1]. Errors
+    name ``source``, the file the images came from, when there is one."""
+    where = f" ({source})" if source else ""
     try:
         if _is_tensor(images):
             images = images.detach().cpu()
@@ -83,7 +85,7 @@ def _as_input(images) -> np.ndarray:
         else:
             array = np.asarray(images)
     except (TypeError, ValueError, RuntimeError) as exc:
-        raise UserError(f"cannot read the images as a numeric array: {exc}") from None
+        raise UserError(f"cannot read the images as a numeric array: {exc}{where}") from None
     shape = list(array.shape)
     if array.ndim == 2:
         array = array[None, None]
@@ -94,15 +96,17 @@ def _as_input(images) -> np.ndarray:
     if array.ndim != 4 or array.shape[1:] != (1, 28, 28):
         raise UserError(f"images must be 28x28 grayscale: [28, 28], [N, 28, 28], [N, 1, 28, 28] "
                         f"or [N, 28, 28, 1]; got shape {shape} (image files of any size are prepared "
-                        f"automatically: pass their paths)")
+                        f"automatically: pass their paths){where}")
     if array.dtype.kind not in "uif":  # bool, complex, strings, objects
-        raise UserError(f"images must be integer pixels 0-255 or floats in [0, 1], not {array.dtype}")
+        raise UserError(f"images must be integer pixels 0-255 or floats in [0, 1], not {array.dtype}{where}")
     floating = array.dtype.kind == "f"
+    if floating and not np.isfinite(array).all():
+        raise UserError(f"float images must be finite and scaled to [0, 1]; got NaN or infinite values{where}")
     low, high = (float(array.min()), float(array.max())) if array.size else (0.0, 0.0)
     limit = 1.0 if floating else 255.0
-    if not (low >= 0 and high <= limit):  # also catches NaN
+    if not (low >= 0 and high <= limit):
         kind = "float images must be scaled to [0, 1]" if floating else "integer pixels must be 0-255"
-        raise UserError(f"{kind}; got values from {low:g} to {high:g}")
+        raise UserError(f"{kind}; got values from {low:g} to {high:g}{where}")
     array = np.ascontiguousarray(array, dtype=np.float32)
     return array if floating else array / np.float32(255.0)
 
@@ -208,13 +212,15 @@ class Classifier:
         bytes, a ``.npy`` or IDX file of 28x28 images, or a list of any of these.
         """
         items = [inputs] if _is_image_source(inputs) else inputs
+        if isinstance(items, (list, tuple)) and not items:
+            raise UserError("no images in the input: the list is empty")
         if not isinstance(items, (list, tuple)) or not any(_is_image_source(item) for item in items):
             batch = _as_input(inputs)
             return batch, [None] * len(batch)
         batches, names = [], []
         for item in items:
             if isinstance(item, (str, os.PathLike)) and prep.is_batch_file(item):
-                batch = _as_input(prep.read_batch(item))
+                batch = _as_input(prep.read_batch(item), str(item))
                 names += [f"{item}[{i}]" for i in range(len(batch))]
             elif _is_image_source(item):
                 name = str(item) if isinstance(item, (str, os.PathLike)) else None

@@ -541,8 +541,9 @@ def build_parser() -> argparse.ArgumentParser:
     limits.add_argument("--max-body-mb", type=float, default=5.0, metavar="MB", help="request size (default: 5)")
     limits.add_argument("--max-images", type=_positive_int, default=64, metavar="N",
                         help="images per request (default: 64)")
-    limits.add_argument("--max-megapixels", type=float, default=40.0, metavar="MP",
-                        help="pixels per image, checked before decoding (default: 40)")
+    limits.add_argument("--max-megapixels", type=float, default=12.0, metavar="MP",
+                        help="pixels per image, checked before decoding; WebP, TIFF and progressive "
+                             "JPEG get fewer, large JPEGs are decoded scaled down (default: 12)")
     limits.add_argument("--batch-window-ms", type=float, default=2.0, metavar="MS",
                         help="how long a request waits to share a model call (default: 2)")
     limits.add_argument("--max-batch", type=_positive_int, default=256, metavar="N",

@@ -48,7 +48,7 @@ class ServeConfig:
 
     max_body_mb: float = 5.0        # a phone photo is 2-4 MB; more is a mistake or an attack
     max_images: int = 64            # per request: one client cannot hold the batch for long
-    max_megapixels: float = 40.0    # checked from the header, before decoding (decompression bombs)
+    max_megapixels: float = 12.0    # checked from the header, before decoding (decompression bombs)
     batch_window_ms: float = 2.0    # how long the first request waits for others to share its batch
     max_batch: int = 256            # images per model call; one call of 256 costs less than 16 of 16
     top_k: int = 3
