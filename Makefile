@@ -15,16 +15,18 @@ install: $(VENV)/.installed  ## create .venv with the pinned dependencies (const
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -c constraints.txt -e '.[test,serve,sweep]'
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[test,serve,sweep,track]'
 	touch $@
 
 train: install   ## the original notebook's experiment: its CNN, 10 epochs, batch 32 (ARGS="..." adds options)
 	$(BIN)/fmnist train $(ARGS)
 
-test: install    ## the whole suite (needs the data: FMNIST_DATA, the cache, or a download)
+test: install    ## the import layers, then the whole suite (needs the data: FMNIST_DATA, the cache, or a download)
+	$(BIN)/lint-imports
 	$(BIN)/pytest -q $(ARGS)
 
-test-fast: install  ## the tests that need no data and no training (under 30 s)
+test-fast: install  ## the import layers and the quick tier: no data, no training, no new process (under 30 s)
+	$(BIN)/lint-imports
 	$(BIN)/pytest -q -m "not slow" $(ARGS)
 
 bench: install   ## speed benchmark: fmnist against the textbook loop and the machine's GEMM rate

@@ -1,22 +1,22 @@
-"""What makes the notebook CNN train fast on a CPU: fmnist.fast's pieces switched on in turn.
+"""What makes the notebook CNN train fast on a CPU: fmnist.speed's pieces switched on in turn.
 
     python benchmarks/ablation.py            # about a minute on a 2-core CPU
     python benchmarks/ablation.py --json
 
-Rows, each measured in fmnist's own epoch loop (``training.train_one_epoch``) on the same
+Rows, each measured in fmnist's own epoch loop (``training.loop.train_one_epoch``) on the same
 sample of real training images as ``fmnist bench`` (found as ``fmnist train`` finds them),
 interleaved round by round, medians of the rounds:
 
 1. the textbook DataLoader loop (``fmnist.bench``), the baseline;
 2. fmnist's loop with the plain autograd step: whole-dataset tensors, one permutation per
    epoch, fused Adam through ``Optimizer.step``, stock layers;
-3. + the rewritten forward pass through autograd (``fast.notebook.kernel_forward``: the
+3. + the rewritten forward pass through autograd (``speed.notebook.kernel_forward``: the
    26x26 crop, both Numba blocks, byte dropout masks, the fused Adam kernel called directly,
    denormals flushed);
-4. + the step written out without autograd (``fast.notebook.NotebookStep``, what ``fmnist
+4. + the step written out without autograd (``speed.notebook.NotebookStep``, what ``fmnist
    train`` uses), and 3 and 4 again under bf16 autocast.
 
-docs/performance.md tells how each piece was found, with the finer-grained history.
+docs/history.md tells how each piece was found, with the finer-grained history.
 """
 
 from __future__ import annotations
@@ -30,11 +30,13 @@ import torch
 import torch.nn.functional as F
 
 from fmnist.bench import fmnist_trainer, textbook_trainer, training_sample
-from fmnist.data import load_dataset
-from fmnist.fast import adam, denormals, notebook
-from fmnist.models import create_model
-from fmnist.runtime import autocast
-from fmnist.training import TrainConfig, make_optimizer, train_one_epoch
+from fmnist.data.dataset import load_dataset
+from fmnist.speed import adam, denormals, notebook
+from fmnist.models.registry import create_model
+from fmnist.core.precision import autocast
+from fmnist.training.config import TrainConfig
+from fmnist.training.optim import make_optimizer
+from fmnist.training.loop import train_one_epoch
 
 ROUNDS, STEPS = 5, 60
 
@@ -89,7 +91,7 @@ def ablation(data, batch_size: int) -> list[dict]:
     baseline_name = "textbook DataLoader loop (fmnist.bench)"
     contenders = {
         baseline_name: textbook_trainer(data, batch_size, STEPS, cpu),
-        "fmnist loop, autograd step": fmnist_trainer(data, batch_size, STEPS, cpu, "fp32", fast=False),
+        "fmnist loop, autograd step": fmnist_trainer(data, batch_size, STEPS, cpu, "fp32", speedups=False),
         "+ kernel forward pass (autograd backward)": kernel_forward_trainer(data, batch_size, "fp32"),
         "+ the step written out, without autograd": fmnist_trainer(data, batch_size, STEPS, cpu, "fp32"),
         "kernel forward pass, bf16 autocast": kernel_forward_trainer(data, batch_size, "bf16"),

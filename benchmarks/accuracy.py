@@ -26,9 +26,10 @@ import sys
 import time
 from pathlib import Path
 
-from fmnist.models import count_parameters, create_model, forward_flops
-from fmnist.recipes import recipe_for
-from fmnist.runtime import cpu_name
+from fmnist.models.summary import count_parameters, forward_flops
+from fmnist.models.registry import create_model
+from fmnist.models.registry import model_entry
+from fmnist.core.machine import cpu_name
 
 
 def train_once(model: str, seed: int, out: Path, threads: int | None) -> dict:
@@ -51,7 +52,7 @@ def train_once(model: str, seed: int, out: Path, threads: int | None) -> dict:
 
 
 def summarise(model: str, runs: list[dict]) -> dict:
-    recipe = recipe_for(model)
+    recipe = model_entry(model).recipe
     network = create_model(model, **recipe.model_args)
     accuracies = [r["accuracy"] for r in runs]
     times = [r["wall_seconds"] for r in runs]

@@ -161,7 +161,7 @@ def main() -> None:
         with served(args.serve) as url:
             run(url, 4, 1.0, image)  # warm-up: connections, first batches
             result = run(url, args.clients, args.seconds, image)
-    from fmnist.runtime import cpu_name  # after the run: PyTorch's import stays out of the clients' way
+    from fmnist.core.machine import cpu_name  # after the run: PyTorch's import stays out of the clients' way
 
     result["cpu"] = cpu_name()
     if args.json:

@@ -1,4 +1,4 @@
-"""The small measurements behind docs/performance.md, rerunnable.
+"""The small measurements behind docs/history.md, rerunnable.
 
     python benchmarks/micro.py                 # about 1.5 minutes on the 2-core dev machine
     python benchmarks/micro.py --skip-compile  # without the torch.compile comparison
@@ -17,7 +17,7 @@
     because Numba's OpenMP layer binds to the OpenMP runtime PyTorch loaded first;
   * conv2 + max-pool + ReLU backward: the stock layers against the routed kernel;
   * the presets' 2x2 max-pools, forward + backward at batch 128 on the three map sizes of
-    their ConvNet, PyTorch's against fmnist.fast.pooling's, bf16 and fp32; and one training
+    their ConvNet, PyTorch's against fmnist.speed.pooling's, bf16 and fp32; and one training
     step of the fast preset's net with either (bf16 autocast).
 Each figure is the median of several timed repeats after a warm-up.
 """
@@ -32,14 +32,17 @@ import time
 import torch
 import torch.nn.functional as F
 
-from fmnist.fast import kernels, make_step, pooling
-from fmnist.fast.adam import adam_step
-from fmnist.fast.denormals import denormals_flushed
-from fmnist.fast.notebook import byte_dropout_mask
+from fmnist.speed import kernels, make_step, pooling
+from fmnist.speed.adam import adam_step
+from fmnist.speed.denormals import denormals_flushed
+from fmnist.speed.notebook import byte_dropout_mask
 from fmnist.bench import gemm_gflops
-from fmnist.inference import onnx_session, predict_logits
-from fmnist.models import create_model
-from fmnist.training import TrainConfig, make_optimizer, train_one_epoch
+from fmnist.deploy.onnx import onnx_session
+from fmnist.speed.inference import predict_logits
+from fmnist.models.registry import create_model
+from fmnist.training.config import TrainConfig
+from fmnist.training.optim import make_optimizer
+from fmnist.training.loop import train_one_epoch
 
 
 def median_seconds(fn, repeats: int = 7, warmup: int = 3) -> float:
@@ -89,7 +92,7 @@ def compiled_vs_eager(batch: int = 32, steps: int = 100) -> dict:
         model = create_model("notebook").to(memory_format=torch.channels_last)
         optimizer = make_optimizer(model, TrainConfig().resolved())
         runnable = torch.compile(model) if name == "torch.compile" else model
-        step = make_step(runnable, optimizer, fast=False)  # the stock layers: torch.compile cannot trace Numba
+        step = make_step(runnable, optimizer, speedups=False)  # the stock layers: torch.compile cannot trace Numba
         generator = torch.Generator().manual_seed(0)
         run = lambda: train_one_epoch(step, images, labels, batch, generator)  # noqa: E731
         run()  # warm-up, compilation included
@@ -198,7 +201,7 @@ def preset_step_ms(name: str = "fast", steps: int = 40, rounds: int = 7) -> dict
 
 def dropout_mask_ms(batch: int = 128) -> dict:
     """Dropout on the flattened conv features: PyTorch's, a float per value compared with p,
-    and fmnist.fast's byte masks (one random byte per value)."""
+    and fmnist.speed's byte masks (one random byte per value)."""
     x = torch.rand(batch, 1600)
     loops = 50
     each = {

@@ -14,7 +14,6 @@ import argparse
 import json
 import time
 
-import numpy as np
 
 
 def main() -> None:
@@ -26,10 +25,10 @@ def main() -> None:
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 
-    from fmnist.classifier import Classifier
-    from fmnist.data import load_dataset
-    from fmnist.photolike import photo_gap
-    from fmnist.preprocess import Preprocess
+    from fmnist.deploy.classifier import Classifier
+    from fmnist.data.dataset import load_dataset
+    from fmnist.data.photolike import photo_gap
+    from fmnist.data.preprocess import Preprocess
 
     data = load_dataset(args.data)
     classifier = Classifier.load(args.model)

@@ -20,9 +20,10 @@ import statistics
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from fmnist.data import load_dataset, stratified_split, to_float
-from fmnist.models import create_model
-from fmnist.training import TrainConfig, evaluate_split
+from fmnist.data.dataset import load_dataset, stratified_split, to_float
+from fmnist.models.registry import create_model
+from fmnist.training.config import TrainConfig
+from fmnist.training.loop import evaluate_split
 
 
 def accuracy(model, images, labels) -> float:

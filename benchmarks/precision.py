@@ -5,7 +5,7 @@ with ``precision="bf16-native"`` (docs/results.md).
     python benchmarks/precision.py --profile   # and where fast's bf16 step spends its time
 
 One training step as ``fmnist train --model best-cpu`` runs it on a CPU (its optimizer and
-``fmnist.fast.make_step``'s step: channels-last, denormals flushed), at the presets' batch
+``fmnist.speed.make_step``'s step: channels-last, denormals flushed), at the presets' batch
 of 128, on random images (the speed does not depend on the pixels). The two precisions alternate in rounds;
 each figure is the median round.
 """
@@ -18,10 +18,12 @@ import time
 
 import torch
 
-from fmnist.fast import make_step as make_training_step
-from fmnist.models import create_model
-from fmnist.runtime import cpu_name, native_bf16
-from fmnist.training import TrainConfig, make_optimizer
+from fmnist.speed import make_step as make_training_step
+from fmnist.models.registry import create_model
+from fmnist.core.machine import cpu_name
+from fmnist.core.precision import native_bf16
+from fmnist.training.config import TrainConfig
+from fmnist.training.optim import make_optimizer
 
 NETS = {  # name: the ConvNet's arguments
     "fast (32-64-128, 1 conv a group)": {"widths": (32, 64, 128), "depth": 1},

@@ -27,8 +27,8 @@ def main() -> None:
 
     from playwright.sync_api import sync_playwright
 
-    from fmnist.data import load_dataset
-    from fmnist.photolike import photo_like
+    from fmnist.data.dataset import load_dataset
+    from fmnist.data.photolike import photo_like
 
     spec = importlib.util.spec_from_file_location("load_benchmark", ROOT / "benchmarks" / "load.py")
     load = importlib.util.module_from_spec(spec)

@@ -88,14 +88,11 @@ DATA_FIXTURES = {"data_dir", "dataset", "trained_run"}
 
 
 def pytest_collection_modifyitems(items):
-    """'slow': every test that needs the real data (it trains or evaluates on it) or starts
-    the fmnist command in a new process (a second or more each, mostly importing PyTorch).
-    ``pytest -m "not slow"`` is the quick tier: no data, no training, in-process."""
-    import inspect
-
-    for item in items:
-        function = getattr(item, "function", None)
-        starts_command = function is not None and any(
-            name in inspect.getsource(function) for name in ("run_cli(", "subprocess."))
-        if DATA_FIXTURES & set(getattr(item, "fixturenames", ())) or starts_command:
-            item.add_marker(pytest.mark.slow)
+    """Tiers are chosen by each test's author: ``@pytest.mark.slow`` (or a module's
+    ``pytestmark``) for a test that needs the real data, trains, starts processes or takes more
+    than about a second; ``pytest -m "not slow"`` is the quick tier. A test that takes the real
+    data without saying so is a mistake, reported here rather than guessed at."""
+    unmarked = [item.nodeid for item in items if DATA_FIXTURES & set(getattr(item, "fixturenames", ()))
+                and item.get_closest_marker("slow") is None]
+    if unmarked:
+        raise pytest.UsageError("these tests use the real data but are not marked slow: " + ", ".join(unmarked))

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import pytest
 import json
 
-from fmnist.bench import executed_training_flops, notebook_step, training_flops
-from fmnist.models import create_model
+from fmnist.speed import executed_training_flops
+from fmnist.bench import notebook_step
+from fmnist.models.summary import training_flops
+from fmnist.models.registry import create_model
 
 from .conftest import run_cli
 
 
+@pytest.mark.slow
 def test_training_flops_match_the_hand_count():
     # forward 5.26 MFLOP; backward = 2x forward minus conv1's never-computed input gradient
     notebook = create_model("notebook")
@@ -22,9 +26,10 @@ def test_training_flops_match_the_hand_count():
     executed = 3 * 4_430_336 - 331_776 - 2 * conv2 * 3 // 4
     assert training_flops(notebook, winners_only=(1,), image_shape=(1, 26, 26)) == executed
     assert executed_training_flops(notebook_step("cpu")) == executed
-    assert executed_training_flops(notebook_step("cpu", fast=False)) == 3 * 5_262_080 - 389_376
+    assert executed_training_flops(notebook_step("cpu", speedups=False)) == 3 * 5_262_080 - 389_376
 
 
+@pytest.mark.slow
 def test_bench_quick_json(data_dir):
     result = run_cli("bench", "--quick", "--json", "--data", data_dir)
     assert result.returncode == 0, result.stderr
@@ -52,6 +57,7 @@ def test_bench_quick_json(data_dir):
     assert all(row["images_per_second"] > 0 and row["hardware_use"] > 0 for row in presets.values())
 
 
+@pytest.mark.slow
 def test_bench_table(data_dir):
     result = run_cli("bench", "--quick", "--data", data_dir)
     assert result.returncode == 0, result.stderr
@@ -59,6 +65,7 @@ def test_bench_table(data_dir):
     assert "preset (train)" in result.stdout and "best-cpu" in result.stdout
 
 
+@pytest.mark.slow
 def test_bench_without_data_is_a_one_line_error(tmp_path):
     result = run_cli("bench", "--quick", "--data", str(tmp_path / "missing"))
     assert result.returncode == 2

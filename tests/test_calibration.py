@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from fmnist import runs
-from fmnist.calibration import calibrate, fit_temperature, reliability
+from fmnist.core import runs
+from fmnist.evaluation.calibration import calibrate, fit_temperature, reliability
 
 
 def _sampled(temperature_seen: float, n: int = 20_000, seed: int = 0):
@@ -28,6 +28,7 @@ def test_a_calibrated_model_has_a_small_ece_and_an_overconfident_one_a_large_one
     assert result["ece"] > 0.1 and sum(row["count"] for row in result["bins"]) == len(labels)
 
 
+@pytest.mark.slow
 def test_temperature_scaling_recovers_the_factor_and_fixes_the_ece():
     logits, labels = _sampled(3.0, seed=1)
     assert fit_temperature(logits, labels) == pytest.approx(3.0, rel=0.05)
@@ -37,8 +38,9 @@ def test_temperature_scaling_recovers_the_factor_and_fixes_the_ece():
     assert (test_logits / result["temperature"]).argmax(1).equal(test_logits.argmax(1))  # the answers stay
 
 
+@pytest.mark.slow
 def test_a_run_stores_its_temperature_and_the_classifier_uses_it(trained_run, dataset):
-    from fmnist.classifier import Classifier, softmax
+    from fmnist.deploy.classifier import Classifier, softmax
 
     out, _ = trained_run
     calibration = json.loads((out / runs.METRICS).read_text())["calibration"]

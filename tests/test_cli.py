@@ -7,8 +7,8 @@ import re
 
 import pytest
 
-from fmnist import runs
-from fmnist.classifier import Classifier
+from fmnist.core import runs
+from fmnist.deploy.classifier import Classifier
 
 from .conftest import run_cli
 
@@ -68,7 +68,7 @@ def test_report_redraws_figures(trained_run, data_dir):
     (["evaluate", "/no/such/run"], "run folder does not exist"),
     (["train", "--data", "/no/such/dir"], "data folder does not exist"),
     (["train", "--model", "nope"], "unknown model 'nope'"),
-    (["train", "--epochs", "0"], "must be at least 1"),
+    (["train", "--epochs", "0"], "must be a whole number of at least 1"),
     (["train", "--seed", "-5"], "must be at least 0"),
     (["train", "--epochs", "ten"], "must be a whole number"),
     (["train", "--schedule", "step"], "invalid choice"),

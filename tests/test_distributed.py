@@ -11,9 +11,11 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from fmnist import runs
+from fmnist.core import runs
 
 from .conftest import run_cli
+
+pytestmark = pytest.mark.slow  # the real data, trainings, new processes
 
 TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
 # No dropout: each rank draws its own masks, which a single process cannot reproduce.

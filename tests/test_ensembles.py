@@ -7,11 +7,14 @@ import json
 import pytest
 import torch
 
-from fmnist import runs
-from fmnist.data import to_float
-from fmnist.inference import load_run_model, predict_logits
+from fmnist.core import runs
+from fmnist.data.dataset import to_float
+from fmnist.evaluation.saved import load_run_model
+from fmnist.speed.inference import predict_logits
 
 from .conftest import run_cli
+
+pytestmark = pytest.mark.slow  # the real data, trainings, new processes
 
 
 @pytest.fixture(scope="module")

@@ -6,13 +6,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fmnist.fast import kernels, make_step
-from fmnist.fast.adam import adam_step
-from fmnist.fast.notebook import NotebookStep, applies, byte_dropout_mask, kernel_forward, step_by_hand
-from fmnist.models import create_model
-from fmnist.runtime import autocast
-from fmnist.steps import AutogradStep
-from fmnist.training import TrainConfig, make_optimizer
+from fmnist.speed import kernels, make_step
+from fmnist.speed.adam import adam_step
+from fmnist.speed.notebook import NotebookStep, applies, byte_dropout_mask, kernel_forward, step_by_hand
+from fmnist.models.registry import create_model
+from fmnist.core.precision import autocast
+from fmnist.speed.steps import AutogradStep
+from fmnist.training.config import TrainConfig
+from fmnist.training.optim import make_optimizer
 
 from .conftest import NEEDS_CUDA
 
@@ -77,7 +78,7 @@ def test_make_step_picks_the_fast_step_only_where_it_computes_the_same():
     model, optimizer = _notebook()
     assert isinstance(make_step(model, optimizer), NotebookStep)
     assert isinstance(make_step(model, optimizer, precision="bf16"), NotebookStep)
-    for kwargs in ({"fast": False}, {"label_smoothing": 0.1}, {"precision": "fp16"}):
+    for kwargs in ({"speedups": False}, {"label_smoothing": 0.1}, {"precision": "fp16"}):
         assert isinstance(make_step(model, optimizer, **kwargs), AutogradStep), kwargs
     resnet = create_model("resnet")
     assert isinstance(make_step(resnet, make_optimizer(resnet, TrainConfig(model="resnet").resolved())),
@@ -112,11 +113,12 @@ def test_applies_refuses_what_autograd_would_do_differently():
     assert not applies(model, optimizer, "fp32", 0.0)
 
 
+@pytest.mark.slow
 def test_fast_and_autograd_steps_train_the_same_model(dataset):
     # Two epochs of 3,000 real images, SGD as well as Adam: the fast step and stock autograd
     # end close (float rounding differs, so not bit for bit) and both learn.
-    from fmnist.data import to_float
-    from fmnist.training import train_one_epoch
+    from fmnist.data.dataset import to_float
+    from fmnist.training.loop import train_one_epoch
 
     images, labels = to_float(dataset.train_images[:3_000]), dataset.train_labels[:3_000]
     for optimizer_name in ("adam", "sgd"):
@@ -124,7 +126,7 @@ def test_fast_and_autograd_steps_train_the_same_model(dataset):
         for fast in (True, False):
             torch.manual_seed(0)
             model, optimizer = _notebook(optimizer=optimizer_name, lr=1e-3 if optimizer_name == "adam" else 0.05)
-            step = make_step(model, optimizer, fast=fast)
+            step = make_step(model, optimizer, speedups=fast)
             assert isinstance(step, NotebookStep) == fast
             generator = torch.Generator().manual_seed(0)
             results.append([train_one_epoch(step, images, labels, 32, generator) for _ in range(2)])
@@ -148,7 +150,7 @@ def test_adam_step_is_optimizer_step_bit_for_bit(device):
             optimizers[1].load_state_dict(optimizers[1].state_dict())
         for model, optimizer, stepper in zip(models, optimizers, (lambda o: o.step(), adam_step)):
             for p, g in zip(model.parameters(), grads):
-                p.grad = g.clone()
+                p.grad = torch.empty_like(p).copy_(g)  # laid out like the parameter, as autograd's are
             stepper(optimizer)
     for a, b in zip(*(model.parameters() for model in models)):
         assert torch.equal(a, b)
@@ -158,7 +160,7 @@ def test_adam_step_is_optimizer_step_bit_for_bit(device):
 
 
 def test_adam_step_falls_back_to_the_public_step(monkeypatch):
-    from fmnist.fast import adam
+    from fmnist.speed import adam
 
     model, optimizer = _notebook()
     for p in model.parameters():
@@ -171,6 +173,7 @@ def test_adam_step_falls_back_to_the_public_step(monkeypatch):
     assert calls == [1]
 
 
+@pytest.mark.slow
 def test_importing_fmnist_changes_no_process_wide_setting():
     import subprocess
     import sys
@@ -189,7 +192,7 @@ def test_kernels_compile_without_a_disk_cache_where_numba_finds_no_folder(monkey
     pytest.importorskip("numba")
     from numba.core import caching
 
-    from fmnist.fast import _numba
+    from fmnist.speed import _numba
 
     implementation = getattr(caching, "CacheImpl", None) or caching._CacheImpl  # _CacheImpl before Numba 0.61
     monkeypatch.setattr(implementation, "_locator_classes", [])  # Numba's internals: no folder found
@@ -207,14 +210,15 @@ def test_kernels_compile_without_a_disk_cache_where_numba_finds_no_folder(monkey
     assert err.count("\n") == 1 and "no writable cache folder" in err, err
 
 
+@pytest.mark.slow
 def test_flushing_denormals_changes_no_training_result(dataset, monkeypatch):
     # 1,250 steps on real images: long enough for dead units' Adam moments to go denormal
     # (checked below), and the weights come out bit for bit the same with and without the flush.
     import contextlib
 
-    from fmnist.data import to_float
-    from fmnist.fast import _numba, notebook
-    from fmnist.training import train_one_epoch
+    from fmnist.data.dataset import to_float
+    from fmnist.speed import _numba, notebook
+    from fmnist.training.loop import train_one_epoch
 
     if not _numba.X86:
         pytest.skip("the flush needs x86")
@@ -240,8 +244,9 @@ def test_flushing_denormals_changes_no_training_result(dataset, monkeypatch):
 
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
 def test_inference_through_the_kernels_gives_the_stock_logits(layout):
-    from fmnist.fast import make_predictor
-    from fmnist.inference import predict_logits, with_test_time_flip
+    from fmnist.speed import make_predictor
+    from fmnist.speed.inference import predict_logits
+    from fmnist.models.wrappers import with_test_time_flip
 
     model = create_model("notebook").to(memory_format=layout).eval()
     images = torch.rand(300, 1, 28, 28)
@@ -254,7 +259,7 @@ def test_inference_through_the_kernels_gives_the_stock_logits(layout):
 
 
 def test_inference_through_the_kernels_steps_aside_where_it_would_differ():
-    from fmnist.fast import make_predictor
+    from fmnist.speed import make_predictor
 
     model = create_model("notebook")
     assert make_predictor(model) is model                      # training mode: dropout is on

@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fmnist.fast import _numba, kernels
-from fmnist.fast.denormals import denormals_flushed
-from fmnist.models import create_model
+from fmnist.speed import _numba, kernels
+from fmnist.speed.denormals import denormals_flushed
+from fmnist.models.registry import create_model
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason="numba not installed")
 
@@ -25,6 +25,7 @@ def _inputs(batch: int, seed: int = 0):
     return x, weight, bias
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("batch, size", [(1, 28), (7, 28), (64, 28), (5, 26), (3, 27)])
 def test_forward_and_gradients_match_stock_layers(batch, size):
     x, weight, bias = _inputs(batch)
@@ -200,8 +201,9 @@ def test_denormals_are_flushed_on_every_thread_then_restored():
 def test_flushing_a_dead_units_denormal_adam_moments_changes_no_weight():
     # What the trainer flushes in practice: Adam's first moment of weights whose gradient has
     # been zero for hundreds of steps. Their updates are far below a weight's float resolution.
-    from fmnist.fast.adam import adam_step
-    from fmnist.training import TrainConfig, make_optimizer
+    from fmnist.speed.adam import adam_step
+    from fmnist.training.config import TrainConfig
+    from fmnist.training.optim import make_optimizer
 
     results = []
     for flush in (False, True):

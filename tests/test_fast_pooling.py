@@ -1,4 +1,4 @@
-"""fmnist.fast.pooling's 2x2 max-pool gives PyTorch's values and gradients bit for bit."""
+"""fmnist.speed.pooling's 2x2 max-pool gives PyTorch's values and gradients bit for bit."""
 
 from __future__ import annotations
 
@@ -7,9 +7,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fmnist.fast import make_step, pooling
-from fmnist.models import create_model
-from fmnist.training import TrainConfig, make_optimizer
+from fmnist.speed import make_step, pooling
+from fmnist.models.registry import create_model
+from fmnist.training.config import TrainConfig
+from fmnist.training.optim import make_optimizer
 
 pytestmark = pytest.mark.skipif(not pooling.available(), reason="numba not installed")
 
@@ -112,5 +113,5 @@ def test_make_step_switches_a_convnets_pools():
     make_step(model, make_optimizer(model, TrainConfig(model="fast").resolved()))
     assert sum(isinstance(m, pooling.FastMaxPool2d) for m in model.modules()) == 3
     plain = create_model("fast")
-    make_step(plain, make_optimizer(plain, TrainConfig(model="fast").resolved()), fast=False)
+    make_step(plain, make_optimizer(plain, TrainConfig(model="fast").resolved()), speedups=False)
     assert not any(isinstance(m, pooling.FastMaxPool2d) for m in plain.modules())

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from fmnist import folders
+from fmnist.core import folders
 
 
 @pytest.fixture

@@ -21,9 +21,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fmnist import preprocess as prep
+from fmnist.data import preprocess as prep
 
-pytestmark = pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc (Linux)")
+pytestmark = [pytest.mark.slow,  # a fresh process per image, to measure its peak memory
+              pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc (Linux)")]
 
 BUDGET_MB = 64          # what preparing any accepted image may add to the process, at the default limit
 PIPELINE_MB = 12        # beyond decoding: strips, the working copy (560 pixels a side) and its float arrays
@@ -33,7 +34,7 @@ CHILD = r"""
 import json, resource, sys
 resource.setrlimit(resource.RLIMIT_AS, (int(sys.argv[3]),) * 2)
 from PIL import Image
-from fmnist import preprocess as prep
+from fmnist.data import preprocess as prep
 
 Image.init()  # Pillow imports its format plugins on first use: part of the baseline, as imports are
 

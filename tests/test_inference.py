@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from fmnist.errors import UserError
-from fmnist.classifier import Classifier
-from fmnist.models import create_model
+from fmnist.core.errors import UserError
+from fmnist.deploy.classifier import Classifier
+from fmnist.models.registry import create_model
 
 
 @pytest.fixture(scope="module")

@@ -123,6 +123,8 @@ for folder in sys.argv[1:]:
     print(folder)
 """
 
+pytestmark = pytest.mark.slow  # the real data, trainings, new processes
+
 
 def _cannot(reason: str):
     """A test that cannot run here fails in CI, where it must run, and is skipped elsewhere."""

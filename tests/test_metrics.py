@@ -7,8 +7,8 @@ import pytest
 import torch
 from sklearn import metrics as skm
 
-from fmnist.data import CLASS_NAMES
-from fmnist.metrics import compute_metrics, format_report
+from fmnist.data.dataset import CLASS_NAMES
+from fmnist.evaluation.metrics import compute_metrics, format_report
 
 
 def _random_case(seed: int, n: int = 3000, missing_class: bool = False):
@@ -61,10 +61,10 @@ def test_format_report_lists_every_class_and_the_averages():
 def test_learning_curves_draw_for_short_and_long_runs(tmp_path, epochs):
     import matplotlib.image
 
-    from fmnist.report import plot_curves
+    from fmnist.evaluation.figures import curves, png_bytes
 
     history = [{"epoch": e, "train_accuracy": 0.8 + e / 1000, "val_accuracy": 0.79 + e / 1000,
                 "train_loss": 1 / e, "val_loss": 1.1 / e} for e in range(1, epochs + 1)]
     path = tmp_path / "curves.png"
-    plot_curves(history, path)
+    path.write_bytes(png_bytes(curves(history)))
     assert matplotlib.image.imread(path).shape[2] in (3, 4)

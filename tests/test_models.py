@@ -5,8 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fmnist.errors import UserError
-from fmnist.models import NotebookCNN, ResNet, count_parameters, create_model, forward_flops, list_models
+from fmnist.core.errors import UserError
+from fmnist.models.notebook import NotebookCNN
+from fmnist.models.resnet import ResNet
+from fmnist.models.summary import count_parameters, forward_flops
+from fmnist.models.registry import create_model, list_models
 
 
 def test_notebook_model_shapes_and_size():
@@ -70,7 +73,7 @@ def test_resnet_takes_its_architecture_arguments(width, blocks):
 
 
 def test_convnet_pools_before_batch_norm_and_counts_its_cost():
-    from fmnist.models import ConvNet
+    from fmnist.models.convnet import ConvNet
 
     model = create_model("best-cpu", widths=(8, 16, 32), depth=2)
     assert isinstance(model, ConvNet) and model(torch.rand(3, 1, 28, 28)).shape == (3, 10)
@@ -82,7 +85,7 @@ def test_convnet_pools_before_batch_norm_and_counts_its_cost():
 
 
 def test_convnet_takes_one_depth_for_every_group_or_one_per_group():
-    from fmnist.errors import UserError
+    from fmnist.core.errors import UserError
 
     def convs(model):
         return [sum(isinstance(m, torch.nn.Conv2d) for m in group) for group in model.groups]
@@ -94,19 +97,47 @@ def test_convnet_takes_one_depth_for_every_group_or_one_per_group():
         create_model("fast", widths=(8, 16, 32), depth=(1, 2))
 
 
-def test_every_preset_builds_from_its_recipe_and_has_a_reason_to_exist():
-    from fmnist.recipes import RECIPES
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list_models())
+def test_every_registered_model_is_what_train_trains_and_it_trains_exports_and_loads(name, tmp_path):
+    """The whole registry: create_model(name) is the network `fmnist train --model name` trains
+    (as `fmnist models` counts it); it takes a training step, exports with parity, loads back."""
+    from fmnist.core import runs
+    from fmnist.deploy.onnx import onnx_session
+    from fmnist.models.registry import describe_models
+    from fmnist.speed import make_step
+    from fmnist.training.config import TrainConfig
+    from fmnist.training.optim import make_optimizer
 
-    sizes = {}
-    for name in ("fast", "best-cpu", "best"):
-        assert name in list_models()
-        recipe = RECIPES[name]
-        recipe.check()
-        model = create_model(name, **recipe.model_args)
-        assert model(torch.rand(2, 1, 28, 28)).shape == (2, 10)
-        sizes[name] = forward_flops(model) * recipe.epochs
-    # more compute for more accuracy, in order
-    assert sizes["fast"] < sizes["best-cpu"] < sizes["best"]
+    config = TrainConfig(model=name).resolved()
+    built, trained = create_model(name), create_model(config.model, **config.model_args)
+    shapes = {k: v.shape for k, v in built.state_dict().items()}
+    assert shapes == {k: v.shape for k, v in trained.state_dict().items()}
+    listed = next(entry for entry in describe_models() if entry["name"] == name)
+    assert count_parameters(built) == count_parameters(trained) == listed["parameters"]
+    assert forward_flops(built) == listed["forward_flops_per_image"]
+
+    torch.manual_seed(0)
+    before = {k: v.clone() for k, v in trained.state_dict().items()}
+    step = make_step(trained, make_optimizer(trained, config), label_smoothing=config.label_smoothing)
+    logits, loss = step(torch.rand(8, 1, 28, 28), torch.arange(8) % 10)
+    assert logits.shape == (8, 10) and torch.isfinite(loss)
+    assert any(not torch.equal(before[k], v) for k, v in trained.state_dict().items())  # it learned something
+
+    step.restore_model()  # PyTorch's own layers and layout again, as a loaded run's model has
+    onnx_session(trained.eval())  # exported, and ONNX Runtime agrees with PyTorch (or it raises)
+    runs.save_weights(tmp_path / runs.WEIGHTS, trained)
+    loaded = create_model(name)
+    runs.load_weights_into(loaded, tmp_path / runs.WEIGHTS, name)
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), trained.state_dict().values()))
+
+
+def test_the_presets_buy_accuracy_with_compute_in_order():
+    from fmnist.models.registry import model_entry
+
+    cost = {name: forward_flops(create_model(name)) * model_entry(name).recipe.epochs
+            for name in ("fast", "best-cpu", "best")}
+    assert cost["fast"] < cost["best-cpu"] < cost["best"]
     # fast is best-cpu's net on a short recipe: what a minute buys
-    assert type(create_model("fast", **RECIPES["fast"].model_args)) is type(create_model("best-cpu"))
-    assert RECIPES["fast"].epochs * 10 <= RECIPES["best-cpu"].epochs
+    assert model_entry("fast").arguments == model_entry("best-cpu").arguments
+    assert model_entry("fast").recipe.epochs < model_entry("best-cpu").recipe.epochs

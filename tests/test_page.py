@@ -15,11 +15,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fmnist.classifier import Classifier
-from fmnist.idx import CLASS_NAMES
-from fmnist.photolike import photo_like
+from fmnist.deploy.classifier import Classifier
+from fmnist.data.idx import CLASS_NAMES
+from fmnist.data.photolike import photo_like
 
 from .conftest import IN_CI
+
+pytestmark = pytest.mark.slow  # the real data, trainings, new processes
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"

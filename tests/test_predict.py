@@ -13,12 +13,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fmnist.classifier import Classifier
-from fmnist.errors import UserError
-from fmnist.photolike import photo_gap, photo_like
+from fmnist.deploy.classifier import Classifier
+from fmnist.core.errors import UserError
+from fmnist.data.photolike import photo_gap, photo_like
 
 from .conftest import run_cli
 from .test_preprocess import refused_without_waiting
+
+pytestmark = pytest.mark.slow  # the real data, trainings, new processes
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +57,7 @@ def test_export_writes_metadata_and_passes_parity(exported, trained_run):
 
 
 def test_export_refuses_a_model_that_fails_parity(trained_run, tmp_path, monkeypatch):
-    from fmnist import export
+    from fmnist.deploy import export
 
     monkeypatch.setattr(export, "_parity", lambda model, session, images: {
         "images": len(images), "top1_agreement": 0.999, "max_probability_diff": 3e-3})
@@ -68,7 +70,7 @@ def test_export_refuses_a_model_that_fails_parity(trained_run, tmp_path, monkeyp
 def test_exported_model_agrees_with_the_run_and_needs_no_pytorch(exported, trained_run, test_pngs):
     path, _ = exported
     from_run = Classifier.load(trained_run[0]).predict_proba(test_pngs)
-    code = ("import sys, numpy as np; from fmnist.classifier import Classifier; "
+    code = ("import sys, numpy as np; from fmnist.deploy.classifier import Classifier; "
             f"p = Classifier.load({str(path)!r}).predict_proba({[str(p) for p in test_pngs]!r}); "
             "assert 'torch' not in sys.modules, 'PyTorch was imported'; np.save(sys.stdout.buffer, p)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, check=True)

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageCms, ImageDraw
 
-from fmnist import preprocess as prep
-from fmnist.errors import UserError
+from fmnist.data import preprocess as prep
+from fmnist.core.errors import UserError
 
 from .conftest import idx_bytes
 
@@ -104,6 +104,7 @@ def unshrunk(data: bytes, monkeypatch) -> np.ndarray:
         return prep.prepare(data, max_megapixels=1000)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["RGB", "RGBA", "P", "I;16", "F"])
 def test_a_large_image_shrunk_in_strips_gives_nearly_the_same_image(mode, monkeypatch):
     """Past twice the working size, images are converted and shrunk a strip at a time (a box
@@ -119,6 +120,7 @@ def test_a_large_image_shrunk_in_strips_gives_nearly_the_same_image(mode, monkey
     assert np.abs(seen.astype(int) - unshrunk(data, monkeypatch)).mean() < 2  # 0.3-0.7 measured
 
 
+@pytest.mark.slow
 def test_a_large_jpeg_is_decoded_scaled_down_and_upright(monkeypatch):
     """A JPEG decodes at 1/2-1/8 scale as long as the working size is kept: a 6000x4500 photo,
     stored sideways with its EXIF rotation, decodes as 750x563 grayscale pixels."""
@@ -219,7 +221,7 @@ def test_size_shape_and_decoding_memory_are_checked_before_decoding(monkeypatch,
 def test_the_default_pixel_limit_is_the_servers_and_the_clis():
     pytest.importorskip("fastapi")
     from fmnist.cli import build_parser
-    from fmnist.serving import ServeConfig
+    from fmnist.deploy.server import ServeConfig
 
     serve = build_parser().parse_args(["serve", "model.onnx"])
     assert prep.DEFAULT_MAX_MEGAPIXELS == ServeConfig().max_megapixels == serve.max_megapixels

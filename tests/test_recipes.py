@@ -1,4 +1,4 @@
-"""Recipes as data: each model trains with its own, options override it, config.json records it."""
+"""Recipes as data: every hyperparameter declared once, in Recipe, and found everywhere else."""
 
 from __future__ import annotations
 
@@ -7,41 +7,93 @@ import json
 
 import pytest
 
-from fmnist.errors import UserError
-from fmnist.models import list_models
-from fmnist.recipes import RECIPE_FIELDS, RECIPES, Recipe, recipe_for
-from fmnist.training import TrainConfig
+from fmnist.cli import _given_train_options, build_parser
+from fmnist.core.errors import UserError
+from fmnist.models.recipe import RECIPE_FIELDS, knobs, search_space
+from fmnist.models.registry import describe_models, list_models, model_entry, recipes
+from fmnist.training.config import TrainConfig
 
 from .conftest import run_cli
 
 
-def test_every_registered_model_has_a_checked_recipe():
-    assert set(RECIPES) == set(list_models())
-    for recipe in RECIPES.values():
-        recipe.check()
+def _valid_value(name: str):
+    """A value every field accepts that differs from its neutral default where it can."""
+    kind, knob, default = knobs()[name]
+    if kind is bool:
+        return not default
+    if knob.choices:
+        return next(choice for choice in knob.choices if choice != default)
+    if name == "warmup_epochs":
+        return 1.0
+    low = knob.minimum if knob.minimum is not None else (knob.above or 0)
+    high = knob.below if knob.below is not None else knob.maximum
+    value = (low + high) / 2 if high is not None else low + 1
+    return int(value) if kind is int else float(value)
 
 
-def test_train_config_carries_every_recipe_field():
-    # TrainConfig's recipe fields and Recipe's must not drift apart.
-    config_fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    assert set(RECIPE_FIELDS) <= config_fields
+def _out_of_range(name: str):
+    kind, knob, _ = knobs()[name]
+    if kind is bool:
+        return "yes"
+    if knob.choices:
+        return "no-such-choice"
+    if knob.minimum is not None:
+        return knob.minimum - 1
+    return knob.above - 1 if knob.above is not None else None
 
 
-def test_the_model_recipe_fills_what_is_not_given():
+@pytest.mark.parametrize("name", RECIPE_FIELDS)
+def test_every_recipe_field_is_a_config_field_a_flag_a_check_and_a_record(name, capsys):
+    kind, knob, default = knobs()[name]
+    # TrainConfig: an override field, None meaning "the recipe's"
+    spec = {f.name: f for f in dataclasses.fields(TrainConfig)}[name]
+    assert spec.default is None and spec.metadata["knob"] is knob
+    # fmnist train and fmnist sweep: an option with the field's help that sets the field
+    flag = "--" + name.replace("_", "-")
+    value = _valid_value(name)
+    words = [flag] if kind is bool and value else [f"--no-{flag[2:]}"] if kind is bool else [flag, str(value)]
+    for command in ("train", "sweep"):
+        args = build_parser().parse_args([command, *words])
+        assert _given_train_options(args)[name] == value, command
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--help"])
+    assert f"{flag} " in capsys.readouterr().out  # listed, with its help: the knob's
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--help"])
+    assert "".join(knob.help.split()) in "".join(capsys.readouterr().out.split())  # wrapped anywhere
+    # the checks, in Python and on the command line
+    config = TrainConfig(**{name: value}, **({"hflip": True} if name == "tta_flip" else {})).resolved()
+    assert getattr(config, name) == value
+    bad = _out_of_range(name)
+    if bad is not None:
+        with pytest.raises(UserError, match=f"^{name} must be"):
+            TrainConfig(**{name: bad}).resolved()
+        if kind is not bool:
+            with pytest.raises(SystemExit) as exit_info:
+                build_parser().parse_args(["train", flag, str(bad)])
+            assert exit_info.value.code == 2
+    # config.json and `fmnist models --json` record it
+    assert name in dataclasses.asdict(config)
+    assert all(name in entry["recipe"] for entry in describe_models())
+    # sweeps search it exactly when it declares a range, for the recipes it applies to
+    searched = any(name in search_space(recipe) for recipe in recipes().values())
+    assert searched == (knob.search is not None)
+
+
+def test_options_that_are_not_given_take_the_models_recipe():
     notebook = TrainConfig().resolved()
     assert (notebook.model, notebook.epochs, notebook.batch_size, notebook.lr, notebook.eps) == (
         "notebook", 10, 32, 1e-3, 1e-7)  # the original notebook's settings
     resnet = TrainConfig(model="resnet", lr=0.05).resolved()
-    assert resnet.lr == 0.05 and resnet.optimizer == RECIPES["resnet"].optimizer == "sgd"
-    assert resnet.recipe() == dataclasses.replace(RECIPES["resnet"], lr=0.05)
+    assert resnet.recipe() == dataclasses.replace(model_entry("resnet").recipe, lr=0.05)
     assert TrainConfig(model="seed").resolved().model == "notebook"  # the old name still works
+    assert TrainConfig.from_record({"model": "notebook", "fast": False, "adam_eps": 1e-7}, "x").speedups is False
 
 
 @pytest.mark.parametrize("field,value,message", [
-    ("epochs", 0, "epochs must be"), ("batch_size", 0, "batch_size must be"), ("lr", -1.0, "lr must be"),
-    ("lr", float("nan"), "lr must be"), ("epochs", "ten", "epochs must be"), ("optimizer", "lbfgs", "optimizer"),
-    ("schedule", "step", "schedule"), ("erasing", 1.5, "erasing"), ("val_fraction", 1.0, "val_fraction"),
-    ("seed", -5, "seed must be"), ("hflip", "yes", "hflip"), ("tta_flip", True, "unless hflip"),
+    ("epochs", "ten", "epochs must be a whole number of at least 1"), ("lr", float("nan"), "lr must be"),
+    ("seed", -5, "seed must be"), ("tta_flip", True, "unless hflip"), ("model_args", [1], "model_args must be"),
+    ("warmup_epochs", 20.0, "warmup_epochs must be at most epochs"),
 ])
 def test_bad_values_are_user_errors_worded_for_the_caller(field, value, message):
     with pytest.raises(UserError, match=message) as info:
@@ -49,21 +101,19 @@ def test_bad_values_are_user_errors_worded_for_the_caller(field, value, message)
     assert "--" not in str(info.value)  # the Python API names fields, not CLI flags
 
 
-def test_an_unknown_model_has_no_recipe():
-    with pytest.raises(UserError, match="unknown model"):
-        recipe_for("vgg")
-    assert isinstance(recipe_for("resnet"), Recipe)
+def test_every_registered_recipe_passes_its_checks():
+    assert set(recipes()) == set(list_models())
+    for recipe in recipes().values():
+        recipe.check()
 
 
-def test_models_command_lists_size_cost_and_recipe():
+@pytest.mark.slow
+def test_config_json_and_the_models_command_record_every_field(trained_run):
+    recorded = json.loads((trained_run[0] / "config.json").read_text())["train"]
+    assert set(RECIPE_FIELDS) <= set(recorded)
     result = run_cli("models", "--json")
     assert result.returncode == 0, result.stderr
-    models = {entry["name"]: entry for entry in json.loads(result.stdout)}
-    assert set(models) == set(list_models())
-    assert models["notebook"]["parameters"] == 225_034 and models["notebook"]["aliases"] == ["seed"]
-    assert models["resnet"]["recipe"]["optimizer"] == "sgd" and models["resnet"]["forward_flops_per_image"] > 0
-    text = run_cli("models").stdout
-    assert "notebook (alias: seed): 225,034 parameters" in text and "resnet:" in text
+    assert json.loads(result.stdout) == json.loads(json.dumps(describe_models()))
 
 
 @pytest.mark.parametrize("device,flags,cuda_native,auto,native", [
@@ -77,11 +127,11 @@ def test_auto_keeps_the_notebooks_fp32_on_cpus_and_bf16_native_takes_what_the_ha
         monkeypatch, device, flags, cuda_native, auto, native):
     import torch
 
-    from fmnist import runtime
+    from fmnist.core import precision
 
-    monkeypatch.setattr(runtime, "cpu_flags", lambda: flags)
+    monkeypatch.setattr(precision, "cpu_flags", lambda: flags)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: cuda_native)
-    assert runtime.resolve_precision("auto", torch.device(device)) == auto
-    assert runtime.resolve_precision("bf16-native", torch.device(device)) == native
-    assert runtime.resolve_precision("fp32", torch.device(device)) == "fp32"
-    assert "notebook" not in {name for name, recipe in RECIPES.items() if recipe.precision == "bf16-native"}
+    assert precision.resolve_precision("auto", torch.device(device)) == auto
+    assert precision.resolve_precision("bf16-native", torch.device(device)) == native
+    assert precision.resolve_precision("fp32", torch.device(device)) == "fp32"
+    assert model_entry("notebook").recipe.precision == "auto"  # the notebook's numerics, on every CPU

@@ -18,9 +18,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fmnist import runs
-from fmnist.errors import UserError
-from fmnist.runtime import other_trainers
+from fmnist.core import runs
+from fmnist.core.errors import UserError
+from fmnist.core.runtime import other_trainers
 
 from .conftest import run_cli
 
@@ -73,6 +73,7 @@ def _checkpoint_inside_first_epoch(out: Path) -> bool:
     return state["epoch"] == 0 and state.get("position", 0) > 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stop,code", [(signal.SIGKILL, -signal.SIGKILL), (signal.SIGTERM, 143),
                                        (signal.SIGINT, 130)], ids=["SIGKILL", "SIGTERM", "SIGINT"])
 def test_a_signal_inside_the_first_epoch_resumes_to_the_same_run(data_dir, tmp_path, uninterrupted, stop, code):
@@ -105,7 +106,9 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-@pytest.mark.parametrize("module,function", [("training", "metrics_on_test_set"), ("report", "plot_samples")])
+@pytest.mark.slow
+@pytest.mark.parametrize("module,function", [("training.run", "metrics_on_test_set"),
+                                             ("evaluation.figures", "samples")])
 def test_sigterm_while_testing_or_reporting_exits_143_and_resumes(data_dir, tmp_path, uninterrupted, module,
                                                                    function):
     out = tmp_path / "run"
@@ -128,6 +131,7 @@ def finished(uninterrupted, tmp_path):
     return copy
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage,message", [
     (lambda d: (d / runs.CHECKPOINT).unlink(), "checkpoint.pt is missing"),
     (lambda d: (d / runs.CHECKPOINT).write_bytes(os.urandom(5000)), "not a PyTorch checkpoint (not a zip archive)"),
@@ -147,6 +151,7 @@ def test_a_damaged_run_folder_is_refused_before_training(finished, damage, messa
     assert {p.name: p.stat().st_mtime_ns for p in finished.iterdir()} == before  # nothing rewritten
 
 
+@pytest.mark.slow
 def test_history_and_weights_are_rewritten_from_the_checkpoint(finished, uninterrupted):
     """They are copies of what the checkpoint holds: lost or damaged, they come back."""
     (finished / runs.METRICS).unlink()
@@ -156,6 +161,7 @@ def test_history_and_weights_are_rewritten_from_the_checkpoint(finished, uninter
     _same_run(finished, uninterrupted)
 
 
+@pytest.mark.slow
 def test_a_second_trainer_in_the_same_folder_is_refused(data_dir, tmp_path):
     out = tmp_path / "run"
     first = _start("train", "--epochs", "30", "--limit-train", "3000", "--quiet", "--data", data_dir, "--out", out)
@@ -173,6 +179,7 @@ def test_a_second_trainer_in_the_same_folder_is_refused(data_dir, tmp_path):
     resumed.wait()
 
 
+@pytest.mark.slow
 def test_evaluate_and_report_use_the_recorded_data_folder(uninterrupted):
     env = {"FMNIST_DATA": "", "XDG_CACHE_HOME": "/nonexistent"}  # neither the variable nor a cache
     for command in ("evaluate", "report"):
@@ -180,6 +187,7 @@ def test_evaluate_and_report_use_the_recorded_data_folder(uninterrupted):
         assert result.returncode == 0, result.stderr
 
 
+@pytest.mark.slow
 def test_a_nan_loss_stops_the_run_naming_epoch_and_step(data_dir, tmp_path):
     out = tmp_path / "run"
     result = run_cli("train", "--epochs", "2", "--limit-train", "2000", "--lr", "1e30", "--optimizer", "sgd",
@@ -191,7 +199,7 @@ def test_a_nan_loss_stops_the_run_naming_epoch_and_step(data_dir, tmp_path):
 
 
 def test_non_finite_loss_names_the_first_bad_step():
-    from fmnist.training import NonFiniteLoss, train_one_epoch
+    from fmnist.training.loop import NonFiniteLoss, train_one_epoch
 
     class Step:
         model = torch.nn.Linear(1, 1)
@@ -213,7 +221,7 @@ def test_non_finite_loss_names_the_first_bad_step():
 
 def test_too_little_disk_space_is_refused_before_the_folder_is_made(tmp_path, monkeypatch):
     import fmnist
-    from fmnist.data import DataSource, FashionMNIST
+    from fmnist.data.dataset import DataSource, FashionMNIST
 
     images, labels = torch.zeros(200, 28, 28, dtype=torch.uint8), torch.arange(200) % 10
     data = FashionMNIST(images, labels, images[:50], labels[:50],
@@ -225,6 +233,7 @@ def test_too_little_disk_space_is_refused_before_the_folder_is_made(tmp_path, mo
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_an_unwritable_output_folder_is_an_error_before_training(tmp_path, data_dir):
     parent = tmp_path / "locked"
     parent.mkdir()
@@ -247,6 +256,7 @@ def test_an_unwritable_output_folder_is_an_error_before_training(tmp_path, data_
             parent.chmod(0o755)
 
 
+@pytest.mark.slow
 def test_a_second_training_on_the_same_cores_is_warned_about(data_dir, tmp_path):
     # A process that looks like a training to /proc (its command line names fmnist and train).
     other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "fmnist", "train"])

@@ -14,8 +14,8 @@ import sys
 import pytest
 import torch
 
-from fmnist import runs
-from fmnist.errors import UserError
+from fmnist.core import runs
+from fmnist.core.errors import UserError
 
 from .conftest import run_cli
 
@@ -49,6 +49,7 @@ def _one_line_error(result, *phrases):
         assert phrase in result.stderr, result.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("change,phrase", [
     (lambda s: s.update(epoch="2"), "'epoch' is '2', not a whole number of at least 0"),
     (lambda s: s.update(epoch=-1), "'epoch' is -1, not a whole number"),
@@ -63,6 +64,7 @@ def test_a_checkpoint_of_the_wrong_types_or_shapes_is_refused(run_copy, change, 
     _one_line_error(run_cli("train", "--resume", run_copy, "--quiet"), phrase, runs.CHECKPOINT)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", ["evaluate", "export", "predict"])
 def test_model_args_out_of_range_are_a_user_error(run_copy, command):
     _edit_json(run_copy / runs.CONFIG, lambda c: c["train"].update(model_args={"dropout_features": 5}))
@@ -71,6 +73,7 @@ def test_model_args_out_of_range_are_a_user_error(run_copy, command):
     _one_line_error(result, "cannot be built with {'dropout_features': 5}", runs.CONFIG)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("entry,value", [("accuracy", "high"), ("accuracy", 7), ("calibration", {"temperature": -1}),
                                          ("calibration", "warm"), ("best_epoch", 1.5)])
 def test_wrong_typed_metrics_are_a_user_error(run_copy, entry, value):
@@ -78,11 +81,13 @@ def test_wrong_typed_metrics_are_a_user_error(run_copy, entry, value):
     _one_line_error(run_cli("export", run_copy, "--out", run_copy / "m.onnx"), f"metrics.json: '{entry}'")
 
 
+@pytest.mark.slow
 def test_a_model_name_that_is_not_a_string_is_a_user_error(run_copy):
     _edit_json(run_copy / runs.CONFIG, lambda c: c["train"].update(model=["notebook"]))
     _one_line_error(run_cli("evaluate", run_copy), "'train.model' must be a str")
 
 
+@pytest.mark.slow
 def test_export_refuses_weights_that_are_not_finite(run_copy):
     weights = runs.load_weights(run_copy / runs.WEIGHTS)
     runs.atomic_write_bytes(run_copy / runs.WEIGHTS, runs.weights_bytes({k: v * float("nan") for k, v in weights.items()}))
@@ -91,6 +96,7 @@ def test_export_refuses_weights_that_are_not_finite(run_copy):
     assert not (run_copy / "m.onnx").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,command", [(runs.METRICS, "report"), (runs.CONFIG, "export"),
                                           (runs.WEIGHTS, "predict"), (runs.METRICS, "serve")])
 def test_a_fifo_in_place_of_a_run_file_is_refused_without_hanging(run_copy, name, command):
@@ -119,13 +125,14 @@ def test_a_checkpoint_with_code_in_it_is_refused_as_such(tmp_path):
         runs.load_checkpoint(path)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("setpriv") is None or os.geteuid() != 0,
                     reason="needs root and setpriv to read without the permission-override capabilities")
 def test_an_unreadable_weights_file_says_permission_denied(trained_run, tmp_path):
     path = tmp_path / runs.WEIGHTS
     shutil.copy(trained_run[0] / runs.WEIGHTS, path)
     path.chmod(0)
-    code = f"from fmnist import runs\ntry:\n    runs.load_weights({str(path)!r})\nexcept Exception as e:\n    print(e)"
+    code = f"from fmnist.core import runs\ntry:\n    runs.load_weights({str(path)!r})\nexcept Exception as e:\n    print(e)"
     # root reads a mode-000 file anyway; without CAP_DAC_OVERRIDE it is refused as for any user
     result = subprocess.run(["setpriv", "--bounding-set", "-dac_override,-dac_read_search", sys.executable, "-c",
                              code], capture_output=True, text=True)

@@ -32,10 +32,10 @@ from PIL import Image
 pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
 
-from fmnist import preprocess as prep  # noqa: E402
-from fmnist.classifier import Classifier  # noqa: E402
-from fmnist.models import create_model  # noqa: E402
-from fmnist.serving import MicroBatcher, ServeConfig, create_app  # noqa: E402
+from fmnist.data import preprocess as prep  # noqa: E402
+from fmnist.deploy.classifier import Classifier  # noqa: E402
+from fmnist.models.registry import create_model  # noqa: E402
+from fmnist.deploy.server import MicroBatcher, ServeConfig, create_app  # noqa: E402
 
 from .test_preprocess import encoded, trousers  # noqa: E402
 
@@ -147,7 +147,7 @@ def test_metrics_count_requests_by_status_and_batches(classifier):
 
 
 def test_bad_limits_are_user_errors(classifier):
-    from fmnist.errors import UserError
+    from fmnist.core.errors import UserError
 
     with pytest.raises(UserError, match="max-images must be positive"):
         create_app(classifier, ServeConfig(max_images=0))
@@ -356,6 +356,7 @@ def test_stalled_uploads_get_408_and_are_closed(live):
     assert time.monotonic() - started < STALL_S + 3
 
 
+@pytest.mark.slow
 def test_a_trickling_upload_gets_408_at_the_deadline(live):
     request = _raw_request(live + "/v1/predict", SMALL, chunked=False, close=False)
     with _connect(live) as connection:

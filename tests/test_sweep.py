@@ -19,9 +19,10 @@ import pytest
 
 pytest.importorskip("optuna")
 
-from fmnist import runs  # noqa: E402
-from fmnist.recipes import recipe_for  # noqa: E402
-from fmnist.sweep import leaderboard, search_space  # noqa: E402
+from fmnist.core import runs  # noqa: E402
+from fmnist.models.registry import model_entry  # noqa: E402
+from fmnist.training.sweep import leaderboard  # noqa: E402
+from fmnist.models.recipe import search_space
 
 from .conftest import IN_CI, run_cli  # noqa: E402
 
@@ -29,7 +30,7 @@ SMALL = ("--epochs", "2", "--limit-train", "2000")
 
 
 def test_search_space_follows_the_recipe_and_leaves_given_settings_alone():
-    notebook, resnet = recipe_for("notebook"), recipe_for("resnet")
+    notebook, resnet = model_entry("notebook").recipe, model_entry("resnet").recipe
     assert set(search_space(notebook, set())) == {"lr", "label_smoothing", "epochs"}
     space = search_space(resnet, {"epochs"})
     assert {"lr", "weight_decay", "erasing", "crop_padding"} <= set(space) and "epochs" not in space
@@ -53,11 +54,16 @@ def _check_sweep(out: Path, trials: int) -> dict:
     return board
 
 
+@pytest.mark.slow
 def test_two_workers_share_one_sqlite_study(data_dir, tmp_path):
     out = tmp_path / "sweep"
-    result = run_cli("sweep", "--trials", "4", "--workers", "2", *SMALL, "--data", data_dir, "--out", out)
+    result = run_cli("sweep", "--trials", "4", "--workers", "2", *SMALL, "--data", data_dir, "--out", out,
+                     "--track", "tensorboard")
     assert result.returncode == 0, result.stderr
     board = _check_sweep(out, 4)
+    for row in board["trials"]:  # one tracked run per trial
+        if row["state"] in ("complete", "pruned"):
+            assert list((Path(row["run_dir"]) / "tensorboard").glob("events.out.tfevents.*")), row
     assert "winner: trial" in result.stdout and board["storage"].startswith("sqlite:///")
     threads = {json.loads((Path(r["run_dir"]) / runs.CONFIG).read_text())["environment"]["threads"]
             for r in board["trials"] if r["state"] == "complete"}
@@ -66,6 +72,7 @@ def test_two_workers_share_one_sqlite_study(data_dir, tmp_path):
     assert json.loads(shown.stdout)["winner"]["trial"] == board["winner"]["trial"]
 
 
+@pytest.mark.slow
 def test_a_worker_killed_mid_trial_is_replaced_and_its_trial_failed(data_dir, tmp_path):
     out = tmp_path / "sweep"
     exe = str(Path(sys.executable).with_name("fmnist"))
@@ -129,6 +136,7 @@ def postgres():
         shutil.rmtree(folder, ignore_errors=True)
 
 
+@pytest.mark.slow
 def test_two_workers_share_a_postgresql_study(postgres, data_dir, tmp_path):
     out = tmp_path / "sweep"
     result = run_cli("sweep", "--trials", "3", "--workers", "2", *SMALL, "--storage", postgres,
@@ -138,6 +146,7 @@ def test_two_workers_share_a_postgresql_study(postgres, data_dir, tmp_path):
     assert board["storage"] == postgres
 
 
+@pytest.mark.slow
 def test_an_unreachable_storage_is_one_error_line(tmp_path):
     result = run_cli("sweep", "--trials", "1", "--storage", "postgresql://nobody@127.0.0.1:1/none",
                      "--out", tmp_path / "s")

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from fmnist import runs
-from fmnist.errors import Interrupted, UserError
-from fmnist.training import TrainConfig, train
+from fmnist.core import runs
+from fmnist.core.errors import Interrupted, UserError
+from fmnist.training.config import TrainConfig
+from fmnist.training.run import train
 
 
 METRIC_COLUMNS = ("train_loss", "train_accuracy", "val_loss", "val_accuracy")
@@ -20,6 +21,7 @@ def _quiet(**kwargs):
     return dict(progress=False, log=lambda line: None, **kwargs)
 
 
+@pytest.mark.slow
 def test_same_seed_same_numbers(dataset, tmp_path):
     config = TrainConfig(epochs=1, limit_train=2000, seed=7, batch_size=64)
     first = train(config, data=dataset, out=tmp_path / "a", **_quiet())
@@ -31,6 +33,7 @@ def test_same_seed_same_numbers(dataset, tmp_path):
     assert _numbers(other.history) != _numbers(first.history)
 
 
+@pytest.mark.slow
 def test_resume_after_interrupt_matches_uninterrupted(dataset, tmp_path):
     config = TrainConfig(epochs=2, limit_train=1500, seed=3, batch_size=64)
     straight = train(config, data=dataset, out=tmp_path / "straight", **_quiet())
@@ -48,6 +51,7 @@ def test_resume_after_interrupt_matches_uninterrupted(dataset, tmp_path):
     assert resumed.metrics["accuracy"] == straight.metrics["accuracy"]
 
 
+@pytest.mark.slow
 def test_never_overwrites_a_run(dataset, tmp_path):
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "keep.txt").write_text("mine")
@@ -56,12 +60,14 @@ def test_never_overwrites_a_run(dataset, tmp_path):
     assert (tmp_path / "taken" / "keep.txt").read_text() == "mine"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("field,value", [("epochs", 0), ("batch_size", 0), ("lr", -1.0), ("val_fraction", 1.0)])
 def test_bad_settings_are_user_errors(dataset, tmp_path, field, value):
     with pytest.raises(UserError):
         train(TrainConfig(**{field: value}), data=dataset, out=tmp_path / "x", **_quiet())
 
 
+@pytest.mark.slow
 def test_without_validation_the_last_epoch_is_kept(dataset, tmp_path):
     result = train(TrainConfig(epochs=2, limit_train=600, val_fraction=0.0), data=dataset, out=tmp_path / "r",
                    **_quiet())
@@ -70,6 +76,7 @@ def test_without_validation_the_last_epoch_is_kept(dataset, tmp_path):
     assert (tmp_path / "r" / runs.REPORT).is_file()
 
 
+@pytest.mark.slow
 def test_resume_before_the_first_epoch_ended_restarts(dataset, tmp_path):
     config = TrainConfig(epochs=1, limit_train=800, seed=5)
     straight = train(config, data=dataset, out=tmp_path / "straight", **_quiet())
@@ -81,6 +88,7 @@ def test_resume_before_the_first_epoch_ended_restarts(dataset, tmp_path):
     assert _numbers(resumed.history) == _numbers(straight.history)
 
 
+@pytest.mark.slow
 def test_resume_refuses_other_data_and_finished_runs(dataset, tmp_path):
     finished = train(TrainConfig(epochs=1, limit_train=300), data=dataset, out=tmp_path / "r", **_quiet())
     with pytest.raises(UserError, match="already complete"):
@@ -93,13 +101,15 @@ def test_resume_refuses_other_data_and_finished_runs(dataset, tmp_path):
         train(resume=finished.run_dir, data=dataset, **_quiet())
 
 
+@pytest.mark.slow
 def test_ema_erasing_and_flip_averaging_run_and_are_kept(dataset, tmp_path):
     # The remaining recipe features in one short run: the kept weights are the EMA's, and the
     # test metrics are those of the flip-averaged model evaluate() rebuilds from the folder.
     import torch
 
-    from fmnist.evaluation import evaluate
-    from fmnist.inference import FlipAveraged, load_run_model
+    from fmnist.evaluation.saved import evaluate
+    from fmnist.models.wrappers import FlipAveraged
+    from fmnist.evaluation.saved import load_run_model
 
     config = TrainConfig(model="notebook", epochs=2, limit_train=400, ema_decay=0.9, erasing=0.5, hflip=True, tta_flip=True,
                          schedule="cosine", warmup_epochs=1, optimizer="adamw", weight_decay=0.01)
@@ -117,11 +127,13 @@ def test_ema_erasing_and_flip_averaging_run_and_are_kept(dataset, tmp_path):
     assert [row["lr"] for row in result.history][0] < config.resolved().lr  # warming up
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:60 training and 20 test images")
 def test_the_gpu_preset_runs_end_to_end_on_a_cpu(tmp_path):
     """`best` as a GPU would run it (its architecture, EMA, erasing, flip averaging, the run
     folder and report), shrunk to one epoch of a tiny synthetic set so that a CPU takes seconds."""
-    from fmnist.inference import FlipAveraged, load_run_model
+    from fmnist.models.wrappers import FlipAveraged
+    from fmnist.evaluation.saved import load_run_model
 
     from .conftest import write_idx_set
 

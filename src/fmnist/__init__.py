@@ -14,18 +14,24 @@ model in ONNX Runtime never imports PyTorch.
 from __future__ import annotations
 
 import importlib
+from importlib import metadata
 
-__version__ = "0.1.0"
+try:
+    __version__ = metadata.version("fmnist")  # pyproject.toml's, as installed
+except metadata.PackageNotFoundError:  # a source tree on PYTHONPATH, not installed
+    __version__ = "0+source"
 
-_EXPORTS = {
-    "CLASS_NAMES": "idx", "UserError": "errors",
-    "Classifier": "classifier", "Prediction": "classifier", "Preprocess": "preprocess",
-    "FashionMNIST": "data", "describe": "data", "load_dataset": "data",
-    "evaluate": "evaluation", "report": "evaluation", "export_onnx": "export",
-    "compute_metrics": "metrics", "format_report": "metrics",
-    "create_model": "models", "list_models": "models",
-    "RECIPES": "recipes", "Recipe": "recipes",
-    "TrainConfig": "training", "TrainResult": "training", "train": "training",
+_EXPORTS = {  # name -> the module that defines it
+    "UserError": "core.errors",
+    "CLASS_NAMES": "data.idx", "FashionMNIST": "data.dataset", "describe": "data.dataset",
+    "load_dataset": "data.dataset", "Preprocess": "data.preprocess",
+    "create_model": "models.registry", "list_models": "models.registry", "model_entry": "models.registry",
+    "Recipe": "models.recipe",
+    "compute_metrics": "evaluation.metrics", "format_report": "evaluation.metrics",
+    "evaluate": "evaluation.saved", "report": "evaluation.saved",
+    "TrainConfig": "training.config", "TrainResult": "training.run", "train": "training.run",
+    "Listener": "training.events",
+    "Classifier": "deploy.classifier", "Prediction": "deploy.classifier", "export_onnx": "deploy.export",
 }
 __all__ = sorted(_EXPORTS)
 

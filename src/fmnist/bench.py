@@ -7,7 +7,7 @@ the median of the rounds. Absolute numbers drift from run to run; ratios much le
 Measured:
   * the machine's fp32 GEMM rate (a large square matmul on all threads): the ceiling;
   * training throughput of the notebook CNN with fmnist's own epoch loop
-    (``training.train_one_epoch`` with the step ``fast.make_step`` picks) at batch 32 and
+    (``training.loop.train_one_epoch`` with the step ``speed.make_step`` picks) at batch 32 and
     128, fp32 and bf16 autocast;
   * the same CNN (the same ``fmnist.models.NotebookCNN``) in a textbook PyTorch loop
     (DataLoader over a TensorDataset, NCHW, Adam, ``loss.item()`` every step), written
@@ -17,8 +17,8 @@ Measured:
   * when TensorFlow happens to be installed, the Keras seed model's ``fit`` throughput.
 Training and inference run on real Fashion-MNIST images (a seeded random sample of the
 training set; the data is found as ``fmnist train`` finds it). Speed depends on the data:
-the routed backward of conv2 (``fmnist.fast.kernels``) works only for the conv outputs that
-win their pooling window and pass the ReLU (docs/performance.md: why noise data misleads).
+the routed backward of conv2 (``fmnist.speed.kernels``) works only for the conv outputs that
+win their pooling window and pass the ReLU (docs/history.md: why noise data misleads).
 """
 
 from __future__ import annotations
@@ -30,13 +30,16 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .data import FashionMNIST, load_dataset, to_float
-from .fast import make_step
-from .fast.notebook import SEEN
-from .classifier import Classifier
-from .models import create_model, layer_flops
-from .runtime import environment, resolve_device
-from .training import TrainConfig, make_optimizer, train_one_epoch
+from .core.precision import resolve_precision
+from .core.runtime import environment, resolve_device
+from .data.dataset import FashionMNIST, load_dataset, to_float
+from .deploy.classifier import Classifier
+from .models.registry import create_model
+from .models.summary import layer_flops, training_flops
+from .speed import executed_training_flops, make_step
+from .training.config import TrainConfig
+from .training.loop import train_one_epoch
+from .training.optim import make_optimizer
 
 
 @dataclass
@@ -60,9 +63,9 @@ class BenchResult:
     environment: dict
     data: dict                           # which release the images came from
     gemm_gflops: float
-    train_flops_per_image: int           # the notebook's network as written: the issue's yardstick
+    train_flops_per_image: int           # the notebook's network as written: the usual count
     forward_flops_per_image: int
-    executed_train_flops_per_image: int  # what fmnist's notebook step actually computes (fmnist.fast)
+    executed_train_flops_per_image: int  # what fmnist's notebook step actually computes (fmnist.speed)
     training: list[dict] = field(default_factory=list)
     inference: list[dict] = field(default_factory=list)
     latency_ms: dict = field(default_factory=dict)
@@ -96,31 +99,6 @@ def gemm_gflops(device: torch.device, n: int = 2048, repeats: int = 10) -> float
     return max(rates)
 
 
-def training_flops(model: nn.Module, winners_only: tuple[int, ...] = (), image_shape=(1, 28, 28)) -> int:
-    """Forward + backward FLOPs per image: backward costs two forwards (input and weight
-    gradients), except the first layer, whose input gradient is never computed. The layers
-    in ``winners_only`` (positions in call order) backpropagate through their max-pool's
-    winners only (fmnist.fast.kernels.conv_pool_relu_routed): a quarter of that, counted as if
-    the ReLU kept every output, so an upper bound."""
-    per_layer = layer_flops(model, image_shape)
-    backward = [2 * flops for flops in per_layer]
-    backward[0] = per_layer[0]
-    for layer in winners_only:
-        backward[layer] //= 4
-    return sum(per_layer) + sum(backward)
-
-
-def executed_training_flops(step) -> int:
-    """What a training step computes per image: the notebook CNN's fast CPU step sees only the
-    26x26 pixels that reach the output and backpropagates conv2 through the pooling winners
-    (in fp32 and under bf16 autocast alike); the autograd step computes the whole network."""
-    from .fast.notebook import NotebookStep
-
-    if isinstance(step, NotebookStep):
-        return training_flops(step.model, winners_only=(1,), image_shape=(1, SEEN, SEEN))
-    return training_flops(step.model)
-
-
 def training_sample(data: FashionMNIST, n: int, device: torch.device, seed: int = 0):
     """n training images as the trainer holds them (float [n, 1, 28, 28] in [0, 1]), with labels.
 
@@ -135,11 +113,11 @@ def training_sample(data: FashionMNIST, n: int, device: torch.device, seed: int 
 # ----------------------------------------------------------------------------- contenders
 
 
-def notebook_step(device: torch.device, precision: str = "fp32", fast: bool = True):
+def notebook_step(device: torch.device, precision: str = "fp32", speedups: bool = True):
     """The training step fmnist takes for the notebook CNN with its recipe on this device."""
     config = TrainConfig().resolved()
     model = create_model("notebook").to(device)
-    return make_step(model, make_optimizer(model, config), precision=precision, device=device, fast=fast)
+    return make_step(model, make_optimizer(model, config), precision=precision, device=device, speedups=speedups)
 
 
 def _epoch_loop(step, data: FashionMNIST, batch_size: int, steps: int, device: torch.device):
@@ -153,9 +131,9 @@ def _epoch_loop(step, data: FashionMNIST, batch_size: int, steps: int, device: t
 
 
 def fmnist_trainer(data: FashionMNIST, batch_size: int, steps: int, device: torch.device, precision: str,
-                   fast: bool = True):
+                   speedups: bool = True):
     """The notebook CNN's steps through fmnist's own epoch loop."""
-    return _epoch_loop(notebook_step(device, precision, fast), data, batch_size, steps, device)
+    return _epoch_loop(notebook_step(device, precision, speedups), data, batch_size, steps, device)
 
 
 def textbook_trainer(data: FashionMNIST, batch_size: int, steps: int, device: torch.device):
@@ -220,8 +198,6 @@ def preset_trainer(data: FashionMNIST, name: str, images: int, device: torch.dev
     """(closure running fmnist's epoch loop with the preset's own step and batch size, the
     step, images per call, batch size): what ``fmnist train --model NAME`` runs, minus
     augmentation and validation."""
-    from .runtime import resolve_precision
-
     config = TrainConfig(model=name, device=str(device)).resolved()
     model = create_model(name, **config.model_args).to(device)
     step = make_step(model, make_optimizer(model, config), precision=resolve_precision(config.precision, device),

@@ -14,7 +14,7 @@ import textwrap
 import warnings
 from pathlib import Path
 
-from .errors import Interrupted, UserError
+from .core.errors import Interrupted, UserError
 
 EXAMPLES = {
     "data": """examples:
@@ -78,7 +78,7 @@ def _print_json(obj) -> None:
 
 
 def cmd_data_info(args) -> int:
-    from .data import describe, load_dataset
+    from .data.dataset import describe, load_dataset
 
     info = describe(load_dataset(args.data))
     if args.json:
@@ -101,7 +101,7 @@ def cmd_data_info(args) -> int:
 
 
 def cmd_data_download(args) -> int:
-    from .data import default_cache_dir, download_release
+    from .data.dataset import default_cache_dir, download_release
 
     directory = download_release(default_cache_dir() if args.dir is None else Path(args.dir))
     print(directory)
@@ -109,24 +109,24 @@ def cmd_data_download(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from .metrics import format_report, format_summary
-    from .training import TrainConfig, train
-
-    from .runtime import set_threads, warn_if_oversubscribed
+    from .core.runtime import set_threads, warn_if_oversubscribed
+    from .evaluation.metrics import format_report, format_summary
+    from .training.config import TrainConfig
+    from .training.run import train
 
     given = _given_train_options(args)
     if args.threads:
         set_threads(args.threads)
     warn_if_oversubscribed()
     config = TrainConfig(**given)
+    progress = not args.quiet and sys.stderr.isatty()
     if args.seeds is not None:
-        from .ensembles import SUMMARY, format_seeds, train_seeds
-        from .runs import read_json
+        from .core.runs import read_json
+        from .training.seeds import SUMMARY, format_seeds, train_seeds
 
         if args.resume is not None or "seed" in given:
             raise UserError("--seeds runs several seeds; drop --resume and --seed")
-        out = train_seeds(config, args.seeds, args.out, args.data, progress=not args.quiet and sys.stderr.isatty(),
-                          log=_log)
+        out = train_seeds(config, args.seeds, args.out, args.data, progress=progress, log=_log, track=args.track)
         summary = read_json(out / SUMMARY)
         print(json.dumps(summary, indent=2) if args.json else format_seeds(summary))
         print(f"summary: {out / SUMMARY}", file=sys.stderr)
@@ -137,8 +137,8 @@ def cmd_train(args) -> int:
             raise UserError(f"--resume continues a run with the settings it started with; "
                             f"drop {' '.join(conflicting)}")
         config = None
-    result = train(config, data_dir=args.data, out=args.out, resume=args.resume,
-                   progress=not args.quiet and sys.stderr.isatty(), log=_log, checkpoint_every=args.checkpoint_every)
+    result = train(config, data_dir=args.data, out=args.out, resume=args.resume, progress=progress, log=_log,
+                   checkpoint_every=args.checkpoint_every, track=args.track)
     if result.run_dir is None:  # a torchrun rank other than 0: rank 0 reports
         return 0
     if args.json:
@@ -152,15 +152,19 @@ def cmd_train(args) -> int:
 
 
 def _given_train_options(args) -> dict:
-    given = {name: getattr(args, name) for name in TRAIN_OPTIONS if getattr(args, name, None) is not None}
-    if args.no_fast:
-        given["fast"] = False
+    """The TrainConfig fields given on the command line (the rest take the recipe's values)."""
+    from .models.recipe import RECIPE_FIELDS
+
+    names = (*RUN_OPTIONS, *RECIPE_FIELDS)
+    given = {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
+    if args.no_speedups:
+        given["speedups"] = False
     return given
 
 
 def cmd_sweep(args) -> int:
     try:
-        from .sweep import leaderboard, run_sweep, show
+        from .training.sweep import leaderboard, run_sweep, show
     except ImportError:
         raise UserError("sweeps need Optuna", hint="pip install 'fmnist[sweep]'") from None
     if args.show:
@@ -172,34 +176,36 @@ def cmd_sweep(args) -> int:
     fixed = _given_train_options(args)
     model = fixed.pop("model", "notebook")
     seed = fixed.get("seed", 0)
-    out = run_sweep(model, args.trials, args.workers, args.storage, args.out, fixed, args.data, seed, log=_log)
+    out = run_sweep(model, args.trials, args.workers, args.storage, args.out, fixed, args.data, seed, log=_log,
+                    track=args.track)
     print(show(out))
     return 0
 
 
 def cmd_models(args) -> int:
-    from .recipes import describe_models
+    from .models.registry import describe_models
 
     models = describe_models()
     if args.json:
         _print_json(models)
         return 0
     for entry in models:
-        recipe = entry["recipe"]
-        print(f"{entry['name']}{' (alias: ' + ', '.join(entry['aliases']) + ')' if entry['aliases'] else ''}: "
-              f"{entry['parameters']:,} parameters, {entry['forward_flops_per_image'] / 1e6:.2f} MFLOP per image "
-              f"forward")
-        print("  " + textwrap.fill(", ".join(f"{k}={v}" for k, v in recipe.items()), 96,
+        aliases = f" (alias: {', '.join(entry['aliases'])})" if entry["aliases"] else ""
+        arguments = ", ".join(f"{k}={v}" for k, v in entry["arguments"].items())
+        print(f"{entry['name']}{aliases}: {entry['summary']}")
+        print(f"  {entry['architecture']}({arguments}): {entry['parameters']:,} parameters, "
+              f"{entry['forward_flops_per_image'] / 1e6:.2f} MFLOP per image forward")
+        print("  " + textwrap.fill(", ".join(f"{k}={v}" for k, v in entry["recipe"].items()), 96,
                                    subsequent_indent="  "))
     return 0
 
 
 def cmd_evaluate(args) -> int:
-    from .evaluation import evaluate
-    from .metrics import format_report, format_summary
+    from .evaluation.saved import evaluate
+    from .evaluation.metrics import format_report, format_summary
 
     if len(args.run_dir) > 1 or args.out:
-        from .ensembles import evaluate_ensemble
+        from .evaluation.ensembles import evaluate_ensemble
 
         metrics = evaluate_ensemble(args.run_dir, args.data, device=args.device, out=args.out)
     else:
@@ -233,7 +239,7 @@ def cmd_bench(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from .evaluation import report
+    from .evaluation.saved import report
 
     print(report(args.run_dir, args.data, device=args.device))
     return 0
@@ -245,9 +251,9 @@ def _preprocess_changes(args) -> dict:
 
 
 def cmd_predict(args) -> int:
-    from .preprocess import save_png
+    from .data.preprocess import save_png
 
-    from .classifier import Classifier
+    from .deploy.classifier import Classifier
 
     classifier = Classifier.load(args.model, backend=args.backend, preprocess=_preprocess_changes(args),
                                  uncertain_below=args.uncertain_below)
@@ -269,8 +275,8 @@ def cmd_predict(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .export import export_onnx
-    from .preprocess import Preprocess
+    from .deploy.export import export_onnx
+    from .data.preprocess import Preprocess
 
     path, check = export_onnx(args.run_dir, args.out, args.data, Preprocess(**_preprocess_changes(args)))
     _log(f"parity on {check['images']} test images: top-1 agreement {check['top1_agreement']:.0%}, "
@@ -281,7 +287,7 @@ def cmd_export(args) -> int:
 
 def cmd_serve(args) -> int:
     try:
-        from .serving import ServeConfig, serve
+        from .deploy.server import ServeConfig, serve
     except ImportError:
         raise UserError("serving needs FastAPI and uvicorn", hint="pip install 'fmnist[serve]'") from None
 
@@ -296,11 +302,9 @@ def cmd_serve(args) -> int:
 # ----------------------------------------------------------------------------- parser
 
 
-# Options that become TrainConfig fields; unset ones (None) take the recipe's or TrainConfig's defaults.
-TRAIN_OPTIONS = ("model", "model_args", "seed", "val_fraction", "limit_train", "device", "deterministic",
-                 "epochs", "batch_size", "optimizer", "lr", "momentum", "eps", "weight_decay", "schedule",
-                 "warmup_epochs", "label_smoothing", "crop_padding", "hflip", "erasing", "ema_decay", "tta_flip",
-                 "precision")
+# The run's own settings given as options (TrainConfig's RunSettings); the recipe's options
+# are generated from its fields (add_recipe).
+RUN_OPTIONS = ("model", "model_args", "seed", "limit_train", "device", "deterministic")
 
 
 def _whole_number(minimum: int):
@@ -326,6 +330,21 @@ def _seconds(text: str) -> float:
     if not value >= 0:  # also NaN
         raise argparse.ArgumentTypeError(f"must be at least 0, got {text}")
     return value
+
+
+def _knob_value(kind: type, knob):
+    """Parses a recipe option and checks it against its field's range, as Recipe.check does."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {'a whole number' if kind is int else 'a number'}, "
+                                             f"got '{text}'") from None
+        problem = knob.problem(value, kind)
+        if problem:
+            raise argparse.ArgumentTypeError(f"must be {problem}, got {text}")
+        return value
+    return parse
 
 
 def _seed_list(text: str) -> list[int]:
@@ -361,7 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
     from . import __version__
     # Names only: building the parser imports no PyTorch (predict and serve with an exported
     # model never need it).
-    from .recipes import OPTIMIZERS, PRECISIONS, RECIPES, SCHEDULES
+    from .models.recipe import knobs
 
     parser = _Parser(
         prog="fmnist", description="Train, evaluate and understand Fashion-MNIST classifiers.",
@@ -405,45 +424,32 @@ def build_parser() -> argparse.ArgumentParser:
 
     def add_run_settings(group):
         group.add_argument("--model", metavar="NAME",
-                           help=f"{', '.join(sorted(RECIPES))} (default: notebook; 'fmnist models' lists them)")
+                           help="a registered model (default: notebook; 'fmnist models' lists them)")
+        group.add_argument("--model-args", type=_json_object, metavar="JSON",
+                           help='arguments of the model\'s architecture to change, e.g. \'{"widths": [16, 32, 64]}\'')
         group.add_argument("--seed", type=_whole_number(0), metavar="N",
                            help="seeds everything, the split included (default: 0)")
-        group.add_argument("--val-fraction", type=float, metavar="F",
-                           help="stratified validation hold-out from train; 0 keeps the last epoch "
-                                "(default: the recipe's, 0.1 for most)")
         group.add_argument("--limit-train", type=_positive_int, metavar="N", help="train on the first N images only")
         group.add_argument("--device", help="auto, cpu or cuda (default: auto)")
         group.add_argument("--deterministic", action="store_true", default=None,
                            help="forbid nondeterministic kernels")
-        group.add_argument("--no-fast", action="store_true",
-                           help="plain autograd steps even where fmnist's faster CPU step applies")
+        group.add_argument("--no-speedups", "--no-fast", action="store_true",
+                           help="plain PyTorch autograd training steps, without fmnist.speed's CPU kernels")
+        group.add_argument("--track", action="append", choices=("tensorboard", "mlflow"), default=[],
+                           help="follow the run in TensorBoard (RUN_DIR/tensorboard) or MLflow "
+                                "($MLFLOW_TRACKING_URI, else ./mlruns); repeat for both")
 
     def add_recipe(sub):
+        """One option per field of fmnist.models.recipe.Recipe, with its help and its range."""
         recipe = sub.add_argument_group("the recipe (default: the model's own, see 'fmnist models')")
-        recipe.add_argument("--model-args", type=_json_object, metavar="JSON",
-                            help='the architecture\'s arguments, e.g. \'{"width": 32}\' (fmnist models lists them)')
-        recipe.add_argument("--epochs", type=_positive_int, metavar="N")
-        recipe.add_argument("--batch-size", type=_positive_int, metavar="N")
-        recipe.add_argument("--optimizer", choices=OPTIMIZERS, help=", ".join(OPTIMIZERS) + " (sgd: Nesterov momentum)")
-        recipe.add_argument("--lr", type=float, metavar="LR", help="peak learning rate")
-        recipe.add_argument("--momentum", type=float, metavar="M", help="SGD momentum")
-        recipe.add_argument("--eps", type=float, metavar="E", help="Adam epsilon")
-        recipe.add_argument("--weight-decay", type=float, metavar="WD")
-        recipe.add_argument("--schedule", choices=SCHEDULES, help=", ".join(SCHEDULES))
-        recipe.add_argument("--warmup-epochs", type=float, metavar="E",
-                            help="linear warm-up (constant, linear, cosine)")
-        recipe.add_argument("--label-smoothing", type=float, metavar="S")
-        recipe.add_argument("--crop-padding", type=_whole_number(0), metavar="P",
-                            help="random crops with P pixels of padding")
-        recipe.add_argument("--hflip", action=argparse.BooleanOptionalAction, default=None,
-                            help="random horizontal flips")
-        recipe.add_argument("--erasing", type=float, metavar="P", help="random-erasing probability")
-        recipe.add_argument("--ema-decay", type=float, metavar="D", help="EMA of the weights (0: off)")
-        recipe.add_argument("--tta-flip", action=argparse.BooleanOptionalAction, default=None,
-                            help="average each test image's logits with its mirror image's")
-        recipe.add_argument("--precision", choices=PRECISIONS,
-                            help="auto = bf16 autocast on GPUs with native bf16, else fp32; bf16-native = bf16 "
-                                 "wherever the hardware has it (AMX/AVX512-BF16 CPUs too), else fp32")
+        for name, (kind, knob, _) in knobs().items():
+            flag = "--" + name.replace("_", "-")
+            if kind is bool:
+                recipe.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=knob.help)
+            elif knob.choices is not None:
+                recipe.add_argument(flag, choices=knob.choices, help=knob.help)
+            else:
+                recipe.add_argument(flag, type=_knob_value(kind, knob), metavar=knob.metavar, help=knob.help)
 
     train = command("train", "train a model with its recipe (any option below overrides it) and write a run "
                              "folder", cmd_train)
@@ -567,7 +573,16 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    shown = warnings.showwarning
     warnings.showwarning = _show_warning  # fmnist's warnings as one line each, like its errors
+    try:
+        return _run(args)
+    finally:
+        warnings.showwarning = shown  # main() called from Python leaves the caller's hook in place
+
+
+def _run(args) -> int:
+    """The command, with every failure turned into its exit status and at most two lines."""
     try:
         return args.func(args)
     except UserError as exc:

@@ -1,0 +1,23 @@
+"""The one exception type users see: a problem with their input, not a bug in fmnist."""
+
+
+class UserError(Exception):
+    """Bad arguments, missing or corrupt data, unreadable images.
+
+    The CLI prints ``error: <message>`` (plus ``hint: <hint>`` when given) and
+    exits with status 2, without a traceback.
+    """
+
+    def __init__(self, message: str, hint: str | None = None):
+        super().__init__(message)
+        self.hint = hint
+
+
+class Interrupted(Exception):
+    """Ctrl-C or SIGTERM during training; the run folder keeps the last complete epoch's checkpoint."""
+
+    def __init__(self, run_dir, epochs_done: int, signal_name: str = "SIGINT"):
+        kept = (f"checkpoint of epoch {epochs_done} kept in {run_dir}" if epochs_done
+                else f"no epoch had completed; {run_dir} restarts from epoch 1")
+        super().__init__(f"{signal_name}: stopped after {epochs_done} complete epoch(s); {kept}")
+        self.run_dir, self.signal_name = run_dir, signal_name

@@ -1,0 +1,286 @@
+"""Classifier: a trained model that labels images, from a run folder or an exported ONNX file.
+
+Inputs are prepared, checked and scaled, and probabilities computed, in NumPy; a model in
+ONNX Runtime (the default on a CPU, and the only engine for an exported ``.onnx`` file)
+never imports PyTorch. That matters twice: loading an exported model costs no PyTorch
+start-up, and PyTorch's OpenMP threads, which keep spinning for a while after any parallel
+op, would fight ONNX Runtime's own threads on a small machine (docs/history.md).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..core.errors import UserError
+from ..data import preprocess as prep
+from ..data.idx import CLASS_NAMES
+from .onnx import ort_session
+
+BACKENDS = ("auto", "torch", "onnx")
+EVAL_BATCH_SIZE = 256  # as fmnist.speed.inference: per-call overhead amortised, activations in cache
+UNCERTAIN_BELOW = 0.5  # top-1 probability under which a prediction is flagged, not trusted
+ONNX_SUFFIX = ".onnx"
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return shifted / shifted.sum(axis=1, keepdims=True)
+
+
+@dataclass
+class Prediction:
+    """One image's answer: the top class, its probability, the next ones, and whether the
+    model is too unsure for the answer to be trusted."""
+
+    label: str
+    probability: float
+    uncertain: bool
+    top_k: list[tuple[str, float]]
+    source: str | None = None
+    image: np.ndarray | None = field(default=None, repr=False)  # the uint8 28x28 the model saw
+
+    def to_dict(self) -> dict:
+        return {"source": self.source, "label": self.label, "probability": round(self.probability, 6),
+                "uncertain": self.uncertain,
+                "top_k": [{"label": name, "probability": round(p, 6)} for name, p in self.top_k]}
+
+
+def _is_tensor(value) -> bool:
+    torch = sys.modules.get("torch")  # only a tensor if PyTorch was imported already
+    return torch is not None and torch.is_tensor(value)
+
+
+def _as_input(images, source: str | None = None) -> np.ndarray:
+    """float32 [N, 1, 28, 28] in [0, 1] from integer pixels (0-255) or floats already in [0, 1];
+    accepts [28, 28], [N, 28, 28], [N, 1, 28, 28] and the notebook's [N, 28, 28, 1]. Errors
+    name ``source``, the file the images came from, when there is one."""
+    where = f" ({source})" if source else ""
+    try:
+        if _is_tensor(images):
+            images = images.detach().cpu()
+            array = (images.float() if str(images.dtype) == "torch.bfloat16" else images).numpy()
+        else:
+            array = np.asarray(images)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise UserError(f"cannot read the images as a numeric array: {exc}{where}") from None
+    shape = list(array.shape)
+    if array.ndim == 2:
+        array = array[None, None]
+    elif array.ndim == 3:
+        array = array[:, None]
+    elif array.ndim == 4 and shape[1] != 1 and shape[3] == 1:
+        array = array.transpose(0, 3, 1, 2)
+    if array.ndim != 4 or array.shape[1:] != (1, 28, 28):
+        raise UserError(f"images must be 28x28 grayscale: [28, 28], [N, 28, 28], [N, 1, 28, 28] "
+                        f"or [N, 28, 28, 1]; got shape {shape} (image files of any size are prepared "
+                        f"automatically: pass their paths){where}")
+    if array.dtype.kind not in "uif":  # bool, complex, strings, objects
+        raise UserError(f"images must be integer pixels 0-255 or floats in [0, 1], not {array.dtype}{where}")
+    floating = array.dtype.kind == "f"
+    if floating and not np.isfinite(array).all():
+        raise UserError(f"float images must be finite and scaled to [0, 1]; got NaN or infinite values{where}")
+    low, high = (float(array.min()), float(array.max())) if array.size else (0.0, 0.0)
+    limit = 1.0 if floating else 255.0
+    if not (low >= 0 and high <= limit):
+        kind = "float images must be scaled to [0, 1]" if floating else "integer pixels must be 0-255"
+        raise UserError(f"{kind}; got values from {low:g} to {high:g}{where}")
+    array = np.ascontiguousarray(array, dtype=np.float32)
+    return array if floating else array / np.float32(255.0)
+
+
+def _is_image_source(item) -> bool:
+    return isinstance(item, (str, os.PathLike, bytes, bytearray, prep.Image.Image))
+
+
+class Classifier:
+    """A trained model ready to label images.
+
+    >>> clf = Classifier.load("runs/notebook-20261127-120000")   # or "model.onnx"
+    >>> clf.predict(["shirt.jpg", "boot.png"])                   # -> ['Shirt', 'Ankle boot']
+    >>> clf.classify("shirt.jpg", top_k=3)[0].to_dict()          # top-k, probabilities, uncertain flag
+    >>> clf.predict(uint8_images)                                # [N, 28, 28] arrays as in the dataset
+
+    Image files and PIL images go through ``fmnist.preprocess`` (settings in ``preprocess``);
+    arrays, ``.npy`` and IDX files are taken as already prepared 28x28 images.
+
+    backend "auto" runs the model in ONNX Runtime on the CPU when it is installed and
+    agrees with PyTorch (lower single-image latency there), else in PyTorch.
+    """
+
+    def __init__(self, model=None, class_names=CLASS_NAMES, backend: str = "auto", *, session=None,
+                 preprocess: prep.Preprocess | None = None, metadata: dict | None = None,
+                 uncertain_below: float = UNCERTAIN_BELOW):
+        if backend not in BACKENDS:
+            raise UserError(f"unknown backend '{backend}' (choose {', '.join(BACKENDS)})")
+        if model is None and session is None:
+            raise UserError("a Classifier needs a model or an ONNX Runtime session")
+        self.model = model.eval() if model is not None else None
+        self.class_names = tuple(class_names)
+        self.preprocess = preprocess or prep.Preprocess()
+        self.metadata = dict(metadata or {})
+        self.uncertain_below = uncertain_below
+        # Temperature scaling fitted on the run's validation split (fmnist.calibration); 1: none.
+        self.temperature = float(self.metadata.get("temperature") or 1.0)
+        self.session = session
+        if session is None and (backend == "onnx" or (backend == "auto" and _on_cpu(model))):
+            from .onnx import onnx_session
+
+            try:
+                self.session = onnx_session(self.model)
+            except (ImportError, RuntimeError) as exc:
+                if backend == "onnx":
+                    raise UserError(f"ONNX Runtime backend unavailable: {exc}") from None
+        self.backend = "onnx" if self.session is not None else "torch"
+
+    # ------------------------------------------------------------------ loading
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, device: str = "cpu", backend: str = "auto", *,
+             preprocess: dict | None = None, uncertain_below: float | None = None) -> "Classifier":
+        """From a run folder (``fmnist train``) or an exported model file (``fmnist export``);
+        ``preprocess`` changes some of the model's preprocessing settings (``Preprocess`` fields)."""
+        if str(path).lower().endswith(ONNX_SUFFIX):
+            if backend == "torch":
+                raise UserError("an exported .onnx model runs in ONNX Runtime; use its run folder for PyTorch")
+            classifier = cls.from_onnx(path)
+        else:
+            classifier = cls.from_run(path, device=device, backend=backend)
+        classifier.preprocess = dataclasses.replace(classifier.preprocess, **(preprocess or {}))
+        if uncertain_below is not None:
+            classifier.uncertain_below = uncertain_below
+        return classifier
+
+    @classmethod
+    def from_run(cls, run_dir: str | os.PathLike, device: str = "cpu", backend: str = "auto") -> "Classifier":
+        from ..evaluation.saved import load_run_model
+        from .metadata import run_metadata
+
+        model, _ = load_run_model(run_dir, device)
+        return cls(model, backend=backend, metadata=run_metadata(run_dir))
+
+    @classmethod
+    def from_onnx(cls, path: str | os.PathLike) -> "Classifier":
+        """An exported model with ONNX Runtime alone; its metadata gives the class names and
+        the preprocessing settings it was exported with."""
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"no such model file: {path}")
+        try:
+            session = ort_session(path)
+        except ImportError:
+            raise UserError("an .onnx model needs ONNX Runtime: pip install onnxruntime") from None
+        except Exception as exc:  # noqa: BLE001 - ONNX Runtime raises its own exception types
+            raise UserError(f"not a loadable ONNX model: {path} ({str(exc).splitlines()[0][:200]})") from None
+        metadata = dict(session.get_modelmeta().custom_metadata_map)
+        try:
+            names = json.loads(metadata["class_names"]) if "class_names" in metadata else CLASS_NAMES
+            settings = prep.Preprocess.from_json(metadata.get("preprocess"))
+        except (ValueError, TypeError) as exc:
+            raise UserError(f"unreadable fmnist metadata in {path}: {exc}") from None
+        return cls(session=session, class_names=names, preprocess=settings, metadata=metadata)
+
+    # ------------------------------------------------------------------ inputs
+
+    def prepare(self, inputs, max_megapixels: float = prep.DEFAULT_MAX_MEGAPIXELS
+                ) -> tuple[np.ndarray, list[str | None]]:
+        """float32 [N, 1, 28, 28] model inputs and a source name per image (None for arrays).
+
+        Accepts an array or tensor of 28x28 images, an image file path, PIL image or encoded
+        bytes, a ``.npy`` or IDX file of 28x28 images, or a list of any of these.
+        """
+        items = [inputs] if _is_image_source(inputs) else inputs
+        if isinstance(items, (list, tuple)) and not items:
+            raise UserError("no images in the input: the list is empty")
+        if not isinstance(items, (list, tuple)) or not any(_is_image_source(item) for item in items):
+            batch = _as_input(inputs)
+            return batch, [None] * len(batch)
+        batches, names = [], []
+        for item in items:
+            if isinstance(item, (str, os.PathLike)) and prep.is_batch_file(item):
+                batch = _as_input(prep.read_batch(item), str(item))
+                names += [f"{item}[{i}]" for i in range(len(batch))]
+            elif _is_image_source(item):
+                name = str(item) if isinstance(item, (str, os.PathLike)) else None
+                batch = _as_input(prep.prepare(item, self.preprocess, max_megapixels, name))
+                names.append(name)
+            else:
+                batch = _as_input(item)
+                names += [None] * len(batch)
+            batches.append(batch)
+        return np.concatenate(batches), names
+
+    # ------------------------------------------------------------------ outputs
+
+    def _logits(self, batch: np.ndarray) -> np.ndarray:
+        if self.session is None:
+            import torch
+
+            from ..speed.inference import predict_logits
+
+            return predict_logits(self.model, torch.from_numpy(batch)).numpy()
+        chunks = [self.session.run(None, {"images": batch[i:i + EVAL_BATCH_SIZE]})[0]
+                  for i in range(0, len(batch), EVAL_BATCH_SIZE)]
+        return np.concatenate(chunks) if chunks else np.empty((0, len(self.class_names)), np.float32)
+
+    def logits(self, images) -> np.ndarray:
+        return self._logits(self.prepare(images)[0])
+
+    def probabilities(self, batch: np.ndarray) -> np.ndarray:
+        """Calibrated probabilities [N, classes] for prepared float32 [N, 1, 28, 28] inputs."""
+        logits = self._logits(batch)
+        return softmax(logits / np.float32(self.temperature) if self.temperature != 1.0 else logits)
+
+    def predict_proba(self, images) -> np.ndarray:
+        """Class probabilities [N, classes] for images in any form ``prepare`` accepts."""
+        return self.probabilities(self.prepare(images)[0])
+
+    def predict(self, images) -> list[str]:
+        return [self.class_names[i] for i in self.predict_proba(images).argmax(axis=1).tolist()]
+
+    def answers(self, probabilities: np.ndarray, sources=None, top_k: int = 3,
+                images: np.ndarray | None = None) -> list[Prediction]:
+        """Predictions from probabilities: top-k classes and the uncertain flag."""
+        k = max(1, min(top_k, len(self.class_names)))
+        order = np.argsort(-probabilities, axis=1, kind="stable")[:, :k]
+        sources = sources or [None] * len(probabilities)
+        return [Prediction(label=self.class_names[row[0]], probability=float(p[row[0]]),
+                           uncertain=bool(p[row[0]] < self.uncertain_below),
+                           top_k=[(self.class_names[i], float(p[i])) for i in row], source=source,
+                           image=None if images is None else images[n])
+                for n, (row, p, source) in enumerate(zip(order, probabilities, sources))]
+
+    def classify(self, images, top_k: int = 3) -> list[Prediction]:
+        """Top-k classes with probabilities and an uncertain flag for each image; each answer
+        keeps the 28x28 image the model saw (``Prediction.image``)."""
+        batch, sources = self.prepare(images)
+        seen = np.rint(batch[:, 0] * 255).astype(np.uint8)
+        return self.answers(self.probabilities(batch), sources, top_k, seen)
+
+    def describe(self) -> dict:
+        """What ``GET /v1/model`` answers: classes, backend, preprocessing, run metadata."""
+        return {"classes": list(self.class_names), "backend": self.backend, "temperature": self.temperature,
+                "uncertain_below": self.uncertain_below, "preprocess": json.loads(self.preprocess.to_json()),
+                **{k: _decoded(k, v) for k, v in self.metadata.items() if k not in ("class_names", "preprocess")}}
+
+
+JSON_METADATA = ("test_accuracy", "parity", "temperature")  # stored as strings (ONNX metadata holds only strings)
+
+
+def _decoded(key: str, value):
+    if key in JSON_METADATA and isinstance(value, str) and value:
+        try:
+            return json.loads(value)
+        except ValueError:
+            return value
+    return value if value != "" else None
+
+
+def _on_cpu(model) -> bool:
+    return model is not None and next(model.parameters()).device.type == "cpu"

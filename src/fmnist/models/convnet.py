@@ -1,0 +1,119 @@
+"""The wide, shallow batch-norm ConvNet and its presets: ``fast``, ``best-cpu`` and ``best``.
+
+Each preset is a registry entry carrying the network's arguments and the recipe it is
+trained with, tuned for one job on the validation split only (docs/results.md); the test
+split is measured once at the end. Their numbers: the README's results table.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .recipe import Recipe
+from .entry import register_model
+
+
+class ConvGroup(nn.Sequential):
+    """conv 3x3 -> max-pool 2 -> batch norm -> ReLU, then ``depth - 1`` more conv -> BN -> ReLU.
+
+    Pooling right after the first convolution (the CIFAR-10 speed runs' order) halves the
+    size before batch norm and ReLU touch it: a quarter of their work, which on a CPU is most
+    of a small net's time (batch norm's backward pass alone took a quarter of a step).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, depth: int = 2):
+        layers = [nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False), nn.MaxPool2d(2),
+                  nn.BatchNorm2d(out_channels), nn.ReLU()]
+        for _ in range(depth - 1):
+            layers += [nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False),
+                       nn.BatchNorm2d(out_channels), nn.ReLU()]
+        super().__init__(*layers)
+
+
+class ConvNet(nn.Module):
+    """Three ConvGroups at 28 -> 14 -> 7 -> 3 pixels, global max-pooling, one linear layer.
+
+    Wide and shallow with batch norm: the architecture the CIFAR-10 speed runs converged on,
+    because it reaches a given accuracy in the fewest FLOPs at small image sizes. ``depth`` is
+    the convolutions per group: one number for every group, or one per group.
+    """
+
+    def __init__(self, widths: tuple[int, ...] = (32, 64, 128), depth: int | tuple[int, ...] = 2,
+                 dropout: float = 0.0):
+        super().__init__()
+        channels = (1, *widths)
+        depths = (depth,) * len(widths) if isinstance(depth, int) else tuple(depth)
+        if len(depths) != len(widths):
+            raise TypeError(f"depth needs one number per group ({len(widths)}), got {depth!r}")
+        self.groups = nn.Sequential(*(ConvGroup(c_in, c_out, d) for c_in, c_out, d in zip(channels, widths, depths)))
+        self.dropout = nn.Dropout(dropout)
+        self.fc = nn.Linear(widths[-1], 10)
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.flatten(F.adaptive_max_pool2d(self.groups(x), 1), 1)
+        return self.fc(self.dropout(x))
+
+
+register_model(
+    "fast", ConvNet, widths=(32, 64, 128), depth=2,  # 4 epochs of it beat 7 of one conv a group
+    summary="the most accuracy from about a minute of a 2-core CPU",
+    # best-cpu's net, in bf16 where the CPU has it natively (about twice fp32's speed), for the
+    # few epochs a minute buys. No augmentation: it pays off only over longer runs.
+    recipe=Recipe(
+        epochs=4,              # what fits the minute on a 2-core CPU with native bf16
+        batch_size=128,        # batch norm's statistics need more than a few dozen images (256: slower here)
+        optimizer="sgd",       # SGD + Nesterov generalises better than Adam on batch-norm convnets
+        lr=0.2,                # a short run wants a high peak: half a point of validation accuracy over 0.1
+        weight_decay=5e-4,     # the usual L2 for batch-norm convnets
+        schedule="onecycle",   # warm up, anneal to ~0: most of a short run's gain
+        label_smoothing=0.1,   # softer targets: better accuracy and calibration
+        precision="bf16-native",
+        val_fraction=0.02,     # the recipe was tuned on the usual 10%; the final run holds out 1,200
+                               # images (the epoch and the temperature) and trains on 4,800 more
+    ),
+)
+
+register_model(
+    "best-cpu", ConvNet, widths=(32, 64, 128), depth=2,
+    summary="the CPU's best: about twenty minutes of a 2-core CPU with native bf16",
+    # The standard recipe of the CIFAR-10 speed runs, trained long.
+    recipe=Recipe(
+        epochs=60,             # validation accuracy still rose from 20 to 40 epochs
+        batch_size=128,        # batch norm's statistics need more than a few dozen images
+        optimizer="sgd",       # SGD + Nesterov generalises better than Adam on batch-norm convnets
+        lr=0.05,               # peak for batch 128 with label smoothing
+        weight_decay=5e-4,     # the usual L2 for batch-norm convnets
+        schedule="onecycle",   # warm up, anneal to ~0: the reliable schedule for a fixed budget
+        label_smoothing=0.1,   # softer targets: better accuracy and calibration
+        crop_padding=2,        # +-2 pixel shifts: items are centred, not perfectly
+        hflip=True,            # a mirrored garment is the same garment
+        erasing=0.25,          # occlusion: the regulariser behind the best published WRN result
+        tta_flip=True,
+        precision="bf16-native",  # oneDNN's bf16 convolutions where the CPU has them: about 2x fp32
+    ),
+)
+
+register_model(
+    "best", ConvNet, widths=(128, 256, 512), depth=3,  # four times wider, three convolutions deep
+    summary="the strongest recipe, for a CUDA GPU (it runs anywhere, slowly)",
+    recipe=Recipe(
+        epochs=100,
+        batch_size=256,
+        optimizer="sgd",
+        lr=0.1,                # the linear scaling of best-cpu's peak to batch 256
+        weight_decay=5e-4,
+        schedule="onecycle",
+        label_smoothing=0.1,
+        crop_padding=2,
+        hflip=True,
+        erasing=0.5,           # more occlusion for a larger model trained longer
+        ema_decay=0.999,       # a smoothed copy of the weights is what gets validated and kept
+        tta_flip=True,
+        precision="bf16-native",  # bf16 autocast on GPUs (and CPUs) that have it
+    ),
+)

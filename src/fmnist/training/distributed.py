@@ -1,0 +1,99 @@
+"""Data-parallel training under torchrun: one process per rank, gradients all-reduced.
+
+    torchrun --nproc-per-node 2 -m fmnist train --batch-size 64          # one machine
+    torchrun --nnodes 2 --node-rank 0 --rdzv-endpoint host:29500 --nproc-per-node 2 -m fmnist train ...
+
+``--batch-size`` stays the global batch: each of N ranks trains on its 1/N slice of every
+batch of the epoch's one permutation (the same on every rank, from the run's seed), and
+DistributedDataParallel averages the gradients, so a step sees the same images and the same
+mean gradient as a single process with that batch. gloo on CPUs, NCCL on CUDA. Only rank 0
+writes the run folder, prints, validates and tests; the other ranks wait for it at the end
+of each epoch.
+
+What steps aside, and says so in config.json: fmnist's hand-written CPU step (it bypasses
+autograd, whose hooks DDP needs), and on CPUs the synchronisation of batch norm
+(PyTorch's SyncBatchNorm runs on GPUs only), where each rank normalises its own slice.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from ..core.runtime import share_cores
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int
+    size: int
+    local_rank: int
+    local_size: int
+    backend: str
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def join(device_name: str) -> World | None:
+    """Join torchrun's process group when launched by it (WORLD_SIZE > 1), else None."""
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    if size <= 1:
+        return None
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    local_size = int(os.environ.get("LOCAL_WORLD_SIZE", str(size)))
+    cuda = device_name != "cpu" and torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(local_rank)
+    else:
+        share_cores(local_size)  # before the first parallel op
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return World(dist.get_rank(), dist.get_world_size(), local_rank, local_size, dist.get_backend())
+
+
+def leave(world: World | None) -> None:
+    if world is not None and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def device_for(world: World | None, device: torch.device) -> torch.device:
+    """Each rank on its own GPU."""
+    return torch.device("cuda", world.local_rank) if world is not None and device.type == "cuda" else device
+
+
+def wrap(model: torch.nn.Module, world: World | None, device: torch.device):
+    """(the model to save and evaluate, the module the training step drives: DDP under
+    torchrun, what config.json records). Call before the optimizer is made."""
+    if world is None:
+        return model, model, {}
+    has_batch_norm = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    synced = has_batch_norm and device.type == "cuda"
+    if synced:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    wrapped = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
+                                                        else None)
+    batch_norm = ("synchronised across ranks" if synced else
+                  "per rank (SyncBatchNorm needs a GPU)" if has_batch_norm else "none in the model")
+    return model, wrapped, {"world_size": world.size, "backend": world.backend, "batch_norm": batch_norm}
+
+
+def reducer(world: World | None):
+    """Sums a tensor over the ranks (identity in a single process)."""
+    if world is None:
+        return lambda tensor: tensor
+
+    def reduce(tensor: torch.Tensor) -> torch.Tensor:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return tensor
+
+    return reduce
+
+
+def barrier(world: World | None) -> None:
+    if world is not None:
+        dist.barrier()

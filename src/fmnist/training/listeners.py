@@ -1,0 +1,28 @@
+"""The listeners every run has: the console's line per epoch and the report at the end."""
+
+from __future__ import annotations
+
+from .events import Listener
+
+
+class ConsoleLog(Listener):
+    """One line per epoch through ``log`` (the CLI sends it to stderr)."""
+
+    def __init__(self, log=print):
+        self.log = log
+
+    def on_epoch_end(self, run, row: dict, best: bool) -> None:
+        validation = (f"val loss {row['val_loss']:.4f} acc {row['val_accuracy']:.4f}" if run.validating
+                      else "no validation set")
+        self.log(f"epoch {row['epoch']:>2}/{run.config.epochs}  train loss {row['train_loss']:.4f} "
+                 f"acc {row['train_accuracy']:.4f}  {validation}  {row['seconds']:.1f}s  "
+                 f"{row['images_per_second']:,.0f} img/s" + ("  *best" if run.validating and best else ""))
+
+
+class ReportWriter(Listener):
+    """figures/ and report.html, drawn from the tested best epoch."""
+
+    def on_run_end(self, run, metrics: dict, test_logits) -> None:
+        from ..evaluation.report import build_report  # matplotlib is imported only when drawing
+
+        build_report(run.run_dir, run.data, test_logits, metrics)

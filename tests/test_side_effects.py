@@ -1,0 +1,41 @@
+"""The library leaves its caller alone: a run, a report and the figures change nothing in the
+process that called them (matplotlib's backend and figures, PyTorch's flags and threads, the
+environment, the warnings hook)."""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import pytest
+import torch
+
+import fmnist
+
+pytestmark = pytest.mark.slow  # a training on the real data
+
+
+def test_a_run_and_its_report_leave_the_callers_process_as_they_found_it(dataset, tmp_path):
+    import matplotlib
+
+    matplotlib.use("pdf")  # what a caller chose: not what fmnist draws with
+    import matplotlib.pyplot as plt
+
+    figure = plt.figure()
+    threads = max(1, torch.get_num_threads() - 1)
+    torch.set_num_threads(threads)
+    environment, hook = dict(os.environ), warnings.showwarning
+    # deterministic=True switches PyTorch's deterministic algorithms on for the run
+    result = fmnist.train(fmnist.TrainConfig(epochs=1, limit_train=500, deterministic=True), data=dataset,
+                          out=tmp_path / "run", progress=False, log=lambda line: None)
+    fmnist.report(result.run_dir, data=dataset)
+    from fmnist.evaluation import figures
+
+    figures.curves(result.history)
+    assert matplotlib.get_backend() == "pdf"
+    assert plt.get_fignums() == [figure.number] and plt.gcf() is figure
+    assert not torch.are_deterministic_algorithms_enabled()
+    assert torch.get_num_threads() == threads
+    assert dict(os.environ) == environment
+    assert warnings.showwarning is hook
+    plt.close(figure)
