@@ -63,6 +63,10 @@ EXAMPLES = {
   curl -F images=@shirt.jpg -F images=@boot.png http://127.0.0.1:8000/v1/predict""",
     "report": """examples:
   fmnist report runs/notebook-20261127-120000   # redraws figures/ and report.html""",
+    "compare": """examples:
+  fmnist train --model fast --seeds 0,1,2,3,4 --out runs/fast
+  fmnist train --model fast --seeds 0,1,2,3,4 --lr 0.3 --out runs/fast-lr03
+  fmnist compare runs/fast runs/fast-lr03          # difference, 95% CI, Welch's t-test""",
 }
 
 
@@ -218,6 +222,14 @@ def cmd_evaluate(args) -> int:
     print(format_summary(metrics))
     if "warning" in metrics:
         _log(f"warning: {metrics['warning']}")
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from .evaluation.compare import compare_summaries, format_comparison
+
+    result = compare_summaries(args.first, args.second)
+    print(json.dumps(result, indent=2) if args.json else format_comparison(result))
     return 0
 
 
@@ -557,6 +569,13 @@ def build_parser() -> argparse.ArgumentParser:
     limits.add_argument("--body-timeout-s", type=float, default=10.0, metavar="S",
                         help="longest pause in an upload before it is answered 408 and closed (default: 10)")
     add_preprocess(serve)
+
+    compare = command("compare", "two sets of seeds side by side: is the difference real? (Welch's t-test)",
+                      cmd_compare)
+    compare.add_argument("first", metavar="SEEDS_A", help="a folder written by 'fmnist train --seeds' (or its "
+                                                          "summary.json)")
+    compare.add_argument("second", metavar="SEEDS_B", help="another; differences are B minus A")
+    compare.add_argument("--json", action="store_true", help="machine-readable output")
 
     bench = command("bench", "measure training and inference speed against the machine's limit", cmd_bench)
     bench.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")

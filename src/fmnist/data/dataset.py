@@ -103,6 +103,15 @@ class FashionMNIST:
     test_images: torch.Tensor
     test_labels: torch.Tensor
     source: DataSource
+    _seen: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)
+
+    def test_seen_in_training(self) -> torch.Tensor:
+        """A bool mask of the test images whose exact pixels are also in the training set (10 in
+        the 2017-08-26 release, one of them with another label): the test set without them
+        measures what a model learned rather than what it memorised. Computed once."""
+        if self._seen is None:
+            self._seen = torch.from_numpy(np.isin(_image_keys(self.test_images), _image_keys(self.train_images)))
+        return self._seen
 
 
 # ----------------------------------------------------------------------------- locating

@@ -72,9 +72,15 @@ def compute_metrics(logits: torch.Tensor, labels: torch.Tensor, class_names=CLAS
 
 
 def metrics_on_test_set(logits: torch.Tensor, data) -> dict:
-    """compute_metrics on a FashionMNIST's test labels, labelled with the split and data release."""
+    """compute_metrics on a FashionMNIST's test labels, labelled with the split and data release,
+    with the accuracy and loss also on the test images that are not in the training set."""
     metrics = compute_metrics(logits, data.test_labels)
-    metrics.update(split="test", data_release=data.source.release)
+    unseen = ~data.test_seen_in_training()
+    logits, labels = logits.float().cpu()[unseen], data.test_labels.cpu()[unseen]
+    metrics.update(split="test", data_release=data.source.release, deduplicated={
+        "count": int(unseen.sum()), "excluded": int((~unseen).sum()),
+        "accuracy": (logits.argmax(dim=1) == labels).double().mean().item() if len(labels) else None,
+        "loss": F.cross_entropy(logits, labels).item() if len(labels) else None})
     return metrics
 
 
@@ -101,6 +107,9 @@ def format_summary(metrics: dict) -> str:
     calibration = metrics.get("calibration")
     calibrated = (f"\ncalibration: test ECE {calibration['test_ece_before']:.4f} -> {calibration['test_ece_after']:.4f} "
                   f"with temperature {calibration['temperature']:.3f} (fitted on validation)" if calibration else "")
-    return (f"test accuracy {metrics['accuracy']:.4f}  top-2 {metrics['top2_accuracy']:.4f}  "
+    unseen = metrics.get("deduplicated") or {}
+    deduplicated = (f"  ({unseen['accuracy']:.4f} without the {unseen['excluded']} also in train)"
+                    if unseen.get("excluded") and unseen.get("accuracy") is not None else "")
+    return (f"test accuracy {metrics['accuracy']:.4f}{deduplicated}  top-2 {metrics['top2_accuracy']:.4f}  "
             f"loss {metrics['loss']:.4f}  on {metrics['count']} images\n"
             f"most confused: {pairs}" + calibrated)

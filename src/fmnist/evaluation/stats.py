@@ -1,0 +1,49 @@
+"""Whether a difference is real: means with their 95% confidence intervals, and Welch's t-test
+between two sets of runs (SciPy's t distribution).
+
+With the few seeds a CPU budget buys (3 or 5), an interval is wide: the t distribution with
+n - 1 degrees of freedom says how wide. Welch's test does not assume the two recipes vary by
+the same amount from seed to seed.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+
+CONFIDENCE = 0.95
+
+
+def spread(values: list[float], confidence: float = CONFIDENCE) -> dict:
+    """Mean, standard deviation, range and the confidence interval of the mean (None for one value)."""
+    from scipy import stats
+
+    n = len(values)
+    mean = statistics.fmean(values)
+    std = statistics.stdev(values) if n > 1 else 0.0
+    half = stats.t.ppf((1 + confidence) / 2, n - 1) * std / math.sqrt(n) if n > 1 else None
+    return {"n": n, "mean": mean, "std": std, "min": min(values), "max": max(values),
+            "ci_low": None if half is None else float(mean - half),
+            "ci_high": None if half is None else float(mean + half), "confidence": confidence}
+
+
+def welch(a: list[float], b: list[float], confidence: float = CONFIDENCE) -> dict:
+    """Welch's t-test of mean(b) - mean(a): the difference, its confidence interval, t, the
+    Welch-Satterthwaite degrees of freedom and the two-sided p-value."""
+    from scipy import stats
+
+    if len(a) < 2 or len(b) < 2:
+        return {"difference": statistics.fmean(b) - statistics.fmean(a), "p_value": None, "significant": None,
+                "note": "needs at least two runs on each side"}
+    va, vb = statistics.variance(a) / len(a), statistics.variance(b) / len(b)
+    difference = statistics.fmean(b) - statistics.fmean(a)
+    if va + vb == 0:  # identical runs on both sides: no spread to test against
+        return {"difference": difference, "p_value": 0.0 if difference else 1.0, "significant": difference != 0,
+                "ci_low": difference, "ci_high": difference, "t": math.inf if difference else 0.0, "df": None,
+                "confidence": confidence}
+    df = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))
+    t = difference / math.sqrt(va + vb)
+    p = 2 * stats.t.sf(abs(t), df)
+    half = stats.t.ppf((1 + confidence) / 2, df) * math.sqrt(va + vb)
+    return {"difference": difference, "ci_low": float(difference - half), "ci_high": float(difference + half),
+            "t": t, "df": df, "p_value": float(p), "significant": bool(p < 1 - confidence), "confidence": confidence}

@@ -1,0 +1,83 @@
+"""Statistics over seeds (confidence intervals, Welch's t-test, fmnist compare) and the test
+accuracy without the test images that are also in the training set."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats as scipy_stats
+
+from fmnist.cli import main
+from fmnist.data.dataset import DataSource, FashionMNIST
+from fmnist.evaluation.metrics import metrics_on_test_set
+from fmnist.evaluation.stats import spread, welch
+from fmnist.training.seeds import format_seeds, summarise
+
+FAST = [0.9411, 0.9425, 0.9380, 0.9355, 0.9420]
+BEST = [0.9514, 0.9514, 0.9532]
+
+
+def test_the_confidence_interval_is_the_t_interval_of_the_mean():
+    result = spread(FAST)
+    low, high = scipy_stats.t.interval(0.95, len(FAST) - 1, loc=np.mean(FAST), scale=scipy_stats.sem(FAST))
+    assert (result["ci_low"], result["ci_high"]) == pytest.approx((low, high))
+    assert result["n"] == 5 and result["min"] == min(FAST) and result["max"] == max(FAST)
+    assert spread([0.9])["ci_low"] is None  # one run: no interval
+
+
+def test_welch_is_scipys_unequal_variance_t_test():
+    result = welch(FAST, BEST)
+    expected = scipy_stats.ttest_ind(BEST, FAST, equal_var=False)
+    assert result["t"] == pytest.approx(expected.statistic) and result["p_value"] == pytest.approx(expected.pvalue)
+    assert result["difference"] == pytest.approx(np.mean(BEST) - np.mean(FAST))
+    assert result["ci_low"] < result["difference"] < result["ci_high"] and result["significant"]
+    same = welch(FAST, [a + 1e-5 for a in FAST])
+    assert not same["significant"] and same["ci_low"] < 0 < same["ci_high"]
+    assert welch([0.9], BEST)["p_value"] is None  # one run on a side: nothing to test
+
+
+def test_compare_reads_two_seed_folders_and_says_whether_the_difference_is_real(tmp_path, capsys):
+    for name, accuracies in (("fast", FAST), ("best", BEST)):
+        rows = [{"seed": i, "accuracy": a, "top2_accuracy": 0.99, "best_epoch": 4, "seconds": 50.0}
+                for i, a in enumerate(accuracies)]
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "summary.json").write_text(json.dumps(summarise(name, rows, "release")))
+    assert main(["compare", str(tmp_path / "fast"), str(tmp_path / "best")]) == 0
+    out = capsys.readouterr().out
+    assert "accuracy" in out and "significant, Welch's t-test" in out and "+1." in out
+    assert main(["compare", str(tmp_path / "fast"), str(tmp_path / "best"), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["tests"]["accuracy"]["significant"] is True
+    assert main(["compare", str(tmp_path / "fast"), str(tmp_path / "nothing")]) == 2
+    assert "no summary.json" in capsys.readouterr().err
+
+
+def test_a_seed_summary_holds_each_mean_with_its_interval():
+    rows = [{"seed": i, "accuracy": a, "deduplicated_accuracy": a - 1e-4, "top2_accuracy": 0.99, "best_epoch": 4,
+             "test_ece": 0.01, "seconds": 50.0} for i, a in enumerate(FAST)]
+    summary = summarise("fast", rows, "release")
+    assert summary["accuracy"]["ci_low"] < summary["accuracy"]["mean"] < summary["accuracy"]["ci_high"]
+    assert summary["deduplicated_accuracy"]["n"] == 5
+    assert "95% CI" in format_seeds(summary)
+
+
+def test_test_images_also_in_training_are_left_out_of_the_deduplicated_accuracy():
+    train = torch.randint(0, 256, (50, 28, 28), dtype=torch.uint8)
+    test = torch.randint(0, 256, (20, 28, 28), dtype=torch.uint8)
+    test[[3, 7]] = train[[0, 5]]  # two test images that are also training images
+    data = FashionMNIST(train, torch.arange(50) % 10, test, torch.arange(20) % 10,
+                        DataSource(directory="synthetic", release="unverified copy", verified=False))
+    logits = torch.nn.functional.one_hot(data.test_labels, 10).float()
+    logits[3] = logits[3].roll(1)  # wrong on a seen image only
+    metrics = metrics_on_test_set(logits, data)
+    assert metrics["accuracy"] == pytest.approx(19 / 20)
+    assert metrics["deduplicated"] == {"count": 18, "excluded": 2, "accuracy": 1.0,
+                                       "loss": pytest.approx(metrics["deduplicated"]["loss"])}
+
+
+@pytest.mark.slow
+def test_the_real_test_set_holds_ten_images_of_the_training_set(dataset):
+    assert int(dataset.test_seen_in_training().sum()) == 10
