@@ -25,6 +25,11 @@ class Listener:
     def on_run_end(self, run, metrics: dict, test_logits) -> None:
         """The best epoch was tested: its metrics (written to metrics.json after every listener)."""
 
+    def inside_epoch(self, run, epoch: int):
+        """(seconds, call) to be called every that many seconds inside ``epoch`` with (steps done,
+        their losses, correct so far), or None (the checkpoint inside epochs uses it)."""
+        return None
+
 
 class Events:
     """The run's listeners, called in order."""
@@ -47,3 +52,8 @@ class Events:
     def run_end(self, run, metrics: dict, test_logits) -> None:
         for listener in self.listeners:
             listener.on_run_end(run, metrics, test_logits)
+
+    def inside_epoch(self, run, epoch: int):
+        """The first listener's request to be called inside the epoch (one is all the loop takes)."""
+        return next((request for listener in self.listeners
+                     if (request := listener.inside_epoch(run, epoch)) is not None), None)

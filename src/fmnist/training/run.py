@@ -83,12 +83,12 @@ class Run:
         self._set_up_training()
         self.events = Events(listeners if self.main else [])
         self.progress, self.start_epoch, self.resumed_from = Progress(), 1, None
-        if resumed is None:
-            self.run_dir = runs.new_run_dir(out, config.model, self._config_record(),
-                                            needed_bytes=40 * count_parameters(self.model) + 5_000_000) \
-                if self.main else None
-        else:
+        if resumed is not None:
             self._take_back(*resumed)
+        elif self.main:  # only rank 0 writes
+            self.run_dir = runs.new_run_dir(out, config.model, self._config_record(), needed_bytes=self._files_bytes())
+        else:
+            self.run_dir = None
 
     # ------------------------------------------------------------------ set up
 
@@ -128,6 +128,12 @@ class Run:
                                  lr=config.lr, training_step=self.step.name)
             self.log(f"torchrun: {ranks} ranks ({world.backend}), global batch {config.batch_size} = {ranks} x "
                      f"{config.batch_size // ranks}, {self.step.name} step, batch norm {self.parallel['batch_norm']}")
+
+    def _files_bytes(self) -> int:
+        """About what the run writes: the checkpoint (weights, up to two optimizer slots, EMA,
+        the best weights) and the weights file, each twice while its atomic write is in flight,
+        plus figures and report."""
+        return 4 * count_parameters(self.model) * 10 + 5_000_000
 
     def _after_step(self) -> None:
         self.scheduler.step()
@@ -195,7 +201,6 @@ class Run:
         if epoch == self.start_epoch and self.resumed_from is not None and self.resumed_from.get("position"):
             state = self.resumed_from  # the same order and augmentation; the steps done are skipped
             resume_at = (state["position"], state["partial_losses"], state["partial_correct"])
-        checkpointer = next((l for l in self.events.listeners if isinstance(l, Checkpointer)), None)
         with tqdm(total=len(self.x_train), desc=f"epoch {epoch}/{self.config.epochs}", unit="img",
                   unit_scale=True, file=sys.stderr, leave=False, disable=not self.show_progress,
                   mininterval=0.5) as bar:
@@ -203,7 +208,7 @@ class Run:
                 train_loss, train_acc = train_one_epoch(
                     self.step, self.x_train, self.y_train, self.config.batch_size, self.generator,
                     augmentation=self.augmentation, after_step=self._after_step, world=self.world, bar=bar,
-                    resume_at=resume_at, checkpoint=checkpointer.inside_epoch(self, epoch) if checkpointer else None)
+                    resume_at=resume_at, checkpoint=self.events.inside_epoch(self, epoch))
             except NonFiniteLoss as exc:
                 kept = f"the checkpoint of epoch {epoch - 1} is kept" if epoch > 1 else "no epoch was saved"
                 raise UserError(f"{exc} of epoch {epoch}; training stopped and {kept} ({self.run_dir})",
