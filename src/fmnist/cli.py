@@ -123,6 +123,8 @@ def cmd_train(args) -> int:
         set_threads(args.threads)
     warn_if_oversubscribed()
     config = TrainConfig(**given)
+    if args.resume is None:
+        config.resolved()  # a wrong setting is refused before the data is read or downloaded
     progress = not args.quiet and sys.stderr.isatty()
     if args.seeds is not None:
         from .core.runs import read_json
