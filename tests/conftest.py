@@ -80,6 +80,24 @@ def cli(capsys):
     return call
 
 
+def without_waiting(cli, args, fifo: Path) -> subprocess.CompletedProcess:
+    """``cli(*args)``; if it is still running after 30 s (it opened ``fifo`` and waits for a
+    writer), the writing end is opened and closed to release it, and the test fails."""
+    import threading
+
+    results = []
+    thread = threading.Thread(target=lambda: results.append(cli(*args)), daemon=True)
+    thread.start()
+    thread.join(30)
+    if thread.is_alive():
+        with open(fifo, "wb"):
+            pass
+        thread.join(30)
+        pytest.fail(f"fmnist {args[0]} opened {fifo.name} and waited for a writer")
+    assert results, f"fmnist {args[0]} raised"
+    return results[0]
+
+
 @pytest.fixture(scope="session")
 def trained_run(data_dir, tmp_path_factory):
     """One real CLI training run, shared by the end-to-end tests: 1 epoch on 10,000 images."""

@@ -17,6 +17,8 @@ import torch
 from fmnist.core import runs
 from fmnist.core.errors import UserError
 
+from .conftest import without_waiting
+
 
 @pytest.fixture
 def run_copy(trained_run, tmp_path):
@@ -107,26 +109,8 @@ def test_a_fifo_in_place_of_a_run_file_is_refused_without_hanging(run_copy, name
         exe = os.path.join(os.path.dirname(sys.executable), "fmnist")
         result = subprocess.run([exe, *map(str, args)], capture_output=True, text=True, timeout=60)
     else:
-        result = _without_waiting(cli, args, run_copy / name)
+        result = without_waiting(cli, args, run_copy / name)
     _one_line_error(result, "not a regular file", name)
-
-
-def _without_waiting(cli, args, fifo):
-    """``cli(*args)``; if it is still running after 30 s (it opened ``fifo`` and waits for a
-    writer), the writing end is opened and closed to release it, and the test fails."""
-    import threading
-
-    results = []
-    thread = threading.Thread(target=lambda: results.append(cli(*args)), daemon=True)
-    thread.start()
-    thread.join(30)
-    if thread.is_alive():
-        with open(fifo, "wb"):
-            pass
-        thread.join(30)
-        pytest.fail(f"fmnist {args[0]} opened {fifo.name} and waited for a writer")
-    assert results, f"fmnist {args[0]} raised"
-    return results[0]
 
 
 def test_a_random_file_as_checkpoint_is_not_called_code(tmp_path):
