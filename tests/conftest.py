@@ -53,6 +53,51 @@ def run_cli(*args, env=None, check=False, replace_env=False) -> subprocess.Compl
     return result
 
 
+@pytest.fixture
+def cli(capsys):
+    """``cli(*args)``: the command as ``fmnist ARGS`` runs it (``fmnist.cli.main``, which the entry
+    point calls), in this process: exit status, stdout and stderr as ``run_cli`` gives them,
+    without starting an interpreter and importing PyTorch again (2-3 s a call). For the error
+    paths and output of a command; each command keeps end-to-end tests through ``run_cli``."""
+    from fmnist.cli import main
+
+    def call(*args) -> subprocess.CompletedProcess:
+        argv = [str(a) for a in args]
+        capsys.readouterr()  # what the test printed before is not the command's
+        environment = dict(os.environ)  # a command may set variables for its own process (serve does)
+        try:
+            code = main(argv)
+        except SystemExit as exc:  # argparse: --help, --version and argument errors
+            code = exc.code
+        finally:
+            os.environ.clear()
+            os.environ.update(environment)
+        out, err = capsys.readouterr()
+        if not isinstance(code, int):  # sys.exit(None) is 0; sys.exit("text") prints the text, exit status 1
+            err, code = (err, 0) if code is None else (err + f"{code}\n", 1)
+        return subprocess.CompletedProcess(["fmnist", *argv], code, out, err)
+
+    return call
+
+
+def without_waiting(cli, args, fifo: Path) -> subprocess.CompletedProcess:
+    """``cli(*args)``; if it is still running after 30 s (it opened ``fifo`` and waits for a
+    writer), the writing end is opened and closed to release it, and the test fails."""
+    import threading
+
+    results = []
+    thread = threading.Thread(target=lambda: results.append(cli(*args)), daemon=True)
+    thread.start()
+    thread.join(30)
+    if thread.is_alive():
+        with open(fifo, "wb"):
+            pass
+        thread.join(30)
+        pytest.fail(f"fmnist {args[0]} opened {fifo.name} and waited for a writer")
+    assert results, f"fmnist {args[0]} raised"
+    return results[0]
+
+
 @pytest.fixture(scope="session")
 def trained_run(data_dir, tmp_path_factory):
     """One real CLI training run, shared by the end-to-end tests: 1 epoch on 10,000 images."""
@@ -60,6 +105,23 @@ def trained_run(data_dir, tmp_path_factory):
     result = run_cli("train", "--model", "notebook", "--epochs", "1", "--limit-train", "10000",
                      "--out", out, "--data", data_dir, "--json", check=True)
     return out, result
+
+
+@pytest.fixture(scope="session")
+def small_data_dir(data_dir, tmp_path_factory) -> Path:
+    """The real data's first 600 training and 200 test images as four IDX files: for tests of
+    what commands do with a run (stop, resume, install, ranks) rather than of what it learns,
+    where testing and reporting on all 10,000 test images would be most of their time. fmnist
+    loads it as an unverified copy and warns that it is small."""
+    directory = tmp_path_factory.mktemp("small-data")
+    for part, count in (("train", 600), ("t10k", 200)):
+        for kind, magic in (("images-idx3", 0x803), ("labels-idx1", 0x801)):
+            name = f"{part}-{kind}-ubyte"
+            raw = gzip.decompress((data_dir / f"{name}.gz").read_bytes())
+            array = np.frombuffer(raw, np.uint8, offset=16 if magic == 0x803 else 8)
+            array = array.reshape(-1, 28, 28) if magic == 0x803 else array
+            (directory / f"{name}.gz").write_bytes(gzip.compress(idx_bytes(array[:count], magic), compresslevel=1))
+    return directory
 
 
 def idx_bytes(array: np.ndarray, magic: int) -> bytes:
@@ -84,7 +146,7 @@ def write_idx_set(directory: Path, n_train: int = 20, n_test: int = 10, compress
     return directory
 
 
-DATA_FIXTURES = {"data_dir", "dataset", "trained_run"}
+DATA_FIXTURES = {"data_dir", "dataset", "trained_run", "small_data_dir"}
 
 
 def pytest_collection_modifyitems(items):

@@ -68,10 +68,10 @@ def test_image_label_count_mismatch(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("case", ["empty", "garbage", "truncated", "wrong_magic"])
-def test_cli_bad_data_exit_2_without_traceback(tmp_path, case):
+def test_cli_bad_data_exit_2_without_traceback(tmp_path, case, cli):
     directory = write_idx_set(tmp_path / "d")
     (directory / "train-images-idx3-ubyte.gz").write_bytes(BAD_FILES[case][0])
-    result = run_cli("data", "info", "--data", directory)
+    result = cli("data", "info", "--data", directory)
     assert result.returncode == 2
     assert result.stderr.startswith("error: ") and "Traceback" not in result.stderr
     assert "train-images-idx3-ubyte.gz" in result.stderr
@@ -79,10 +79,10 @@ def test_cli_bad_data_exit_2_without_traceback(tmp_path, case):
 
 
 @pytest.mark.slow
-def test_cli_label_out_of_range_exit_2(tmp_path):
+def test_cli_label_out_of_range_exit_2(tmp_path, cli):
     directory = write_idx_set(tmp_path / "d")
     (directory / "train-labels-idx1-ubyte.gz").write_bytes(gzip.compress(idx_bytes(np.full(20, 10), 0x801)))
-    result = run_cli("data", "info", "--data", directory)
+    result = cli("data", "info", "--data", directory)
     assert result.returncode == 2 and "outside 0..9" in result.stderr and "Traceback" not in result.stderr
 
 
@@ -215,13 +215,13 @@ def test_stratified_split_is_seeded_disjoint_and_balanced():
 
 
 @pytest.mark.slow
-def test_corrupt_gzip_body_names_the_file(tmp_path):
+def test_corrupt_gzip_body_names_the_file(tmp_path, cli):
     directory = write_idx_set(tmp_path / "d", n_train=200)
     path = directory / "train-images-idx3-ubyte.gz"
     raw = bytearray(path.read_bytes())
     raw[100:200] = bytes(100)  # damage the deflate stream, keep the gzip header
     path.write_bytes(bytes(raw))
-    result = run_cli("data", "info", "--data", directory)
+    result = cli("data", "info", "--data", directory)
     assert result.returncode == 2 and "train-images-idx3-ubyte.gz" in result.stderr
     assert "Traceback" not in result.stderr
 
@@ -257,14 +257,14 @@ def _damage(directory, how):
 @pytest.mark.parametrize("how,reason", [("missing", "is missing"), ("directory", "is a folder"),
                                         ("dangling symlink", "is a broken symbolic link"),
                                         ("fifo", "is not a regular file")])
-def test_a_bad_file_among_good_ones_is_named(tmp_path, monkeypatch, how, reason):
+def test_a_bad_file_among_good_ones_is_named(tmp_path, monkeypatch, how, reason, cli):
     monkeypatch.delenv("FMNIST_DATA", raising=False)
     directory = write_idx_set(tmp_path / "d")
     name = _damage(directory, how)
     with pytest.raises(UserError, match=f"{name} {reason}") as info:
         fdata.resolve_data_dir(directory)
     assert "no Fashion-MNIST files" not in str(info.value)
-    result = run_cli("data", "info", "--data", directory)
+    result = cli("data", "info", "--data", directory)
     assert result.returncode == 2 and f"{name} {reason}" in result.stderr and "Traceback" not in result.stderr
 
 
@@ -286,7 +286,7 @@ def test_api_errors_name_no_cli_flags(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_swapped_splits_are_loaded_with_a_warning(tmp_path):
+def test_swapped_splits_are_loaded_with_a_warning(tmp_path, cli):
     directory = write_idx_set(tmp_path / "d", n_train=10, n_test=20)
     with pytest.warns(UserWarning, match="10 training and 20 test images, where Fashion-MNIST has 60,000"):
         fdata.load_dataset(directory)
@@ -300,18 +300,18 @@ def test_swapped_splits_are_loaded_with_a_warning(tmp_path):
                                                                0x803 if "images" in name else 0x801)))
     with pytest.warns(UserWarning, match="swapped"):
         fdata.load_dataset(swapped)
-    result = run_cli("data", "info", "--data", swapped)
+    result = cli("data", "info", "--data", swapped)
     assert result.returncode == 0 and "warning:" in result.stderr and "swapped" in result.stderr
 
 
 @pytest.mark.slow
-def test_offline_the_command_ends_with_the_hint(tmp_path):
+def test_offline_the_command_ends_with_the_hint(tmp_path, monkeypatch, cli):
     # The real mirrors, no network (as on this project's machines and in CI), no data.
-    import os
-
-    env = {k: v for k, v in os.environ.items() if k not in ("FMNIST_DATA", "FMNIST_MIRROR")}
-    env.update(XDG_CACHE_HOME=str(tmp_path / "cache"), HOME=str(tmp_path))
-    result = run_cli("train", "--epochs", "1", env=env, replace_env=True)
+    for name in ("FMNIST_DATA", "FMNIST_MIRROR"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    result = cli("train", "--epochs", "1")
     assert result.returncode == 2, result.stderr
     assert "could not download" in result.stderr and "FMNIST_DATA" in result.stderr
 

@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,7 +16,7 @@ from fmnist.deploy.classifier import Classifier
 from fmnist.core.errors import UserError
 from fmnist.data.photolike import photo_gap, photo_like
 
-from .conftest import run_cli
+from .conftest import run_cli, without_waiting
 from .test_preprocess import refused_without_waiting
 
 pytestmark = pytest.mark.slow  # the real data, trainings, new processes
@@ -115,21 +114,21 @@ def test_predict_text_output_uncertain_flag_and_save_preprocessed(trained_run, t
 def test_predict_batches_npy_and_idx(trained_run, dataset, data_dir, tmp_path):
     out, _ = trained_run
     np.save(tmp_path / "five.npy", dataset.test_images[:5].numpy())
-    result = run_cli("predict", out, tmp_path / "five.npy", "--json", check=True)
-    answers = json.loads(result.stdout)
+    result = run_cli("predict", out, tmp_path / "five.npy", data_dir / "t10k-images-idx3-ubyte.gz", "--json",
+                     check=True)
+    everything = json.loads(result.stdout)  # the .npy's five answers, then the IDX file's
+    answers, labels = everything[:5], [a["label"] for a in everything[5:]]
     assert [a["source"] for a in answers] == [f"{tmp_path / 'five.npy'}[{i}]" for i in range(5)]
-    idx = run_cli("predict", out, data_dir / "t10k-images-idx3-ubyte.gz", "--json", check=True)
-    labels = [a["label"] for a in json.loads(idx.stdout)]
     assert len(labels) == 10_000 and labels[:5] == [a["label"] for a in answers]
 
 
-def test_predict_errors_are_one_line(trained_run, tmp_path):
+def test_predict_errors_are_one_line(trained_run, tmp_path, cli):
     out, _ = trained_run
     (tmp_path / "notes.txt").write_text("hello")
     for args, message in (((out, tmp_path / "missing.jpg"), "no such file"),
                           ((out, tmp_path / "notes.txt"), "not an image"),
                           ((tmp_path / "missing.onnx", tmp_path / "notes.txt"), "no such model file")):
-        result = run_cli("predict", *args)
+        result = cli("predict", *args)
         assert result.returncode == 2 and message in result.stderr
         assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) <= 2
 
@@ -146,7 +145,7 @@ def test_photo_like_versions_are_labelled_nearly_as_well(trained_run, dataset):
     assert raw.shape[0] > 100 and raw.mean() > 150  # really a large photo on light paper
 
 
-def test_predict_refuses_unusable_inputs_promptly_in_one_line(exported, tmp_path):
+def test_predict_refuses_unusable_inputs_promptly_in_one_line(exported, tmp_path, cli):
     """NaN pixels, a batch without images and named pipes (which a reader would wait on for
     ever): exit status 2 and one line naming the file, within the timeout."""
     path, _ = exported
@@ -158,9 +157,7 @@ def test_predict_refuses_unusable_inputs_promptly_in_one_line(exported, tmp_path
     for name, message in (("nan.tiff", "has NaN or infinite pixel values"), ("nan.npy", "got NaN or infinite values"),
                           ("empty.npy", "no images in"), ("pipe.png", "not a regular file"),
                           ("pipe.npy", "not a regular file")):
-        exe = Path(sys.executable).with_name("fmnist")
-        result = subprocess.run([str(exe), "predict", str(path), str(tmp_path / name)],
-                                capture_output=True, text=True, timeout=60)
+        result = without_waiting(cli, ["predict", path, tmp_path / name], tmp_path / name)
         lines = result.stderr.strip().splitlines()
         assert result.returncode == 2 and len(lines) == 1, (name, result.stderr)
         assert lines[0].startswith("error: ") and message in lines[0] and str(tmp_path / name) in lines[0]

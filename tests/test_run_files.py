@@ -17,7 +17,7 @@ import torch
 from fmnist.core import runs
 from fmnist.core.errors import UserError
 
-from .conftest import run_cli
+from .conftest import without_waiting
 
 
 @pytest.fixture
@@ -58,40 +58,40 @@ def _one_line_error(result, *phrases):
     (lambda s: s["model"].update({"conv1.weight": torch.zeros(3, 3)}), "weights do not fit model 'notebook'"),
     (lambda s: s["best_weights"].update({"fc2.bias": torch.zeros(7)}), "fc2.bias is [7] in the file but [10]"),
 ])
-def test_a_checkpoint_of_the_wrong_types_or_shapes_is_refused(run_copy, change, phrase):
+def test_a_checkpoint_of_the_wrong_types_or_shapes_is_refused(run_copy, change, phrase, cli):
     (run_copy / runs.METRICS).unlink()
     _edit_checkpoint(run_copy / runs.CHECKPOINT, change)
-    _one_line_error(run_cli("train", "--resume", run_copy, "--quiet"), phrase, runs.CHECKPOINT)
+    _one_line_error(cli("train", "--resume", run_copy, "--quiet"), phrase, runs.CHECKPOINT)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("command", ["evaluate", "export", "predict"])
-def test_model_args_out_of_range_are_a_user_error(run_copy, command):
+def test_model_args_out_of_range_are_a_user_error(run_copy, command, cli):
     _edit_json(run_copy / runs.CONFIG, lambda c: c["train"].update(model_args={"dropout_features": 5}))
     extra = {"predict": [run_copy / "figures" / "curves.png"], "export": ["--out", run_copy / "m.onnx"]}
-    result = run_cli(command, run_copy, *extra.get(command, []))
+    result = cli(command, run_copy, *extra.get(command, []))
     _one_line_error(result, "cannot be built with {'dropout_features': 5}", runs.CONFIG)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("entry,value", [("accuracy", "high"), ("accuracy", 7), ("calibration", {"temperature": -1}),
                                          ("calibration", "warm"), ("best_epoch", 1.5)])
-def test_wrong_typed_metrics_are_a_user_error(run_copy, entry, value):
+def test_wrong_typed_metrics_are_a_user_error(run_copy, entry, value, cli):
     _edit_json(run_copy / runs.METRICS, lambda m: m.update({entry: value}))
-    _one_line_error(run_cli("export", run_copy, "--out", run_copy / "m.onnx"), f"metrics.json: '{entry}'")
+    _one_line_error(cli("export", run_copy, "--out", run_copy / "m.onnx"), f"metrics.json: '{entry}'")
 
 
 @pytest.mark.slow
-def test_a_model_name_that_is_not_a_string_is_a_user_error(run_copy):
+def test_a_model_name_that_is_not_a_string_is_a_user_error(run_copy, cli):
     _edit_json(run_copy / runs.CONFIG, lambda c: c["train"].update(model=["notebook"]))
-    _one_line_error(run_cli("evaluate", run_copy), "'train.model' must be a str")
+    _one_line_error(cli("evaluate", run_copy), "'train.model' must be a str")
 
 
 @pytest.mark.slow
-def test_export_refuses_weights_that_are_not_finite(run_copy):
+def test_export_refuses_weights_that_are_not_finite(run_copy, cli):
     weights = runs.load_weights(run_copy / runs.WEIGHTS)
     runs.atomic_write_bytes(run_copy / runs.WEIGHTS, runs.weights_bytes({k: v * float("nan") for k, v in weights.items()}))
-    result = run_cli("export", run_copy, "--out", run_copy / "m.onnx")
+    result = cli("export", run_copy, "--out", run_copy / "m.onnx")
     _one_line_error(result, "the weights hold NaN or infinite values", "nothing exported")
     assert not (run_copy / "m.onnx").exists()
 
@@ -99,14 +99,17 @@ def test_export_refuses_weights_that_are_not_finite(run_copy):
 @pytest.mark.slow
 @pytest.mark.parametrize("name,command", [(runs.METRICS, "report"), (runs.CONFIG, "export"),
                                           (runs.WEIGHTS, "predict"), (runs.METRICS, "serve")])
-def test_a_fifo_in_place_of_a_run_file_is_refused_without_hanging(run_copy, name, command):
+def test_a_fifo_in_place_of_a_run_file_is_refused_without_hanging(run_copy, name, command, cli):
     (run_copy / name).unlink()
     os.mkfifo(run_copy / name)
     extra = {"predict": [run_copy / "figures" / "curves.png"], "export": ["--out", run_copy / "m.onnx"],
              "serve": ["--port", "0"]}
-    exe = os.path.join(os.path.dirname(sys.executable), "fmnist")
-    result = subprocess.run([exe, command, str(run_copy), *map(str, extra.get(command, []))], capture_output=True,
-                            text=True, timeout=60)
+    args = [command, run_copy, *extra.get(command, [])]
+    if command == "serve":  # one that did not refuse would serve for ever: in a process of its own, with a timeout
+        exe = os.path.join(os.path.dirname(sys.executable), "fmnist")
+        result = subprocess.run([exe, *map(str, args)], capture_output=True, text=True, timeout=60)
+    else:
+        result = without_waiting(cli, args, run_copy / name)
     _one_line_error(result, "not a regular file", name)
 
 
