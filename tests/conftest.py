@@ -108,20 +108,35 @@ def trained_run(data_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def small_data_dir(data_dir, tmp_path_factory) -> Path:
-    """The real data's first 600 training and 200 test images as four IDX files: for tests of
-    what commands do with a run (stop, resume, install, ranks) rather than of what it learns,
-    where testing and reporting on all 10,000 test images would be most of their time. fmnist
-    loads it as an unverified copy and warns that it is small."""
-    directory = tmp_path_factory.mktemp("small-data")
-    for part, count in (("train", 600), ("t10k", 200)):
-        for kind, magic in (("images-idx3", 0x803), ("labels-idx1", 0x801)):
-            name = f"{part}-{kind}-ubyte"
-            raw = gzip.decompress((data_dir / f"{name}.gz").read_bytes())
-            array = np.frombuffer(raw, np.uint8, offset=16 if magic == 0x803 else 8)
-            array = array.reshape(-1, 28, 28) if magic == 0x803 else array
-            (directory / f"{name}.gz").write_bytes(gzip.compress(idx_bytes(array[:count], magic), compresslevel=1))
-    return directory
+def data_subset(data_dir, tmp_path_factory):
+    """``data_subset(n_train, n_test)``: a folder holding the real data's first images as four
+    IDX files, made once a session per size. For tests of what commands do with a run (stop,
+    resume, install, ranks, sweeps) rather than of what it learns, where testing and reporting
+    on all 10,000 test images would be most of their time. fmnist loads such a folder as an
+    unverified copy and warns that it is small."""
+    made: dict[tuple[int, int], Path] = {}
+
+    def subset(n_train: int, n_test: int) -> Path:
+        if (n_train, n_test) not in made:
+            directory = tmp_path_factory.mktemp(f"data-{n_train}-{n_test}-")
+            for part, count in (("train", n_train), ("t10k", n_test)):
+                for kind, magic in (("images-idx3", 0x803), ("labels-idx1", 0x801)):
+                    name = f"{part}-{kind}-ubyte"
+                    raw = gzip.decompress((data_dir / f"{name}.gz").read_bytes())
+                    array = np.frombuffer(raw, np.uint8, offset=16 if magic == 0x803 else 8)
+                    array = array.reshape(-1, 28, 28) if magic == 0x803 else array
+                    payload = gzip.compress(idx_bytes(array[:count], magic), compresslevel=1)
+                    (directory / f"{name}.gz").write_bytes(payload)
+            made[n_train, n_test] = directory
+        return made[n_train, n_test]
+
+    return subset
+
+
+@pytest.fixture(scope="session")
+def small_data_dir(data_subset) -> Path:
+    """The real data's first 600 training and 200 test images (see data_subset)."""
+    return data_subset(600, 200)
 
 
 def idx_bytes(array: np.ndarray, magic: int) -> bytes:
@@ -146,7 +161,7 @@ def write_idx_set(directory: Path, n_train: int = 20, n_test: int = 10, compress
     return directory
 
 
-DATA_FIXTURES = {"data_dir", "dataset", "trained_run", "small_data_dir"}
+DATA_FIXTURES = {"data_dir", "dataset", "trained_run", "data_subset", "small_data_dir"}
 
 
 def pytest_collection_modifyitems(items):
