@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow  # the real data, trainings, new processes
 
 TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
 # No dropout: each rank draws its own masks, which a single process cannot reproduce.
-SAME = ("--epochs", "1", "--limit-train", "3200", "--batch-size", "64", "--quiet",
+SAME = ("--epochs", "1", "--limit-train", "3200", "--batch-size", "64", "--quiet",  # 50 steps
         "--model-args", '{"dropout_features": 0, "dropout_hidden": 0}')
 
 
@@ -35,8 +35,9 @@ def torchrun(*args, processes: int = 2) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=600)
 
 
-def test_two_ranks_match_one_process_with_the_same_global_batch(data_dir, tmp_path):
+def test_two_ranks_match_one_process_with_the_same_global_batch(data_subset, tmp_path):
     two, one = tmp_path / "two", tmp_path / "one"
+    data_dir = data_subset(3600, 200)  # 3,240 training images; a test set of 200 (what is compared is training)
     result = torchrun("train", *SAME, "--data", data_dir, "--out", two)
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("run folder:") == 1  # rank 0 reports, once
@@ -62,16 +63,16 @@ def test_two_ranks_match_one_process_with_the_same_global_batch(data_dir, tmp_pa
     assert not list(two.glob(".*.tmp")) and (two / runs.METRICS).is_file()
 
 
-def test_a_batch_norm_model_trains_under_torchrun_and_says_how(data_dir, tmp_path):
+def test_a_batch_norm_model_trains_under_torchrun_and_says_how(small_data_dir, tmp_path):
     out = tmp_path / "resnet"
-    result = torchrun("train", "--model", "resnet", "--epochs", "1", "--limit-train", "640", "--batch-size", "64",
-                      "--quiet", "--data", data_dir, "--out", out)
+    result = torchrun("train", "--model", "resnet", "--epochs", "1", "--batch-size", "64",
+                      "--quiet", "--data", small_data_dir, "--out", out)
     assert result.returncode == 0, result.stderr
     record = json.loads((out / runs.CONFIG).read_text())["distributed"]
     assert record["batch_norm"] == "per rank (SyncBatchNorm needs a GPU)"
 
 
-def test_a_global_batch_that_does_not_divide_is_refused(data_dir, tmp_path):
-    result = torchrun("train", "--batch-size", "33", "--epochs", "1", "--limit-train", "640", "--quiet",
-                      "--data", data_dir, "--out", tmp_path / "r")
+def test_a_global_batch_that_does_not_divide_is_refused(small_data_dir, tmp_path):
+    result = torchrun("train", "--batch-size", "33", "--epochs", "1", "--quiet",
+                      "--data", small_data_dir, "--out", tmp_path / "r")
     assert result.returncode != 0 and "batch_size 33 does not divide among 2 ranks" in result.stderr

@@ -26,7 +26,7 @@ from fmnist.models.recipe import search_space
 
 from .conftest import IN_CI, run_cli  # noqa: E402
 
-SMALL = ("--epochs", "2", "--limit-train", "2000")
+SMALL = ("--epochs", "2")  # on sweep_data: 1,800 training images
 
 
 def test_search_space_follows_the_recipe_and_leaves_given_settings_alone():
@@ -54,10 +54,16 @@ def _check_sweep(out: Path, trials: int) -> dict:
     return board
 
 
+@pytest.fixture(scope="module")
+def sweep_data(data_subset) -> Path:
+    """2,000 training and 200 test images: trials as short as a sweep's mechanics allow."""
+    return data_subset(2000, 200)
+
+
 @pytest.mark.slow
-def test_two_workers_share_one_sqlite_study(data_dir, tmp_path):
+def test_two_workers_share_one_sqlite_study(sweep_data, tmp_path):
     out = tmp_path / "sweep"
-    result = run_cli("sweep", "--trials", "4", "--workers", "2", *SMALL, "--data", data_dir, "--out", out,
+    result = run_cli("sweep", "--trials", "4", "--workers", "2", *SMALL, "--data", sweep_data, "--out", out,
                      "--track", "tensorboard")
     assert result.returncode == 0, result.stderr
     board = _check_sweep(out, 4)
@@ -73,11 +79,11 @@ def test_two_workers_share_one_sqlite_study(data_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_a_worker_killed_mid_trial_is_replaced_and_its_trial_failed(data_dir, tmp_path):
+def test_a_worker_killed_mid_trial_is_replaced_and_its_trial_failed(data_subset, tmp_path):
     out = tmp_path / "sweep"
     exe = str(Path(sys.executable).with_name("fmnist"))
-    sweep = subprocess.Popen([exe, "sweep", "--trials", "3", "--workers", "2", "--epochs", "3", "--limit-train",
-                              "3000", "--data", str(data_dir), "--out", str(out)],
+    sweep = subprocess.Popen([exe, "sweep", "--trials", "3", "--workers", "2", "--epochs", "3",
+                              "--data", str(data_subset(3000, 200)), "--out", str(out)],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     victim = None
@@ -137,10 +143,10 @@ def postgres():
 
 
 @pytest.mark.slow
-def test_two_workers_share_a_postgresql_study(postgres, data_dir, tmp_path):
+def test_two_workers_share_a_postgresql_study(postgres, sweep_data, tmp_path):
     out = tmp_path / "sweep"
     result = run_cli("sweep", "--trials", "3", "--workers", "2", *SMALL, "--storage", postgres,
-                     "--data", data_dir, "--out", out)
+                     "--data", sweep_data, "--out", out)
     assert result.returncode == 0, result.stderr
     board = _check_sweep(out, 3)
     assert board["storage"] == postgres
