@@ -282,4 +282,4 @@ def test_a_second_training_on_the_same_cores_is_warned_about(small_data_dir, tmp
         warning = next(line for line in second.stderr.splitlines() if line.startswith("warning: "))
         assert "other fmnist training process(es) running" in warning and str(other.pid) in warning
         if not set(other_trainers()) - {other.pid}:  # (a training started by someone else adds its threads)
-            assert "warning:" not in shared.stderr
+            assert "other fmnist training" not in shared.stderr
