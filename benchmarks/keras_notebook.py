@@ -26,6 +26,7 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # fmnist's IDX reader: NumPy only
 from fmnist.data.idx import read_idx  # noqa: E402
+from fmnist.models import keras_notebook  # noqa: E402  (torch-free: the model in Keras)
 
 
 def load(directory: Path) -> dict:
@@ -59,15 +60,7 @@ def main() -> None:
     x_train, y_train = images(data["train_images"][split["train"]]), one_hot(data["train_labels"][split["train"]])
     x_val, y_val = images(data["train_images"][split["validation"]]), one_hot(data["train_labels"][split["validation"]])
 
-    model = keras.Sequential([
-        keras.layers.Input((28, 28, 1)),
-        keras.layers.Conv2D(32, 3, activation="relu"), keras.layers.MaxPooling2D(),
-        keras.layers.Conv2D(64, 3, activation="relu"), keras.layers.MaxPooling2D(),
-        keras.layers.Flatten(), keras.layers.Dropout(0.25),
-        keras.layers.Dense(128, activation="relu"), keras.layers.Dropout(0.5),
-        keras.layers.Dense(10, activation="softmax"),
-    ])
-    model.compile(optimizer="adam", loss="categorical_crossentropy", metrics=["accuracy"])
+    model = keras_notebook.build(keras)
 
     class Clock(keras.callbacks.Callback):
         """fit's own time per epoch, validation included (what fmnist's history.csv records)."""

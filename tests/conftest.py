@@ -80,22 +80,36 @@ def cli(capsys):
     return call
 
 
-def without_waiting(cli, args, fifo: Path) -> subprocess.CompletedProcess:
-    """``cli(*args)``; if it is still running after 30 s (it opened ``fifo`` and waits for a
-    writer), the writing end is opened and closed to release it, and the test fails."""
+def outcome_without_waiting(call, fifo: Path, what: str, seconds: float = 30):
+    """What ``call()`` returned or raised; if it is still running after ``seconds`` (it opened
+    ``fifo`` and waits for a writer), the writing end is opened and closed to release it, and
+    the test fails."""
     import threading
 
-    results = []
-    thread = threading.Thread(target=lambda: results.append(cli(*args)), daemon=True)
+    outcomes = []
+
+    def run():
+        try:
+            outcomes.append(call())
+        except Exception as exc:  # the caller asserts on it
+            outcomes.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
     thread.start()
-    thread.join(30)
+    thread.join(seconds)
     if thread.is_alive():
         with open(fifo, "wb"):
             pass
-        thread.join(30)
-        pytest.fail(f"fmnist {args[0]} opened {fifo.name} and waited for a writer")
-    assert results, f"fmnist {args[0]} raised"
-    return results[0]
+        thread.join(seconds)
+        pytest.fail(f"{what} opened {fifo.name} and waited for a writer")
+    return outcomes[0]
+
+
+def without_waiting(cli, args, fifo: Path) -> subprocess.CompletedProcess:
+    """``cli(*args)``, failing the test if it waits on ``fifo`` for a writer."""
+    result = outcome_without_waiting(lambda: cli(*args), fifo, f"fmnist {args[0]}")
+    assert not isinstance(result, Exception), f"fmnist {args[0]} raised {result!r}"
+    return result
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import io
 import os
-import threading
 
 import numpy as np
 import pytest
@@ -18,7 +17,7 @@ from PIL import Image, ImageCms, ImageDraw
 from fmnist.data import preprocess as prep
 from fmnist.core.errors import UserError
 
-from .conftest import idx_bytes
+from .conftest import idx_bytes, outcome_without_waiting
 
 PAPER, INK = (236, 234, 228), (40, 52, 96)
 
@@ -244,26 +243,10 @@ def test_non_finite_pixels_are_refused_naming_the_file(tmp_path):
 
 
 def refused_without_waiting(function, fifo) -> UserError:
-    """``function(fifo)``'s error; if it is still waiting after 10 s (it opened the FIFO and
-    waits for a writer), the writing end is opened and closed to release it, and the test fails."""
-    errors = []
-
-    def call():
-        try:
-            function(fifo)
-        except UserError as exc:
-            errors.append(exc)
-
-    thread = threading.Thread(target=call, daemon=True)
-    thread.start()
-    thread.join(10)
-    if thread.is_alive():
-        with open(fifo, "wb"):
-            pass
-        thread.join(10)
-        pytest.fail(f"{function.__name__} opened {fifo.name} and waited for a writer")
-    assert errors, f"{function.__name__} accepted {fifo.name}"
-    return errors[0]
+    """``function(fifo)``'s error, failing the test if it waits on the FIFO for a writer."""
+    error = outcome_without_waiting(lambda: function(fifo), fifo, function.__name__, seconds=10)
+    assert isinstance(error, UserError), f"{function.__name__} accepted {fifo.name}: {error!r}"
+    return error
 
 
 @pytest.mark.parametrize("name", ["photo.jpg", "batch.npy", "batch-idx3-ubyte"])

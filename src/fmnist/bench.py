@@ -34,6 +34,7 @@ from .core.precision import resolve_precision
 from .core.runtime import environment, resolve_device
 from .data.dataset import FashionMNIST, load_dataset, to_float
 from .deploy.classifier import Classifier
+from .models import keras_notebook
 from .models.registry import create_model
 from .models.summary import layer_flops, training_flops
 from .speed import executed_training_flops, make_step
@@ -170,15 +171,7 @@ def keras_trainer(data: FashionMNIST, batch_size: int, steps: int):
     import numpy as np
     from tensorflow import keras  # optional, never a dependency
 
-    model = keras.Sequential([
-        keras.layers.Input((28, 28, 1)),
-        keras.layers.Conv2D(32, 3, activation="relu"), keras.layers.MaxPooling2D(),
-        keras.layers.Conv2D(64, 3, activation="relu"), keras.layers.MaxPooling2D(),
-        keras.layers.Flatten(), keras.layers.Dropout(0.25),
-        keras.layers.Dense(128, activation="relu"), keras.layers.Dropout(0.5),
-        keras.layers.Dense(10, activation="softmax"),
-    ])
-    model.compile(optimizer="adam", loss="categorical_crossentropy", metrics=["accuracy"])
+    model = keras_notebook.build(keras)
     images, labels = training_sample(data, steps * batch_size, torch.device("cpu"))
     images = images.numpy().transpose(0, 2, 3, 1)  # Keras takes NHWC
     labels = np.eye(10, dtype=np.float32)[labels.numpy()]  # one-hot, as the notebook did
