@@ -10,6 +10,7 @@ import importlib.util
 from contextlib import contextmanager
 import json
 import shutil
+import time
 import urllib.request
 from pathlib import Path
 
@@ -195,6 +196,61 @@ def test_api_of_the_real_server(server, photo):
     assert answer["label"] == expected.label
     with urllib.request.urlopen(url + "/metrics") as response:
         assert "fmnist_inference_batch_size_bucket" in response.read().decode()
+
+
+def _predictions_by_worker(folder: Path) -> dict[int, float]:
+    """The /v1/predict requests each worker process wrote to the multiprocess metrics folder."""
+    from prometheus_client.mmap_dict import MmapedDict
+
+    counts = {}
+    for path in folder.glob("counter_*.db"):
+        pid = int(path.stem.split("_")[1])
+        for key, value, *_ in MmapedDict.read_all_values_from_file(str(path)):
+            _, sample, labels, *_ = json.loads(key)
+            if sample == "fmnist_http_requests_total" and labels.get("path") == "/v1/predict":
+                counts[pid] = counts.get(pid, 0) + value
+    return counts
+
+
+def _sample(text: str, line_start: str) -> float:
+    [value] = [line.split()[-1] for line in text.splitlines() if line.startswith(line_start + " ")]
+    return float(value)
+
+
+def _settled(read, expected, seconds: float = 5.0):
+    """``read()`` once it equals ``expected`` (a request is counted just after its answer is
+    sent), or its last value after ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while (value := read()) != expected and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return value
+
+
+def test_one_scrape_counts_every_worker(trained_run, data_dir, tmp_path):
+    """``--workers 2``: requests spread over both processes, and one /metrics scrape, answered
+    by either, counts them all; the server's metrics folder goes when it stops."""
+    from fmnist.deploy.export import export_onnx
+
+    # The exported model: each worker starts in 1 s instead of 6 (no PyTorch to import)
+    model, _ = export_onnx(trained_run[0], tmp_path / "model.onnx", data_dir=data_dir, check_images=100)
+    sent = 0
+    with load.served(str(model), "--workers", "2", env={"TMPDIR": str(tmp_path)}) as url:
+        [folder] = tmp_path.glob("fmnist-metrics-*")
+        for _ in range(5):  # new connections until the kernel has handed some to each worker
+            result = load.run(url, clients=8, seconds=0.5)
+            assert result["errors"] == 0 and result["requests"] > 0, result
+            sent += result["requests"]
+            by_worker = _predictions_by_worker(folder)
+            if len(by_worker) == 2 and min(by_worker.values()) > 0:
+                break
+        assert len(by_worker) == 2 and min(by_worker.values()) > 0, by_worker
+        assert _settled(lambda: sum(_predictions_by_worker(folder).values()), sent) == sent
+        for _ in range(4):  # whichever worker answers the scrape
+            with urllib.request.urlopen(url + "/metrics") as response:
+                text = response.read().decode()
+            assert _sample(text, 'fmnist_http_requests_total{method="POST",path="/v1/predict",status="200"}') == sent
+            assert _sample(text, "fmnist_images_total") == sent + 2  # and each worker's warm-up image
+    assert not folder.exists()
 
 
 def test_short_load_test_has_no_errors(server):

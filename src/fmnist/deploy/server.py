@@ -158,8 +158,17 @@ class MicroBatcher:
 # ----------------------------------------------------------------------------- metrics and limits
 
 
+MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"  # set: every worker writes its counts there (serve, workers > 1)
+
+
 class Metrics:
-    """Prometheus metrics in a registry of the app's own (two apps in one process stay apart)."""
+    """Prometheus metrics in a registry of the app's own (two apps in one process stay apart).
+
+    Under ``serve(workers=N)`` each worker process keeps its counts in files in
+    $PROMETHEUS_MULTIPROC_DIR (prometheus_client's multiprocess mode, chosen when the library is
+    first imported), and a scrape, whichever worker answers it, adds up the files of all of
+    them: one scrape counts every worker, and the counts of a worker that died stay counted.
+    """
 
     def __init__(self):
         from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -182,9 +191,15 @@ class Metrics:
         self.images.inc(size)
 
     def render(self) -> tuple[bytes, str]:
-        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+        from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+        if not os.environ.get(MULTIPROCESS_ENV):
+            return generate_latest(self.registry), CONTENT_TYPE_LATEST
+        from prometheus_client.multiprocess import MultiProcessCollector
+
+        every_worker = CollectorRegistry()
+        MultiProcessCollector(every_worker)
+        return generate_latest(every_worker), CONTENT_TYPE_LATEST
 
 
 def _json_error(status: int, message: str):
@@ -526,9 +541,12 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, config: ServeCo
     """Serve a run folder or exported model with uvicorn until Ctrl-C.
 
     ``workers`` > 1 starts that many processes on the same port (uvicorn's supervisor), each
-    with its own model, batcher and metrics, and ONNX Runtime threads shared out among them.
+    with its own model and batcher, and ONNX Runtime threads shared out among them; their
+    metrics meet in a temporary folder (Metrics) that is removed when the server stops.
     """
     import json
+    import shutil
+    import tempfile
 
     import uvicorn
 
@@ -547,5 +565,12 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, config: ServeCo
     del classifier
     os.environ[SERVE_ENV] = json.dumps({"model": str(model), "preprocess": preprocess or {},
                                         "uncertain_below": uncertain_below, "config": asdict(config)})
-    uvicorn.run("fmnist.deploy.server:app_from_environment", factory=True, workers=workers, host=host, port=port,
-                log_level="warning", access_log=False)
+    # A folder of this server's own, empty at start (counts left by an earlier server would
+    # be added in), set before the workers start and import prometheus_client.
+    os.environ[MULTIPROCESS_ENV] = metrics_dir = tempfile.mkdtemp(prefix="fmnist-metrics-")
+    try:
+        uvicorn.run("fmnist.deploy.server:app_from_environment", factory=True, workers=workers, host=host,
+                    port=port, log_level="warning", access_log=False)
+    finally:
+        del os.environ[MULTIPROCESS_ENV]
+        shutil.rmtree(metrics_dir, ignore_errors=True)
