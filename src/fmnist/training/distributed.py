@@ -17,12 +17,14 @@ autograd, whose hooks DDP needs), and on CPUs the synchronisation of batch norm
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
+from ..core.errors import UserError
 from ..core.runtime import share_cores
 
 
@@ -54,6 +56,31 @@ def join(device_name: str) -> World | None:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo")
     return World(dist.get_rank(), dist.get_world_size(), local_rank, local_size, dist.get_backend())
+
+
+def _lost_peer(exc: BaseException) -> bool:
+    """A collective that failed because another rank went away: gloo's and NCCL's transport
+    errors (a reset or closed connection, a timeout), not an error in this rank's own work."""
+    if isinstance(exc, getattr(dist, "DistError", ())):
+        return True
+    return isinstance(exc, RuntimeError) and any(mark in str(exc) for mark in ("/gloo/transport/", "NCCL"))
+
+
+@contextlib.contextmanager
+def peers_watched(world: World | None):
+    """A rank that loses another (its node killed, the network cut) ends with one line that
+    says so, instead of an "unexpected error" to report as a bug. torchrun then stops the
+    ranks left on every node, so the job ends rather than waits."""
+    try:
+        yield
+    except Exception as exc:
+        if world is None or not _lost_peer(exc):
+            raise
+        cause = " ".join(str(exc).split("This is typically caused")[0].split())  # gloo's own advice misleads
+        raise UserError(f"rank {world.rank} of {world.size} lost contact with another rank, whose node stopped "
+                        f"or became unreachable ({cause[:300]})",
+                        hint="check that every node is up and can reach the others, then start the job again "
+                             "on each") from exc
 
 
 def leave(world: World | None) -> None:
