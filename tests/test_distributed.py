@@ -149,11 +149,11 @@ def two_hosts():
             subprocess.run(["ip", "netns", "del", namespace], capture_output=True)
 
 
-def _node(host, endpoint: str, is_host: bool, job: str, *args, log: Path) -> subprocess.Popen:
+def _node(host, endpoint: str, is_host: bool, job: str, *args, log: Path, env=()) -> subprocess.Popen:
     """One torchrun node inside its namespace: c10d rendezvous at ``endpoint`` (hosted by the
     first node), gloo on the veth interface, and this node's own address for its ranks."""
     namespace, interface, address = host
-    command = ["ip", "netns", "exec", namespace, "env", f"GLOO_SOCKET_IFNAME={interface}", TORCHRUN,
+    command = ["ip", "netns", "exec", namespace, "env", f"GLOO_SOCKET_IFNAME={interface}", *env, TORCHRUN,
                "--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint,
                "--rdzv-id", job, "--rdzv-conf", f"is_host={str(is_host).lower()},join_timeout=60",
                "--local-addr", address, "--max-restarts", "0", "-m", "fmnist", *map(str, args)]
@@ -194,26 +194,47 @@ def test_two_nodes_across_a_network_link_match_one_process(same_data, one_proces
     assert min(sent) > 50 * gradient_bytes, (sent, gradient_bytes)
 
 
-def test_a_node_killed_mid_run_ends_the_job_with_a_clear_error(same_data, tmp_path):
+@pytest.mark.parametrize("how", ["killed", "cut off"])
+def test_a_node_lost_mid_run_ends_the_job_with_a_clear_error(same_data, tmp_path, how):
+    """Killed: its processes die and the kernel closes their connections (reset). Cut off:
+    the cable is pulled (power cut, frozen machine): nothing closes, nothing answers, and
+    only the collectives' timeout, set short here, ends the wait."""
+    timeout = 15  # longer than rank 0's validation at the end of an epoch, which the other rank waits out
     with two_hosts() as hosts:
         endpoint = f"{hosts[0][2]}:29500"
         logs = [tmp_path / f"node-{name}.log" for name, _ in HOSTS]
-        nodes = [_node(host, endpoint, i == 0, "killed", "train", *SAME, "--epochs", "50", "--data", same_data,
-                       "--out", tmp_path / "run", log=log) for i, (host, log) in enumerate(zip(hosts, logs))]
+        nodes = [_node(host, endpoint, i == 0, "lost", "train", *SAME, "--epochs", "50", "--data", same_data,
+                       "--out", tmp_path / "run", log=log, env=[f"FMNIST_DIST_TIMEOUT_S={timeout}"])
+                 for i, (host, log) in enumerate(zip(hosts, logs))]
         deadline = time.monotonic() + 240
         while "torchrun: 2 ranks" not in logs[0].read_text() + logs[1].read_text():  # training has begun
             assert time.monotonic() < deadline and all(n.poll() is None for n in nodes), [p.read_text() for p in logs]
             time.sleep(0.2)
         time.sleep(1.0)
         assert all(node.poll() is None for node in nodes)
-        for pid in subprocess.run(["ip", "netns", "pids", hosts[1][0]], capture_output=True, text=True).stdout.split():
-            os.kill(int(pid), 9)  # node b dies: its agent and its rank, at once
-        killed = time.monotonic()
-        code = _finish(nodes[:1], 60)[0]
-        took = time.monotonic() - killed
+        if how == "killed":
+            for pid in subprocess.run(["ip", "netns", "pids", hosts[1][0]], capture_output=True,
+                                      text=True).stdout.split():
+                os.kill(int(pid), 9)  # node b dies: its agent and its rank, at once
+        else:
+            subprocess.run(["ip", "-n", hosts[1][0], "link", "set", hosts[1][1], "down"], check=True)
+        lost = time.monotonic()
+        code = _finish(nodes[:1], timeout + 60)[0]
+        took = time.monotonic() - lost
     survivor = logs[0].read_text()
     assert code != 0, survivor
-    assert "error: rank 0 of 2 lost contact with another rank" in survivor or \
-        "error: rank 1 of 2 lost contact with another rank" in survivor, survivor
+    assert any(f"error: rank {rank} of 2 lost contact with another rank" in survivor for rank in (0, 1)), survivor
     assert "unexpected" not in survivor and "report it" not in survivor
-    print(f"the surviving node ended {took:.1f} s after the other was killed")
+    print(f"node b {how}: node a ended {took:.1f} s later")
+
+
+@pytest.mark.parametrize("text", ["0", "-5", "soon", "nan"])
+def test_a_timeout_that_is_not_a_positive_number_is_a_user_error(monkeypatch, text):
+    from fmnist.core.errors import UserError
+    from fmnist.training import distributed
+
+    monkeypatch.setenv(distributed.TIMEOUT_ENV, text)
+    with pytest.raises(UserError, match="FMNIST_DIST_TIMEOUT_S must be a positive number of seconds"):
+        distributed._timeout()
+    monkeypatch.setenv(distributed.TIMEOUT_ENV, "2.5")
+    assert distributed._timeout().total_seconds() == 2.5

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -41,6 +42,25 @@ class World:
         return self.rank == 0
 
 
+TIMEOUT_ENV = "FMNIST_DIST_TIMEOUT_S"
+# How long a collective waits for the other ranks: a node that vanishes without closing its
+# connections (power cut, cable, a frozen machine) ends the job after this long. It must
+# exceed rank 0's longest solo stretch, which the others wait out at a barrier: validating
+# an epoch, and at the end testing and writing the report. PyTorch's default.
+DEFAULT_TIMEOUT_S = 1800.0
+
+
+def _timeout() -> timedelta:
+    text = os.environ.get(TIMEOUT_ENV, "")
+    try:
+        seconds = float(text) if text else DEFAULT_TIMEOUT_S
+    except ValueError:
+        seconds = float("nan")
+    if not seconds > 0:
+        raise UserError(f"{TIMEOUT_ENV} must be a positive number of seconds, got {text!r}")
+    return timedelta(seconds=seconds)
+
+
 def join(device_name: str) -> World | None:
     """Join torchrun's process group when launched by it (WORLD_SIZE > 1), else None."""
     size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -54,7 +74,7 @@ def join(device_name: str) -> World | None:
     else:
         share_cores(local_size)  # before the first parallel op
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo")
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=_timeout())
     return World(dist.get_rank(), dist.get_world_size(), local_rank, local_size, dist.get_backend())
 
 
