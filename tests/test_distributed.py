@@ -199,7 +199,7 @@ def test_a_node_lost_mid_run_ends_the_job_with_a_clear_error(same_data, tmp_path
     """Killed: its processes die and the kernel closes their connections (reset). Cut off:
     the cable is pulled (power cut, frozen machine): nothing closes, nothing answers, and
     only the collectives' timeout, set short here, ends the wait."""
-    timeout = 15  # longer than rank 0's validation at the end of an epoch, which the other rank waits out
+    timeout = 10  # longer than rank 0's validation at the end of an epoch, which the other rank waits out
     with two_hosts() as hosts:
         endpoint = f"{hosts[0][2]}:29500"
         logs = [tmp_path / f"node-{name}.log" for name, _ in HOSTS]
