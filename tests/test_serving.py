@@ -99,11 +99,15 @@ def test_the_inline_script_of_the_page_is_allowed_by_its_hash_and_no_other(clien
     import hashlib
     import re
 
+    from fmnist.deploy.server import INLINE_SCRIPT
+
     page = client.get("/")
     policy = dict(part.strip().split(" ", 1) for part in page.headers["content-security-policy"].split(";"))
-    [script] = re.findall(r"<script>(.*?)</script>", page.text, flags=re.DOTALL)
-    digest = base64.b64encode(hashlib.sha256(script.encode()).digest()).decode()
-    assert policy["script-src"] == f"'self' 'sha256-{digest}'" and policy["default-src"] == "'none'"
+    scripts = re.findall(INLINE_SCRIPT, page.text, flags=re.DOTALL)
+    assert len(scripts) == page.text.count("<script")  # the page loads no script from a file
+    digests = [base64.b64encode(hashlib.sha256(script.encode()).digest()).decode() for script in scripts]
+    assert policy["script-src"] == "'self'" + "".join(f" 'sha256-{d}'" for d in digests)
+    assert policy["default-src"] == "'none'" and "unsafe-inline" not in policy["script-src"]
 
 
 def test_vendored_files_are_the_ones_listed_with_their_checksums():

@@ -328,7 +328,8 @@ class Guard:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         started = time.perf_counter()
-        path = scope["path"] if scope["path"] in KNOWN_PATHS else "other"
+        path = (scope["path"] if scope["path"] in KNOWN_PATHS else
+                "/assets" if scope["path"].startswith("/assets/") else "other")
         exchange = _Exchange(scope, receive, send, self.config)
         counted = path == "/v1/predict"
         self.predicting += counted
@@ -385,13 +386,16 @@ _CSP = ("default-src 'none'; script-src 'self'{scripts}; style-src 'self' 'unsaf
         "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
 
 
+INLINE_SCRIPT = r"<script(?![^>]*\bsrc=)[^>]*>(.*?)</script>"  # its text; not one loaded from a file
+
+
 def _html_page(html: str) -> HTMLResponse:
     """``html`` with the CSP that allows its inline scripts by their SHA-256 and nothing else inline."""
     import hashlib
     import re
 
     hashes = "".join(f" 'sha256-{base64.b64encode(hashlib.sha256(body.encode()).digest()).decode()}'"
-                     for body in re.findall(r"<script>(.*?)</script>", html, flags=re.DOTALL))
+                     for body in re.findall(INLINE_SCRIPT, html, flags=re.DOTALL))
     headers = {"Content-Security-Policy": _CSP.format(scripts=hashes), "X-Content-Type-Options": "nosniff",
                "Referrer-Policy": "no-referrer"}
     return HTMLResponse(html, headers=headers)
