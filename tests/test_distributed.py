@@ -237,4 +237,6 @@ def test_a_timeout_that_is_not_a_positive_number_is_a_user_error(monkeypatch, te
     with pytest.raises(UserError, match="FMNIST_DIST_TIMEOUT_S must be a positive number of seconds"):
         distributed._timeout()
     monkeypatch.setenv(distributed.TIMEOUT_ENV, "2.5")
-    assert distributed._timeout().total_seconds() == 2.5
+    assert distributed._timeout()["timeout"].total_seconds() == 2.5
+    monkeypatch.delenv(distributed.TIMEOUT_ENV)
+    assert distributed._timeout() == {}  # PyTorch's default

@@ -42,23 +42,26 @@ class World:
         return self.rank == 0
 
 
-TIMEOUT_ENV = "FMNIST_DIST_TIMEOUT_S"
 # How long a collective waits for the other ranks: a node that vanishes without closing its
 # connections (power cut, cable, a frozen machine) ends the job after this long. It must
 # exceed rank 0's longest solo stretch, which the others wait out at a barrier: validating
-# an epoch, and at the end testing and writing the report. PyTorch's default.
-DEFAULT_TIMEOUT_S = 1800.0
+# an epoch, and at the end testing and writing the report. Unset: PyTorch's default (30 min
+# for gloo, 10 for NCCL).
+TIMEOUT_ENV = "FMNIST_DIST_TIMEOUT_S"
 
 
-def _timeout() -> timedelta:
+def _timeout() -> dict:
+    """init_process_group's ``timeout`` from $FMNIST_DIST_TIMEOUT_S, or nothing."""
     text = os.environ.get(TIMEOUT_ENV, "")
+    if not text:
+        return {}
     try:
-        seconds = float(text) if text else DEFAULT_TIMEOUT_S
+        seconds = float(text)
     except ValueError:
         seconds = float("nan")
     if not seconds > 0:
         raise UserError(f"{TIMEOUT_ENV} must be a positive number of seconds, got {text!r}")
-    return timedelta(seconds=seconds)
+    return {"timeout": timedelta(seconds=seconds)}
 
 
 def join(device_name: str) -> World | None:
@@ -74,16 +77,17 @@ def join(device_name: str) -> World | None:
     else:
         share_cores(local_size)  # before the first parallel op
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo", timeout=_timeout())
+        dist.init_process_group("nccl" if cuda else "gloo", **_timeout())
     return World(dist.get_rank(), dist.get_world_size(), local_rank, local_size, dist.get_backend())
 
 
 def _lost_peer(exc: BaseException) -> bool:
-    """A collective that failed because another rank went away: gloo's and NCCL's transport
-    errors (a reset or closed connection, a timeout), not an error in this rank's own work."""
+    """A collective that failed because another rank went away: PyTorch's distributed errors
+    (NCCL's, the store's, the network's) and gloo's transport errors, which come as plain
+    RuntimeErrors (a reset or closed connection, a timeout); not an error in this rank's work."""
     if isinstance(exc, getattr(dist, "DistError", ())):
         return True
-    return isinstance(exc, RuntimeError) and any(mark in str(exc) for mark in ("/gloo/transport/", "NCCL"))
+    return isinstance(exc, RuntimeError) and "/gloo/transport/" in str(exc)
 
 
 @contextlib.contextmanager
