@@ -113,13 +113,15 @@ def _free_port() -> int:
 
 
 @contextmanager
-def served(model: str, *options: str, timeout: float = 60.0):
-    """``fmnist serve MODEL`` in a subprocess on a free port; yields its URL once /readyz answers."""
+def served(model: str, *options: str, timeout: float = 60.0, env: dict | None = None):
+    """``fmnist serve MODEL`` in a subprocess on a free port (``env`` adds to its environment);
+    yields its URL once /readyz answers."""
     port = _free_port()
     exe = Path(sys.executable).with_name("fmnist")
     command = [str(exe) if exe.exists() else sys.executable, *([] if exe.exists() else ["-m", "fmnist"]),
                "serve", model, "--port", str(port), *options]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, **(env or {})})
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + timeout

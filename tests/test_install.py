@@ -252,6 +252,10 @@ def test_a_user_without_a_writable_home_predicts_evaluates_reports_exports_and_s
                                          headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
         with urllib.request.urlopen(request, timeout=60) as response:
             assert json.loads(response.read())["predictions"][0]["label"] == label
+        for asset in ("/favicon.ico", "/docs", "/redoc", "/assets/vendor/swagger-ui-bundle.js",
+                      "/assets/vendor/swagger-ui.css", "/assets/swagger-init.js", "/assets/vendor/redoc.standalone.js"):
+            with urllib.request.urlopen(base + asset, timeout=60) as response:  # package data in the wheel
+                assert response.status == 200 and response.read(), asset
     finally:
         server.send_signal(signal.SIGINT)
         try:

@@ -83,11 +83,43 @@ def test_model_health_readiness_docs_and_page(client):
     assert client.get("/healthz").json() == {"status": "ok"}
     assert client.get("/readyz").json() == {"status": "ready"}
     assert "/v1/predict" in client.get("/openapi.json").json()["paths"]
-    docs = client.get("/docs")
-    assert docs.status_code == 200 and "/docs-assets/swagger-ui-bundle.js" in docs.text
-    assert "cdn" not in docs.text.lower() and client.get("/docs-assets/swagger-ui-bundle.js").status_code == 200
+    for path, asset in (("/docs", "/assets/vendor/swagger-ui-bundle.js"), ("/redoc", "/assets/vendor/redoc.standalone.js")):
+        docs = client.get(path)  # that they render is tested in a browser (test_page.py)
+        assert docs.status_code == 200 and asset in docs.text and "http" not in docs.text
+        assert "script-src 'self';" in docs.headers["content-security-policy"]
+        assert client.get(asset).status_code == 200
     page = client.get("/")
     assert page.status_code == 200 and 'id="pad"' in page.text and "http" not in page.text.split("<script>")[1]
+    icon = client.get("/favicon.ico")
+    assert icon.status_code == 200 and icon.headers["content-type"] == "image/x-icon"
+    assert Image.open(io.BytesIO(icon.content)).size == (48, 48)
+
+
+def test_the_inline_script_of_the_page_is_allowed_by_its_hash_and_no_other(client):
+    import hashlib
+    import re
+
+    from fmnist.deploy.server import INLINE_SCRIPT
+
+    page = client.get("/")
+    policy = dict(part.strip().split(" ", 1) for part in page.headers["content-security-policy"].split(";"))
+    scripts = re.findall(INLINE_SCRIPT, page.text, flags=re.DOTALL)
+    assert len(scripts) == page.text.count("<script")  # the page loads no script from a file
+    digests = [base64.b64encode(hashlib.sha256(script.encode()).digest()).decode() for script in scripts]
+    assert policy["script-src"] == "'self'" + "".join(f" 'sha256-{d}'" for d in digests)
+    assert policy["default-src"] == "'none'" and "unsafe-inline" not in policy["script-src"]
+
+
+def test_vendored_files_are_the_ones_listed_with_their_checksums():
+    import hashlib
+    import re
+    from importlib import resources
+
+    vendor = resources.files("fmnist.deploy").joinpath("static", "vendor")
+    listed = dict(re.findall(r"^\| `([^`]+)` \|.*\| `([0-9a-f]{64})` \|$", vendor.joinpath("README.md").read_text(),
+                             flags=re.MULTILINE))
+    present = {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in vendor.iterdir() if f.name != "README.md"}
+    assert listed == present
 
 
 @pytest.mark.parametrize("case,status,message", [

@@ -4,8 +4,8 @@
     GET  /v1/model     classes, run metadata, data release, test accuracy, limits
     GET  /healthz      the process is up;  GET /readyz  the model has answered once
     GET  /metrics      Prometheus: requests by path and status, latency, batch sizes
-    GET  /docs         OpenAPI docs (Swagger UI served locally: works offline)
-    GET  /             the page: drop, pick, paste or draw an image
+    GET  /docs         OpenAPI docs: Swagger UI 5;  GET /redoc  the same in ReDoc 2 (both vendored: offline)
+    GET  /             the page: drop, pick, photograph, paste or draw an image
 
 Every error is JSON ``{"error": "..."}`` with the status that says why (408 upload stalled,
 413 too large, 415 not an image, 422 damaged image or wrong field, 500 a bug: logged as one
@@ -38,7 +38,8 @@ from .classifier import Classifier
 from ..core.errors import UserError
 
 FIELD = "images"
-KNOWN_PATHS = ("/", "/v1/predict", "/v1/model", "/healthz", "/readyz", "/metrics", "/docs", "/openapi.json")
+KNOWN_PATHS = ("/", "/v1/predict", "/v1/model", "/healthz", "/readyz", "/metrics", "/docs", "/redoc", "/openapi.json",
+               "/favicon.ico")
 _log = logging.getLogger("uvicorn.error")  # the server's error log, configured with uvicorn's own lines
 
 
@@ -157,8 +158,17 @@ class MicroBatcher:
 # ----------------------------------------------------------------------------- metrics and limits
 
 
+MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"  # set: every worker writes its counts there (serve, workers > 1)
+
+
 class Metrics:
-    """Prometheus metrics in a registry of the app's own (two apps in one process stay apart)."""
+    """Prometheus metrics in a registry of the app's own (two apps in one process stay apart).
+
+    Under ``serve(workers=N)`` each worker process keeps its counts in files in
+    $PROMETHEUS_MULTIPROC_DIR (prometheus_client's multiprocess mode, chosen when the library is
+    first imported), and a scrape, whichever worker answers it, adds up the files of all of
+    them: one scrape counts every worker, and the counts of a worker that died stay counted.
+    """
 
     def __init__(self):
         from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -181,9 +191,15 @@ class Metrics:
         self.images.inc(size)
 
     def render(self) -> tuple[bytes, str]:
-        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+        from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+        if not os.environ.get(MULTIPROCESS_ENV):
+            return generate_latest(self.registry), CONTENT_TYPE_LATEST
+        from prometheus_client.multiprocess import MultiProcessCollector
+
+        every_worker = CollectorRegistry()
+        MultiProcessCollector(every_worker)
+        return generate_latest(every_worker), CONTENT_TYPE_LATEST
 
 
 def _json_error(status: int, message: str):
@@ -312,7 +328,8 @@ class Guard:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         started = time.perf_counter()
-        path = scope["path"] if scope["path"] in KNOWN_PATHS else "other"
+        path = (scope["path"] if scope["path"] in KNOWN_PATHS else
+                "/assets" if scope["path"].startswith("/assets/") else "other")
         exchange = _Exchange(scope, receive, send, self.config)
         counted = path == "/v1/predict"
         self.predicting += counted
@@ -357,8 +374,31 @@ def _data_url(image: np.ndarray) -> str:
     return "data:image/png;base64," + base64.b64encode(prep.png_bytes(image)).decode("ascii")
 
 
-def _page() -> str:
-    return resources.files("fmnist.deploy").joinpath("static/index.html").read_text(encoding="utf-8")
+def _static(name: str) -> str:
+    return resources.files("fmnist.deploy").joinpath("static", name).read_text(encoding="utf-8")
+
+
+# Content-Security-Policy of the HTML pages: scripts from this server only (the page's own
+# inline script by its hash), nothing fetched from elsewhere. Styles may be inline: ReDoc
+# (styled-components) writes <style> elements at run time, and a style cannot run code.
+_CSP = ("default-src 'none'; script-src 'self'{scripts}; style-src 'self' 'unsafe-inline'; "
+        "img-src 'self' data: blob:; font-src 'self' data:; connect-src 'self'; worker-src 'self' blob:; "
+        "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+
+
+INLINE_SCRIPT = r"<script(?![^>]*\bsrc=)[^>]*>(.*?)</script>"  # its text; not one loaded from a file
+
+
+def _html_page(html: str) -> HTMLResponse:
+    """``html`` with the CSP that allows its inline scripts by their SHA-256 and nothing else inline."""
+    import hashlib
+    import re
+
+    hashes = "".join(f" 'sha256-{base64.b64encode(hashlib.sha256(body.encode()).digest()).decode()}'"
+                     for body in re.findall(INLINE_SCRIPT, html, flags=re.DOTALL))
+    headers = {"Content-Security-Policy": _CSP.format(scripts=hashes), "X-Content-Type-Options": "nosniff",
+               "Referrer-Policy": "no-referrer"}
+    return HTMLResponse(html, headers=headers)
 
 
 def create_app(classifier: Classifier, config: ServeConfig = ServeConfig()):
@@ -458,32 +498,32 @@ def create_app(classifier: Classifier, config: ServeConfig = ServeConfig()):
         body, content_type = metrics.render()
         return Response(body, media_type=content_type)
 
-    page = _page()
-
-    @app.get("/", include_in_schema=False)
-    async def index():
-        return HTMLResponse(page)
-
-    _add_offline_docs(app)
+    _add_pages(app)
     app.state.metrics = metrics
     guard = Guard(app, config, metrics)
     return guard
 
 
-def _add_offline_docs(app) -> None:
-    """Swagger UI from the swagger-ui-bundle package instead of a CDN, so /docs works offline."""
-    from fastapi.openapi.docs import get_swagger_ui_html
+def _answer_with(response: Response):
+    async def endpoint():
+        return response  # a Response holds its body and headers, and is sent as often as asked
+    return endpoint
+
+
+def _add_pages(app) -> None:
+    """The page, the API docs (Swagger UI and ReDoc from static/vendor/, see its README: no
+    CDN, so they work offline) and the favicon. Each page is read once, here."""
     from fastapi.staticfiles import StaticFiles
-    from swagger_ui_bundle import swagger_ui_path
 
-    app.mount("/docs-assets", StaticFiles(directory=str(swagger_ui_path)), name="docs-assets")
+    app.mount("/assets", StaticFiles(directory=str(resources.files("fmnist.deploy").joinpath("static"))),
+              name="assets")
+    for path, name in (("/", "index.html"), ("/docs", "docs.html"), ("/redoc", "redoc.html")):
+        app.add_api_route(path, _answer_with(_html_page(_static(name))), include_in_schema=False)
+    icon = resources.files("fmnist.deploy").joinpath("static", "favicon.ico").read_bytes()
 
-    @app.get("/docs", include_in_schema=False)
-    async def docs():
-        return get_swagger_ui_html(openapi_url="/openapi.json", title="fmnist API",
-                                   swagger_js_url="/docs-assets/swagger-ui-bundle.js",
-                                   swagger_css_url="/docs-assets/swagger-ui.css",
-                                   swagger_favicon_url="/docs-assets/favicon-32x32.png")
+    @app.get("/favicon.ico", include_in_schema=False)
+    async def favicon():
+        return Response(icon, media_type="image/x-icon", headers={"Cache-Control": "max-age=86400"})
 
 
 SERVE_ENV = "FMNIST_SERVE"  # how the worker processes of ``serve(workers=N)`` learn what to load
@@ -505,9 +545,12 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, config: ServeCo
     """Serve a run folder or exported model with uvicorn until Ctrl-C.
 
     ``workers`` > 1 starts that many processes on the same port (uvicorn's supervisor), each
-    with its own model, batcher and metrics, and ONNX Runtime threads shared out among them.
+    with its own model and batcher, and ONNX Runtime threads shared out among them; their
+    metrics meet in a temporary folder (Metrics) that is removed when the server stops.
     """
     import json
+    import shutil
+    import tempfile
 
     import uvicorn
 
@@ -526,5 +569,12 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, config: ServeCo
     del classifier
     os.environ[SERVE_ENV] = json.dumps({"model": str(model), "preprocess": preprocess or {},
                                         "uncertain_below": uncertain_below, "config": asdict(config)})
-    uvicorn.run("fmnist.deploy.server:app_from_environment", factory=True, workers=workers, host=host, port=port,
-                log_level="warning", access_log=False)
+    # A folder of this server's own, empty at start (counts left by an earlier server would
+    # be added in), set before the workers start and import prometheus_client.
+    os.environ[MULTIPROCESS_ENV] = metrics_dir = tempfile.mkdtemp(prefix="fmnist-metrics-")
+    try:
+        uvicorn.run("fmnist.deploy.server:app_from_environment", factory=True, workers=workers, host=host,
+                    port=port, log_level="warning", access_log=False)
+    finally:
+        del os.environ[MULTIPROCESS_ENV]
+        shutil.rmtree(metrics_dir, ignore_errors=True)

@@ -17,12 +17,15 @@ autograd, whose hooks DDP needs), and on CPUs the synchronisation of batch norm
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
+from ..core.errors import UserError
 from ..core.runtime import share_cores
 
 
@@ -39,6 +42,28 @@ class World:
         return self.rank == 0
 
 
+# How long a collective waits for the other ranks: a node that vanishes without closing its
+# connections (power cut, cable, a frozen machine) ends the job after this long. It must
+# exceed rank 0's longest solo stretch, which the others wait out at a barrier: validating
+# an epoch, and at the end testing and writing the report. Unset: PyTorch's default (30 min
+# for gloo, 10 for NCCL).
+TIMEOUT_ENV = "FMNIST_DIST_TIMEOUT_S"
+
+
+def _timeout() -> dict:
+    """init_process_group's ``timeout`` from $FMNIST_DIST_TIMEOUT_S, or nothing."""
+    text = os.environ.get(TIMEOUT_ENV, "")
+    if not text:
+        return {}
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = float("nan")
+    if not seconds > 0:
+        raise UserError(f"{TIMEOUT_ENV} must be a positive number of seconds, got {text!r}")
+    return {"timeout": timedelta(seconds=seconds)}
+
+
 def join(device_name: str) -> World | None:
     """Join torchrun's process group when launched by it (WORLD_SIZE > 1), else None."""
     size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -52,8 +77,34 @@ def join(device_name: str) -> World | None:
     else:
         share_cores(local_size)  # before the first parallel op
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo")
+        dist.init_process_group("nccl" if cuda else "gloo", **_timeout())
     return World(dist.get_rank(), dist.get_world_size(), local_rank, local_size, dist.get_backend())
+
+
+def _lost_peer(exc: BaseException) -> bool:
+    """A collective that failed because another rank went away: PyTorch's distributed errors
+    (NCCL's, the store's, the network's) and gloo's transport errors, which come as plain
+    RuntimeErrors (a reset or closed connection, a timeout); not an error in this rank's work."""
+    if isinstance(exc, getattr(dist, "DistError", ())):
+        return True
+    return isinstance(exc, RuntimeError) and "/gloo/transport/" in str(exc)
+
+
+@contextlib.contextmanager
+def peers_watched(world: World | None):
+    """A rank that loses another (its node killed, the network cut) ends with one line that
+    says so, instead of an "unexpected error" to report as a bug. torchrun then stops the
+    ranks left on every node, so the job ends rather than waits."""
+    try:
+        yield
+    except Exception as exc:
+        if world is None or not _lost_peer(exc):
+            raise
+        cause = " ".join(str(exc).split("This is typically caused")[0].split())  # gloo's own advice misleads
+        raise UserError(f"rank {world.rank} of {world.size} lost contact with another rank, whose node stopped "
+                        f"or became unreachable ({cause[:300]})",
+                        hint="check that every node is up and can reach the others, then start the job again "
+                             "on each") from exc
 
 
 def leave(world: World | None) -> None:

@@ -273,6 +273,7 @@ def train(config: TrainConfig | None = None, data_dir: str | os.PathLike | None 
             run_dir, config, saved = _open_for_resume(resume)
         world = distributed.join((config or TrainConfig()).device)  # torchrun's ranks, or None
         held.callback(distributed.leave, world)
+        held.enter_context(distributed.peers_watched(world))
         main = world is None or world.main
         if resume is not None:
             if main:
