@@ -32,6 +32,7 @@ _EXPORTS = {  # name -> the module that defines it
     "TrainConfig": "training.config", "TrainResult": "training.run", "train": "training.run",
     "Listener": "training.events",
     "Classifier": "deploy.classifier", "Prediction": "deploy.classifier", "export_onnx": "deploy.export",
+    "explain": "deploy.explain", "Explanation": "deploy.explain",
 }
 __all__ = sorted(_EXPORTS)
 
