@@ -41,7 +41,8 @@ EXAMPLES = {
   fmnist sweep --show runs/sweep-resnet-20261201-120000     # leaderboard and search.png""",
     "models": """examples:
   fmnist models                            # name, size, cost and recipe of each model
-  fmnist models --json""",
+  fmnist models --json
+  fmnist models notebook                   # layer by layer: output shape, parameters, FLOPs""",
     "evaluate": """examples:
   fmnist evaluate runs/notebook-20261127-120000
   fmnist evaluate runs/notebook-20261127-120000 --json
@@ -195,6 +196,12 @@ def cmd_sweep(args) -> int:
 def cmd_models(args) -> int:
     from .models.registry import describe_models
 
+    if args.name:  # one model, layer by layer
+        from .models.summary import model_summary
+
+        table = model_summary(args.name)
+        _print_json(table.to_dict()) if args.json else print(table)
+        return 0
     models = describe_models()
     if args.json:
         _print_json(models)
@@ -525,6 +532,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_recipe(sweep)
 
     models = command("models", "list the registered models: size, cost and recipe", cmd_models)
+    models.add_argument("name", metavar="NAME", nargs="?", help="one model's layers: output shape, parameters, FLOPs")
     models.add_argument("--json", action="store_true", help="machine-readable output")
 
     for name, help_text, func in (("evaluate", "test-set metrics of a trained run", cmd_evaluate),
