@@ -126,3 +126,34 @@ def figure(images, attributions, captions, columns: int = 4):
     fig.subplots_adjust(left=0.01, right=0.99, bottom=0.02, top=1 - 0.75 / (1.55 * rows + 0.5),
                         wspace=0.06, hspace=0.75)
     return fig
+
+
+def wrong_figure(images, for_answer, for_truth, answers: list[str], truths: list[str]):
+    """Wrong answers explained: per image (a column) the input, the evidence for the answer
+    the model gave, and the evidence for the true class, each map scaled on its own."""
+    from ..core.folders import before_matplotlib
+
+    before_matplotlib()
+    from matplotlib.figure import Figure
+
+    count = len(images)
+    fig = Figure(figsize=(1.45 * count + 0.9, 5.0))
+    axes = np.asarray(fig.subplots(3, count, squeeze=False))
+    for k in range(count):
+        axes[0, k].imshow(images[k], cmap="gray", vmin=0, vmax=255, interpolation="nearest")
+        axes[1, k].imshow(overlay(images[k], for_answer[k]), interpolation="nearest")
+        axes[2, k].imshow(overlay(images[k], for_truth[k]), interpolation="nearest")
+        axes[1, k].set_title(answers[k], fontsize=7.5, color="#d62728", pad=2)
+        axes[2, k].set_title(truths[k], fontsize=7.5, color="#1f77b4", pad=2)
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+        for spine in ax.spines.values():
+            spine.set_visible(False)
+    for row, text in enumerate(("input", "evidence for\nthe answer", "evidence for\nthe true class")):
+        axes[row, 0].set_ylabel(text, fontsize=8)
+    fig.suptitle("Why the most confidently wrong were wrong (integrated gradients; red: for the class named, "
+                 "blue: against)", fontsize=9)
+    fig.subplots_adjust(left=0.9 / (1.45 * count + 0.9), right=0.995, bottom=0.01, top=0.9, wspace=0.05, hspace=0.25)
+    fig.laid_out_by_hand = True  # fmnist.evaluation.figures.png_bytes: no tight bounding box to measure
+    return fig
