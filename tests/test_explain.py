@@ -91,7 +91,7 @@ def test_occlusion_agrees_with_captum(trained_run, dataset):
     with torch.no_grad():
         reference = Occlusion(forward).attribute(
             torch.from_numpy(batch), sliding_window_shapes=(1, OCCLUSION_WINDOW, OCCLUSION_WINDOW), strides=1,
-            baselines=0, target=torch.from_numpy(targets)).numpy()[:, 0]
+            baselines=0, target=torch.from_numpy(targets), perturbations_per_eval=128).numpy()[:, 0]
     np.testing.assert_allclose(ours, reference, atol=2e-5)
 
 
@@ -115,3 +115,28 @@ def test_explain_refuses_bad_input_in_one_line(trained_run, onnx_model, cli, tmp
         result = cli("explain", *args)
         assert result.returncode == 2, (args, result.stderr)
         assert result.stderr.startswith("error: ") and len(result.stderr.strip().splitlines()) <= 2
+
+
+def test_the_server_explains_through_an_exported_model(onnx_model, inputs):
+    import base64
+    import io
+
+    from fastapi.testclient import TestClient
+
+    from fmnist.deploy.classifier import Classifier
+    from fmnist.deploy.server import EXPLAIN_MAX_IMAGES, create_app
+
+    png = inputs[0].read_bytes()
+    with TestClient(create_app(Classifier.load(onnx_model))) as client:
+        answer = client.post("/v1/explain", files=[("images", ("one.png", png, "image/png"))])
+        assert answer.status_code == 200, answer.text
+        [explained] = answer.json()["explanations"]
+        predicted = client.post("/v1/predict", files=[("images", ("one.png", png, "image/png"))]).json()
+        assert explained["label"] == predicted["predictions"][0]["label"] and explained["method"] == "occlusion"
+        assert np.asarray(explained["attribution"]).shape == (28, 28)
+        with Image.open(io.BytesIO(base64.b64decode(explained["overlay"].split(",", 1)[1]))) as overlay:
+            assert overlay.size == (28, 28) and overlay.mode == "RGB"
+        too_many = [("images", (f"{i}.png", png, "image/png")) for i in range(EXPLAIN_MAX_IMAGES + 1)]
+        assert client.post("/v1/explain", files=too_many).status_code == 413
+        junk = client.post("/v1/explain", files=[("images", ("notes.png", b"not an image", "image/png"))])
+        assert junk.status_code in (415, 422) and "error" in junk.json()

@@ -44,6 +44,13 @@ class Explanation:
         """RGB uint8: the map over the image (red for the class, blue against)."""
         return attribution.overlay(self.image, self.attribution, scale)
 
+    def overlay_data_url(self, scale: int = 1) -> str:
+        """The overlay as a PNG data URL, for a page or a JSON answer."""
+        import base64
+
+        return "data:image/png;base64," + base64.b64encode(
+            attribution.overlay_png(self.image, self.attribution, scale)).decode("ascii")
+
     def figure(self):
         """A matplotlib Figure of the input and the overlay (shown inline in a notebook)."""
         return attribution.figure([self.image], [self.attribution], [self.caption()], columns=1)

@@ -18,7 +18,9 @@ import numpy as np
 
 from ..data.idx import CLASS_NAMES
 
-MAP_IMAGES = 2000  # t-SNE's time grows faster than linearly; 2,000 points show every class's shape
+# Every training run draws the map: 1,000 points (100 a class) show every class's island and
+# the bridges between the confused ones for half of 2,000's t-SNE time (docs/understanding.md).
+MAP_IMAGES = 1000
 # tab10: ten colours told apart by most readers (and matplotlib's default cycle)
 PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd",
            "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf")
