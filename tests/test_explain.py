@@ -140,3 +140,14 @@ def test_the_server_explains_through_an_exported_model(onnx_model, inputs):
         assert client.post("/v1/explain", files=too_many).status_code == 413
         junk = client.post("/v1/explain", files=[("images", ("notes.png", b"not an image", "image/png"))])
         assert junk.status_code in (415, 422) and "error" in junk.json()
+
+
+def test_explaining_an_exported_model_imports_no_pytorch(onnx_model):
+    import subprocess
+    import sys
+
+    code = ("import sys, numpy as np, fmnist; found = fmnist.explain(sys.argv[1], np.full((1, 28, 28), 60, np.uint8)); "
+            "assert found[0].attribution.shape == (28, 28); print(sorted({'torch', 'matplotlib'} & set(sys.modules)))")
+    result = subprocess.run([sys.executable, "-c", code, str(onnx_model)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
