@@ -26,9 +26,10 @@ PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd",
            "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf")
 
 
-def sample_indices(labels: np.ndarray, count: int = MAP_IMAGES, seed: int = 0) -> np.ndarray:
-    """``count`` test images (all if fewer), seeded, sorted: the same points in every report."""
-    count = min(count, len(labels))
+def sample_indices(labels: np.ndarray, count: int | None = None, seed: int = 0) -> np.ndarray:
+    """``count`` (default ``MAP_IMAGES``) test images, all if fewer, seeded, sorted: the same
+    points in every report."""
+    count = min(MAP_IMAGES if count is None else count, len(labels))
     return np.sort(np.random.default_rng(seed).choice(len(labels), count, replace=False))
 
 

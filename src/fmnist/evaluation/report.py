@@ -153,9 +153,8 @@ def _layers_table(config: dict) -> str | None:
 
 
 def _understanding(model, data: FashionMNIST, probs, drawn: dict, extra: dict) -> None:
-    """The evidence maps of the top losses and the embedding map (both need the model)."""
-    import time
-
+    """The evidence maps of the top losses and the embedding map (both need the model; a
+    module setting of 0, EXPLAINED or embedding.MAP_IMAGES, leaves its part out)."""
     from ..data.dataset import to_float
     from . import embedding, explain
 
@@ -164,12 +163,24 @@ def _understanding(model, data: FashionMNIST, probs, drawn: dict, extra: dict) -
     if len(worst):
         batch = to_float(data.test_images[worst]).numpy()
         answers, truths = probs[worst].argmax(axis=1), labels[worst]
-        for_answer, _ = explain.integrated_gradients(model, batch, answers)
-        for_truth, _ = explain.integrated_gradients(model, batch, truths)
+        steps = explain.IG_STEPS // 2  # every run pays for these maps; half the steps still sum to within 2%
+        for_answer, _ = explain.integrated_gradients(model, batch, answers, steps)
+        for_truth, _ = explain.integrated_gradients(model, batch, truths, steps)
         drawn["explanations"] = explain.wrong_figure(
             images[worst], for_answer, for_truth, [f"{draw.SHORT_NAMES[a]} {probs[i, a]:.0%}"
                                                    for i, a in zip(worst, answers)],
             [f"true: {draw.SHORT_NAMES[t]} {probs[i, t]:.1%}" for i, t in zip(worst, truths)])
+    if embedding.MAP_IMAGES > 0:
+        _embedding_map(model, data, probs, drawn, extra)
+
+
+def _embedding_map(model, data: FashionMNIST, probs, drawn: dict, extra: dict) -> None:
+    import time
+
+    from ..data.dataset import to_float
+    from . import embedding
+
+    images, labels = data.test_images.numpy(), data.test_labels.numpy()
     picked = embedding.sample_indices(labels)
     started = time.perf_counter()
     points = embedding.project(embedding.penultimate_features(model, to_float(data.test_images[picked])))
