@@ -18,9 +18,7 @@ import numpy as np
 
 from ..data.idx import CLASS_NAMES
 
-# Every training run draws the map: 1,000 points (100 a class) show every class's island and
-# the bridges between the confused ones for half of 2,000's t-SNE time (docs/understanding.md).
-MAP_IMAGES = 1000
+MAP_IMAGES = 2000  # 200 a class: every class's island and the bridges between the confused ones
 # tab10: ten colours told apart by most readers (and matplotlib's default cycle)
 PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd",
            "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf")
@@ -68,16 +66,20 @@ def project(features: np.ndarray, seed: int = 0) -> np.ndarray:
     """2-D t-SNE of the features (PCA to 50 dimensions first, as its authors advise)."""
     from sklearn.decomposition import PCA
     from sklearn.manifold import TSNE
+    from threadpoolctl import threadpool_limits
 
     features = np.asarray(features, dtype=np.float32)
-    if features.shape[1] > 50:
-        features = PCA(50, random_state=seed).fit_transform(features)
-    # Perplexity 10 (30 neighbours a point), 300 iterations (the 250 of early exaggeration and
-    # 50 more) and a coarser Barnes-Hut angle: the classes' islands and the bridges between the
-    # confused ones, as with the defaults, in a fifth of their time (docs/understanding.md).
-    perplexity = min(10.0, max(2.0, (len(features) - 1) / 3))
-    return TSNE(2, perplexity=perplexity, init="pca", random_state=seed, max_iter=300, angle=0.8,
-                n_jobs=2).fit_transform(features).astype(np.float32)
+    # One thread: scikit-learn's OpenMP threads, next to PyTorch's own runtime in this process,
+    # took 36-40 s of wall time for what one thread does in 3-4 s (docs/understanding.md).
+    with threadpool_limits(1):
+        if features.shape[1] > 50:
+            features = PCA(50, random_state=seed).fit_transform(features)
+        # Perplexity 10 (30 neighbours a point), 300 iterations (the 250 of early exaggeration
+        # and 50 more) and a coarser Barnes-Hut angle: the classes' islands and the bridges
+        # between the confused ones, as with the defaults, in a fifth of their time.
+        perplexity = min(10.0, max(2.0, (len(features) - 1) / 3))
+        return TSNE(2, perplexity=perplexity, init="pca", random_state=seed, max_iter=300, angle=0.8,
+                    n_jobs=1).fit_transform(features).astype(np.float32)
 
 
 def _thumbnail(image: np.ndarray) -> str:

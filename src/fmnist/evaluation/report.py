@@ -5,7 +5,7 @@
     figures/samples.png            test images with prediction, confidence, truth, probability bars
     figures/misclassified.png      the top losses: most confidently wrong, with loss and p(true)
     figures/explanations.png       where the model looked on the most confidently wrong
-    figures/embedding.png          penultimate features of 1,000 test images, t-SNE
+    figures/embedding.png          penultimate features of 2,000 test images, t-SNE
     figures/reliability.png        accuracy against confidence, before and after temperature scaling
     report.html                    all of it on one page, figures embedded; the embedding map
                                    there shows each point's image
