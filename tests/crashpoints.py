@@ -42,11 +42,18 @@ torch.set_num_threads(1)  # before anything runs in parallel: children inherit a
 import torch._dynamo  # noqa: E402,F401 - what the optimizers import on first use: once, here, for every child
 
 import fmnist  # noqa: E402
+import fmnist.evaluation.embedding  # noqa: E402
 import fmnist.evaluation.report  # noqa: E402,F401 - matplotlib
 import fmnist.speed.notebook  # noqa: E402,F401 - Numba and the kernels (compiled or loaded in the first child)
 import fmnist.training.run  # noqa: E402,F401
 from fmnist.core import runs  # noqa: E402
 from fmnist.core.errors import UserError  # noqa: E402
+
+# The report's evidence maps and embedding map (tests/test_report_understanding.py) would add
+# seconds of gradients and t-SNE to every resumed run here; their files are written as the
+# other figures are.
+fmnist.evaluation.report.EXPLAINED = 0
+fmnist.evaluation.embedding.MAP_IMAGES = 0
 
 CONFIG = dict(model="notebook", epochs=2, limit_train=64)  # 2 steps of 32 per epoch
 CHECKPOINT_EVERY = 0.0  # seconds: a checkpoint before every step, so each one is a crash point

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.slow  # end to end: each test starts the fmnist command
 
 RUN_FILES = ("config.json", "history.csv", "model.safetensors", "checkpoint.pt", "metrics.json", "report.html",
              "figures/curves.png", "figures/confusion_matrix.png", "figures/samples.png", "figures/misclassified.png",
-             "figures/reliability.png")
+             "figures/reliability.png", "figures/explanations.png", "figures/embedding.png")
 
 
 def test_train_one_epoch_reaches_floor_and_writes_every_file(trained_run):
@@ -33,7 +33,9 @@ def test_train_one_epoch_reaches_floor_and_writes_every_file(trained_run):
     assert config["train"]["batch_size"] == 32 and config["split"]["train"] == 10000
     assert config["environment"]["torch"]
     html = (out / "report.html").read_text()
-    assert html.count("data:image/png;base64,") == 5 and "Classification report" in html and "id=calibration" in html
+    # the figures, the evidence maps of the top losses (the embedding map is inline SVG)
+    assert len(re.findall(r'<img alt="[^"]*" src="data:image/png;base64,', html)) == 6
+    assert "Classification report" in html and "id=calibration" in html
     assert not list(out.rglob("*.tmp"))  # atomic writes leave no temporaries
 
 

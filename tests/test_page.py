@@ -258,3 +258,20 @@ def test_short_load_test_has_no_errors(server):
     url, _ = server
     result = load.run(url, clients=16, seconds=2.0)
     assert result["errors"] == 0 and result["requests"] > 50, result
+
+
+def test_page_shows_where_the_model_looked(server, photo):
+    sync_api = _require_browser()
+    url, _ = server
+    path, _ = photo
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
+        try:
+            page = browser.new_page(viewport={"width": 390, "height": 844})
+            page.goto(url + "/")
+            page.set_input_files("#file", str(path))
+            page.wait_for_function("(e => e && e.naturalWidth === 28 && !e.closest('figure').hidden)"
+                                   "(document.getElementById('evidence'))", timeout=20_000)
+            assert page.is_visible("#evidence") and "where it looked" in page.text_content("#answer")
+        finally:
+            browser.close()

@@ -26,12 +26,13 @@ _EXPORTS = {  # name -> the module that defines it
     "CLASS_NAMES": "data.idx", "FashionMNIST": "data.dataset", "describe": "data.dataset",
     "load_dataset": "data.dataset", "Preprocess": "data.preprocess",
     "create_model": "models.registry", "list_models": "models.registry", "model_entry": "models.registry",
-    "Recipe": "models.recipe",
+    "Recipe": "models.recipe", "model_summary": "models.summary",
     "compute_metrics": "evaluation.metrics", "format_report": "evaluation.metrics",
     "evaluate": "evaluation.saved", "report": "evaluation.saved",
     "TrainConfig": "training.config", "TrainResult": "training.run", "train": "training.run",
     "Listener": "training.events",
     "Classifier": "deploy.classifier", "Prediction": "deploy.classifier", "export_onnx": "deploy.export",
+    "explain": "deploy.explain", "Explanation": "deploy.explain",
 }
 __all__ = sorted(_EXPORTS)
 

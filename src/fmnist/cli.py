@@ -41,7 +41,8 @@ EXAMPLES = {
   fmnist sweep --show runs/sweep-resnet-20261201-120000     # leaderboard and search.png""",
     "models": """examples:
   fmnist models                            # name, size, cost and recipe of each model
-  fmnist models --json""",
+  fmnist models --json
+  fmnist models notebook                   # layer by layer: output shape, parameters, FLOPs""",
     "evaluate": """examples:
   fmnist evaluate runs/notebook-20261127-120000
   fmnist evaluate runs/notebook-20261127-120000 --json
@@ -54,6 +55,10 @@ EXAMPLES = {
   fmnist predict model.onnx *.jpg --top-k 3 --json                  # an exported model: no PyTorch
   fmnist predict model.onnx t10k-images-idx3-ubyte.gz               # IDX or .npy batches of 28x28
   fmnist predict model.onnx photo.jpg --save-preprocessed seen/     # what the model actually saw""",
+    "explain": """examples:
+  fmnist explain runs/notebook-20261127-120000 shirt.jpg --out why/   # why/0000-shirt.png: input and map
+  fmnist explain runs/notebook-20261127-120000 batch.npy --json      # label, probability, 28x28 attribution
+  fmnist explain model.onnx shirt.jpg --out why/                     # occlusion through ONNX Runtime""",
     "export": """examples:
   fmnist export runs/notebook-20261127-120000              # writes RUN_DIR/model.onnx
   fmnist export runs/notebook-20261127-120000 --out notebook.onnx""",
@@ -191,6 +196,12 @@ def cmd_sweep(args) -> int:
 def cmd_models(args) -> int:
     from .models.registry import describe_models
 
+    if args.name:  # one model, layer by layer
+        from .models.summary import model_summary
+
+        table = model_summary(args.name)
+        _print_json(table.to_dict()) if args.json else print(table)
+        return 0
     models = describe_models()
     if args.json:
         _print_json(models)
@@ -285,6 +296,27 @@ def cmd_predict(args) -> int:
         flag = "  uncertain" if answer.uncertain else ""
         print(f"{answer.source:<{width}}  {answer.label} {answer.probability:.1%}"
               f"{'  (' + others + ')' if others else ''}{flag}")
+    return 0
+
+
+def cmd_explain(args) -> int:
+    from .deploy.explain import explain
+
+    found = explain(args.model, args.images, method=args.method, preprocess=_preprocess_changes(args))
+    if args.out:
+        from .core.runs import atomic_write_bytes
+        from .evaluation.figures import png_bytes
+
+        for n, item in enumerate(found):
+            stem = Path(Path(item.source or "image").name.replace("[", "-").replace("]", "")).stem
+            atomic_write_bytes(Path(args.out) / f"{n:04d}-{stem}.png", png_bytes(item.figure()))
+        _log(f"{len(found)} explanation(s) in {args.out}")
+    if args.json:
+        _print_json([item.to_dict() for item in found])
+        return 0
+    width = max(len(str(item.source)) for item in found)
+    for item in found:
+        print(f"{item.source!s:<{width}}  {item.label} {item.probability:.1%}  ({item.method})")
     return 0
 
 
@@ -500,6 +532,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_recipe(sweep)
 
     models = command("models", "list the registered models: size, cost and recipe", cmd_models)
+    models.add_argument("name", metavar="NAME", nargs="?", help="one model's layers: output shape, parameters, FLOPs")
     models.add_argument("--json", action="store_true", help="machine-readable output")
 
     for name, help_text, func in (("evaluate", "test-set metrics of a trained run", cmd_evaluate),
@@ -542,6 +575,17 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--backend", choices=("auto", "onnx", "torch"), default="auto",
                          help="engine for a run folder (an .onnx file always uses ONNX Runtime)")
     add_preprocess(predict)
+
+    explain = command("explain", "where the model looked: a 28x28 evidence map per image (integrated gradients "
+                                 "for a run folder, occlusion for an .onnx file)", cmd_explain)
+    explain.add_argument("model", metavar="MODEL", help="a run folder, or a .onnx file from 'fmnist export'")
+    explain.add_argument("images", nargs="+", metavar="IMAGE",
+                         help="PNG, JPEG, WebP, GIF, BMP, or .npy / IDX files of 28x28 images")
+    explain.add_argument("--out", metavar="DIR", help="write one PNG per image: the input and the map over it")
+    explain.add_argument("--json", action="store_true", help="label, probability and the 28x28 map per image")
+    explain.add_argument("--method", choices=("auto", "integrated-gradients", "occlusion"), default="auto",
+                         help="auto: integrated gradients for a run folder, occlusion for an .onnx file")
+    add_preprocess(explain)
 
     export = command("export", "write a run's model as an ONNX file with its metadata, after a parity check",
                      cmd_export)

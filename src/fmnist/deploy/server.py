@@ -1,6 +1,7 @@
 """The web service: FastAPI on uvicorn, micro-batched inference, limits, metrics and a page.
 
     POST /v1/predict   multipart field "images" (one or many files) -> top-k per image
+    POST /v1/explain   the same field -> a 28x28 evidence map per image (occlusion), with its overlay
     GET  /v1/model     classes, run metadata, data release, test accuracy, limits
     GET  /healthz      the process is up;  GET /readyz  the model has answered once
     GET  /metrics      Prometheus: requests by path and status, latency, batch sizes
@@ -38,8 +39,9 @@ from .classifier import Classifier
 from ..core.errors import UserError
 
 FIELD = "images"
-KNOWN_PATHS = ("/", "/v1/predict", "/v1/model", "/healthz", "/readyz", "/metrics", "/docs", "/redoc", "/openapi.json",
-               "/favicon.ico")
+EXPLAIN_MAX_IMAGES = 8  # an explanation costs (28 - 4 + 1)^2 = 625 model calls an image
+KNOWN_PATHS = ("/", "/v1/predict", "/v1/explain", "/v1/model", "/healthz", "/readyz", "/metrics", "/docs", "/redoc",
+               "/openapi.json", "/favicon.ico")
 _log = logging.getLogger("uvicorn.error")  # the server's error log, configured with uvicorn's own lines
 
 
@@ -478,6 +480,23 @@ def create_app(classifier: Classifier, config: ServeConfig = ServeConfig()):
         results = [answer.to_dict() | ({"preprocessed": _data_url(answer.image)} if preprocessed else {})
                    for answer in answers]
         return JSONResponse({"predictions": results})  # plain dicts: no response model to validate
+
+    @app.post("/v1/explain", summary="Where the model looked: a 28x28 evidence map per image",
+              description=f"Multipart form, field '{FIELD}', at most {EXPLAIN_MAX_IMAGES} images. Occlusion: "
+                          f"how much the answer's probability falls when each 4x4 patch is blacked out, per "
+                          f"pixel; larger = more evidence for the answer. 'overlay' draws it over the image.")
+    async def explain(images: list[UploadFile] = File(..., description="image files")):  # noqa: B008
+        from .explain import explain as explain_images
+
+        if len(images) > EXPLAIN_MAX_IMAGES:
+            raise HTTPError(413, f"{len(images)} images to explain in one request, over the limit of "
+                                 f"{EXPLAIN_MAX_IMAGES} (each costs hundreds of model calls)")
+        prepared = np.stack([await prepare_upload(upload, i) for i, upload in enumerate(images)])
+        found = await asyncio.get_running_loop().run_in_executor(None, explain_images, classifier, prepared,
+                                                                 "occlusion")
+        return JSONResponse({"explanations": [
+            item.to_dict() | {"source": upload.filename, "overlay": item.overlay_data_url(),
+                              "preprocessed": _data_url(item.image)} for item, upload in zip(found, images)]})
 
     @app.get("/v1/model", summary="The model: classes, run metadata, data release, test accuracy, limits")
     async def model_info():

@@ -5,7 +5,7 @@ figure inline; ``save_png`` writes it for the report.
     curves(history)                          train vs validation accuracy and loss per epoch
     confusion_matrix(matrix)                 counts and row-normalised, with class names
     samples(images, labels, probs)           test images with prediction, confidence, truth, bars
-    misclassified(images, labels, probs)     the most confidently wrong test images
+    misclassified(images, labels, probs)     the top losses: most confidently wrong, loss, p(true)
     reliability(calibration)                 accuracy against confidence, before and after scaling
 """
 
@@ -139,26 +139,39 @@ def samples(images: np.ndarray, labels: np.ndarray, probs: np.ndarray, rows: int
     return fig
 
 
+def top_losses(labels: np.ndarray, probs: np.ndarray, count: int) -> np.ndarray:
+    """The ``count`` wrong test predictions with the highest loss (-log of the true class's
+    probability), highest first: the most confidently wrong."""
+    wrong = np.flatnonzero(probs.argmax(axis=1) != labels)
+    true_probability = probs[wrong, labels[wrong]]
+    return wrong[np.argsort(true_probability, kind="stable")][:count]
+
+
 def misclassified(images: np.ndarray, labels: np.ndarray, probs: np.ndarray, rows: int = 4,
                   cols: int = 6) -> Figure:
-    """The most confidently wrong test images, as one tiled image with a caption under each:
-    one panel to draw instead of rows x cols (seconds saved on every run)."""
+    """The top losses: the wrong test images with the highest loss, each captioned with the
+    answer and its probability, the true class and its probability, and the loss. One tiled
+    image with a caption under each: one panel to draw instead of rows x cols (seconds saved
+    on every run)."""
     predictions = probs.argmax(axis=1)
-    wrong = np.flatnonzero(predictions != labels)
-    worst = wrong[np.argsort(-probs[wrong, predictions[wrong]])][: rows * cols]
-    size, gap_x, gap_y = images.shape[-1], 8, 20  # pixels; the caption sits in the gap below each image
+    wrong = int((predictions != labels).sum())
+    worst = top_losses(labels, probs, rows * cols)
+    size, gap_x, gap_y = images.shape[-1], 8, 17  # pixels; the caption sits in the gap below each image
     mosaic = np.zeros((rows * (size + gap_y), cols * (size + gap_x)), dtype=images.dtype)
-    fig = Figure(figsize=(1.9 * cols, 2.5 * rows))
+    fig = Figure(figsize=(1.9 * cols, 2.45 * rows))
     ax = fig.subplots()
     for k, index in enumerate(worst):
         top, left = (k // cols) * (size + gap_y), (k % cols) * (size + gap_x)
         mosaic[top:top + size, left:left + size] = images[index]
+        true_p = float(probs[index, labels[index]])
         ax.text(left + size / 2, top + size + 1, f"#{index}: {CLASS_NAMES[predictions[index]]} "
-                f"{100 * probs[index, predictions[index]]:.0f}%\ntrue: {CLASS_NAMES[labels[index]]}",
+                f"{100 * probs[index, predictions[index]]:.0f}%\ntrue: {CLASS_NAMES[labels[index]]} "
+                f"{100 * true_p:.2g}%\nloss {-math.log(max(true_p, 1e-12)):.2f}",
                 ha="center", va="top", fontsize=7.5, color=WRONG)
     ax.imshow(mosaic, cmap="binary", vmin=0, vmax=255 if images.dtype == np.uint8 else 1, interpolation="nearest")
     ax.axis("off")
-    ax.set_title(f"Most confidently wrong test images ({len(wrong)} wrong in all)", fontsize=11)
+    ax.set_title(f"Top losses: the most confidently wrong test images ({wrong} wrong in all); "
+                 f"answer, true class with its probability, loss", fontsize=10)
     fig.subplots_adjust(left=0.01, right=0.99, top=0.95, bottom=0.01)
     fig.laid_out_by_hand = True
     return fig

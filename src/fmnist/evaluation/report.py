@@ -3,9 +3,12 @@
     figures/curves.png             train vs validation accuracy and loss per epoch
     figures/confusion_matrix.png   counts and row-normalised, with class names
     figures/samples.png            test images with prediction, confidence, truth, probability bars
-    figures/misclassified.png      the most confidently wrong test images
+    figures/misclassified.png      the top losses: most confidently wrong, with loss and p(true)
+    figures/explanations.png       where the model looked on the most confidently wrong
+    figures/embedding.png          penultimate features of 2,000 test images, t-SNE
     figures/reliability.png        accuracy against confidence, before and after temperature scaling
-    report.html                    all of it on one page, figures embedded
+    report.html                    all of it on one page, figures embedded; the embedding map
+                                   there shows each point's image
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ from ..data.dataset import FashionMNIST
 from . import figures as draw
 from .metrics import format_report
 
+EXPLAINED = 8  # most confidently wrong images explained in the report: one row of a page
+
 
 # ----------------------------------------------------------------------------- HTML
 
@@ -37,25 +42,67 @@ def _embedded_png(path: Path, alt: str) -> str:
     return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
 
 
-def _html(run_dir: Path, config: dict, history: list[dict], metrics: dict, figures: dict[str, Path]) -> str:
+def _shown_folder(directory: str) -> str:
+    """The data folder as a shared report may show it: relative to the project (the working
+    folder) when inside it; else no path at all (a home folder names its owner), since the
+    release and the checksums identify the data."""
+    try:
+        return str(Path(directory).resolve().relative_to(Path.cwd().resolve())) or "."
+    except (ValueError, OSError):
+        return "outside the project (not shown): identified by the release and checksums"
+
+
+def _trained_on(config: dict, history: list[dict], pool: int | None) -> str:
+    """'10,000 training images (of 54,000, --limit-train), 1 epoch': a small run must not read like a full one."""
+    split, train = config.get("split", {}), config["train"]
+    images = split.get("train")
+    limited = train.get("limit_train")
+    epochs = len(history)
+    planned = train.get("epochs", epochs)
+    text = f"{images:,} training images" if isinstance(images, int) else "training images: ?"
+    if limited and pool:
+        text += f" (of {pool:,}: --limit-train)"
+    elif limited:
+        text += " (--limit-train)"
+    return text + f" · {epochs} epoch{'s' if epochs != 1 else ''}" + (f" of {planned}" if planned != epochs else "")
+
+
+def _calibration_note(calibration: dict) -> str:
+    before, after = calibration["test_ece_before"], calibration["test_ece_after"]
+    text = (f"Expected calibration error on the test set: {before:.4f} as trained, {after:.4f} after dividing "
+            f"the logits by {calibration['temperature']:.3f}, fitted on the {calibration['fitted_on']}. "
+            f"fmnist predict and the server use the fitted temperature.")
+    if after > before:
+        text += (f" Here the fitted temperature made the test ECE worse ({before:.4f} -> {after:.4f}): it is "
+                 f"chosen on the validation split's log-loss, never on the test set, and this time the test "
+                 f"set disagrees.")
+    return text
+
+
+def _html(run_dir: Path, config: dict, history: list[dict], metrics: dict, figures: dict[str, Path],
+          extra: dict | None = None) -> str:
+    extra = extra or {}
     train, data, env = config["train"], config["data"], config.get("environment", {})
-    settings = [[k, v] for k, v in train.items()] + [
+    settings = [[k, v] for k, v in train.items() if k not in ("device", "precision")] + [
         ["parameters", f"{config['model'].get('parameters', 0):,}"],
-        ["device", f"{env.get('device', '?')} ({env.get('gpu', env.get('processor', '?'))}), "
-                   f"precision {env.get('precision', '?')}"],
+        ["device", f"{train.get('device', '?')} -> {env.get('device', '?')} "
+                   f"({env.get('gpu', env.get('processor', '?'))}), precision {train.get('precision', '?')} -> "
+                   f"{env.get('precision', '?')}"],
         ["versions", f"fmnist {env.get('fmnist', '?')}, torch {env.get('torch', '?')}, "
                      f"python {env.get('python', '?')}"],
     ]
     data_rows = [["release", data["release"] + ("" if data.get("verified") else " (checksums not recognised)")],
-                 ["folder", data["directory"]]] + [
+                 ["folder", _shown_folder(data["directory"])]] + [
         [f.get("name", part), f"sha256 {f.get('sha256', '?')}"] for part, f in data.get("files", {}).items()]
     history_rows = [[int(r["epoch"]), f"{r['train_loss']:.4f}", f"{r['train_accuracy']:.4f}",
                      f"{r['val_loss']:.4f}", f"{r['val_accuracy']:.4f}", f"{r['seconds']:.1f}",
                      f"{r['images_per_second']:,.0f}"] for r in history]
     confused = [[p["true"], p["predicted"], p["count"]] for p in metrics["most_confused"]]
-    headline = (f"test accuracy <b>{100 * metrics['accuracy']:.2f}%</b> · "
+    trained_on = _trained_on(config, history, extra.get("pool"))
+    headline = (f"{html.escape(train.get('model', '?'))} · {html.escape(trained_on)} · "
+                f"test accuracy <b>{100 * metrics['accuracy']:.2f}%</b> · "
                 f"top-2 {100 * metrics['top2_accuracy']:.2f}% · loss {metrics['loss']:.4f} · "
-                f"best epoch {metrics.get('best_epoch', '?')} of {len(history)} "
+                f"best epoch {metrics.get('best_epoch', '?')} "
                 f"· {html.escape(metrics.get('data_release', data['release']))}")
     sections = [
         f"<h1>fmnist run <code>{html.escape(run_dir.name)}</code></h1><p class=headline>{headline}</p>",
@@ -65,16 +112,22 @@ def _html(run_dir: Path, config: dict, history: list[dict], metrics: dict, figur
         "<h2 id=confusion>Confusion matrix</h2>" + _embedded_png(figures["confusion_matrix"], "confusion matrix"),
         "<h2 id=confused>Most confused pairs</h2>" + _table(confused, ["true", "predicted as", "count"]),
         "<h2 id=samples>Sample predictions</h2>" + _embedded_png(figures["samples"], "sample predictions"),
-        "<h2 id=wrong>Most confidently wrong</h2>" + _embedded_png(figures["misclassified"], "misclassified"),
-        *(["<h2 id=calibration>Calibration</h2><p>" + html.escape(
-            f"Expected calibration error on the test set: {metrics['calibration']['test_ece_before']:.4f} as "
-            f"trained, {metrics['calibration']['test_ece_after']:.4f} after dividing the logits by "
-            f"{metrics['calibration']['temperature']:.3f}, fitted on the {metrics['calibration']['fitted_on']}. "
-            f"fmnist predict and the server use the fitted temperature.") + "</p>"
-           + _embedded_png(figures["reliability"], "reliability diagram")] if "reliability" in figures else []),
+        "<h2 id=wrong>Top losses (most confidently wrong)</h2>" + _embedded_png(figures["misclassified"],
+                                                                               "top losses"),
+        *(["<h2 id=explanations>Where the model looked</h2><p>The most confidently wrong test images, with "
+           "integrated-gradients maps at pixel resolution (28x28) for the answer given and for the true class "
+           "(<code>fmnist explain</code> draws them for any image).</p>"
+           + _embedded_png(figures["explanations"], "evidence maps of the top losses")]
+          if "explanations" in figures else []),
+        *(["<h2 id=embedding>Embedding map</h2><p>" + html.escape(extra["embedding_caption"]) + "</p>"
+           + extra["embedding"]] if "embedding" in extra else []),
+        *(["<h2 id=calibration>Calibration</h2><p>" + html.escape(_calibration_note(metrics["calibration"]))
+           + "</p>" + _embedded_png(figures["reliability"], "reliability diagram")]
+          if "reliability" in figures else []),
         "<h2 id=history>History</h2>" + _table(history_rows, ["epoch", "train loss", "train acc", "val loss",
                                                    "val acc", "seconds", "img/s"]),
         "<h2 id=settings>Settings</h2>" + _table(settings),
+        *(["<h2 id=layers>Model layers</h2>" + extra["layers"]] if "layers" in extra else []),
         "<h2 id=data>Data</h2>" + _table(data_rows),
     ]
     style = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
@@ -86,8 +139,66 @@ def _html(run_dir: Path, config: dict, history: list[dict], metrics: dict, figur
             f"</title><style>{style}</style></head><body>{''.join(sections)}</body></html>\n")
 
 
-def build_report(run_dir: str | os.PathLike, data: FashionMNIST, test_logits: torch.Tensor, metrics: dict) -> Path:
-    """Draw every figure into figures/ and write report.html; returns the report's path."""
+def _layers_table(config: dict) -> str | None:
+    from ..models.summary import model_summary
+
+    try:
+        table = model_summary(config["train"]["model"], **(config["train"].get("model_args") or {}))
+    except Exception:  # noqa: BLE001 - a model no longer registered: the report goes without its table
+        return None
+    rows = [[r["layer"], r["type"], "x".join(map(str, r["output_shape"])), f"{r['parameters']:,}",
+             f"{r['flops']:,}" if r["flops"] else ""] for r in table.rows]
+    rows.append(["total", "", "", f"{table.parameters:,}", f"{table.flops:,}"])
+    return _table(rows, list(table.HEADER))
+
+
+def _understanding(model, data: FashionMNIST, probs, drawn: dict, extra: dict) -> None:
+    """The evidence maps of the top losses and the embedding map (both need the model; a
+    module setting of 0, EXPLAINED or embedding.MAP_IMAGES, leaves its part out)."""
+    from ..data.dataset import to_float
+    from . import embedding, explain
+
+    images, labels = data.test_images.numpy(), data.test_labels.numpy()
+    worst = draw.top_losses(labels, probs, EXPLAINED)
+    if len(worst):
+        batch = to_float(data.test_images[worst]).numpy()
+        answers, truths = probs[worst].argmax(axis=1), labels[worst]
+        steps = explain.IG_STEPS // 2  # every run pays for these maps; half the steps still sum to within 2%
+        for_answer, _ = explain.integrated_gradients(model, batch, answers, steps)
+        for_truth, _ = explain.integrated_gradients(model, batch, truths, steps)
+        drawn["explanations"] = explain.wrong_figure(
+            images[worst], for_answer, for_truth, [f"{draw.SHORT_NAMES[a]} {probs[i, a]:.0%}"
+                                                   for i, a in zip(worst, answers)],
+            [f"true: {draw.SHORT_NAMES[t]} {probs[i, t]:.1%}" for i, t in zip(worst, truths)])
+    if embedding.MAP_IMAGES > 0:
+        _embedding_map(model, data, probs, drawn, extra)
+
+
+def _embedding_map(model, data: FashionMNIST, probs, drawn: dict, extra: dict) -> None:
+    import time
+
+    from ..data.dataset import to_float
+    from . import embedding
+
+    images, labels = data.test_images.numpy(), data.test_labels.numpy()
+    picked = embedding.sample_indices(labels)
+    started = time.perf_counter()
+    points = embedding.project(embedding.penultimate_features(model, to_float(data.test_images[picked])))
+    seconds = time.perf_counter() - started
+    predictions = probs[picked].argmax(axis=1)
+    drawn["embedding"] = embedding.figure(points, labels[picked], predictions)
+    extra["embedding"] = embedding.embedding_html(points, labels[picked], predictions, images[picked], picked)
+    extra["embedding_caption"] = (
+        f"What the model's last layer receives for {len(picked):,} test images (a seeded sample), projected to "
+        f"2-D with t-SNE ({seconds:.1f} s here): colour is the true class, a black ring marks a wrong answer. "
+        f"Point at a dot to see its image. Near means similar to the model; distances between islands mean little.")
+
+
+def build_report(run_dir: str | os.PathLike, data: FashionMNIST, test_logits: torch.Tensor, metrics: dict,
+                 model: torch.nn.Module | None = None) -> Path:
+    """Draw every figure into figures/ and write report.html; returns the report's path.
+    With the ``model`` (as tested), the report also explains its top losses and maps its
+    feature space."""
     run_dir = Path(run_dir)
     config = runs.read_config(run_dir)
     history = runs.read_history(run_dir)
@@ -101,9 +212,16 @@ def build_report(run_dir: str | os.PathLike, data: FashionMNIST, test_logits: to
     drawn["misclassified"] = draw.misclassified(images, labels, probs)
     if metrics.get("calibration"):
         drawn["reliability"] = draw.reliability(metrics["calibration"])
+    validation = config.get("split", {}).get("validation")
+    extra: dict = {"pool": len(data.train_labels) - validation if validation is not None else None}
+    if model is not None:
+        _understanding(model, data, probs, drawn, extra)
+    layers = _layers_table(config)
+    if layers:
+        extra["layers"] = layers
     figures = {name: run_dir / runs.FIGURES / f"{name}.png" for name in drawn}
     for name, fig in drawn.items():
         runs.atomic_write_bytes(figures[name], draw.png_bytes(fig))
     report = run_dir / runs.REPORT
-    runs.atomic_write_text(report, _html(run_dir, config, history, metrics, figures))
+    runs.atomic_write_text(report, _html(run_dir, config, history, metrics, figures, extra))
     return report

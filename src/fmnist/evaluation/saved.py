@@ -61,13 +61,14 @@ def report(run_dir: str | os.PathLike, data_dir: str | os.PathLike | None = None
 
     run_dir = runs.require_run_dir(run_dir)
     data = data or load_dataset(runs.data_dir_for(runs.read_config(run_dir), data_dir))
-    logits, _ = _test_logits(run_dir, data, device)
+    model, _ = load_run_model(run_dir, device)
+    logits = predict_logits(model, to_float(data.test_images))
     metrics = metrics_on_test_set(logits, data)
     saved = runs.read_metrics(run_dir)
     if saved is None:  # not finished (or deleted): the fresh one is written after the report
-        path = build_report(run_dir, data, logits, metrics)
+        path = build_report(run_dir, data, logits, metrics, model)
         runs.write_json(run_dir / runs.METRICS, metrics)
         return path
     # keep what only training knew: which epoch was best, the temperature
     metrics.update({k: saved[k] for k in ("best_epoch", "best_val_accuracy", "calibration") if k in saved})
-    return build_report(run_dir, data, logits, metrics)
+    return build_report(run_dir, data, logits, metrics, model)

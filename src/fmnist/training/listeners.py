@@ -25,4 +25,4 @@ class ReportWriter(Listener):
     def on_run_end(self, run, metrics: dict, test_logits) -> None:
         from ..evaluation.report import build_report  # matplotlib is imported only when drawing
 
-        build_report(run.run_dir, run.data, test_logits, metrics)
+        build_report(run.run_dir, run.data, test_logits, metrics, run.evaluated)

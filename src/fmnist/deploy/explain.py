@@ -1,0 +1,91 @@
+"""Explain predictions: for each image, what the model saw, its answer, and a 28x28 map of
+the pixels that made it (fmnist.evaluation.explain computes the maps).
+
+    >>> import fmnist
+    >>> found = fmnist.explain("runs/notebook-20261201-120000", ["shirt.jpg", "batch.npy"])
+    >>> found[0].label, found[0].probability, found[0].attribution.shape   # 'Shirt', 0.93, (28, 28)
+    >>> found[0].figure()                                                   # input and overlay, inline
+
+A run folder is explained with integrated gradients (PyTorch, Captum); an exported ``.onnx``
+model with occlusion through ONNX Runtime (no PyTorch), as the server does.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..core.errors import UserError
+from ..evaluation import explain as attribution
+from .classifier import Classifier
+
+METHODS = ("auto", "integrated-gradients", "occlusion")
+
+
+@dataclass
+class Explanation:
+    """One image explained: its answer and a signed 28x28 map (larger = more evidence for
+    ``label``; for integrated gradients in logit units, for occlusion in probability)."""
+
+    label: str
+    probability: float
+    attribution: np.ndarray = field(repr=False)  # float32 [28, 28]
+    image: np.ndarray = field(repr=False)        # uint8 [28, 28]: what the model saw
+    method: str
+    source: str | None = None
+
+    def to_dict(self) -> dict:
+        return {"source": self.source, "label": self.label, "probability": round(self.probability, 6),
+                "method": self.method, "attribution": np.round(self.attribution.astype(float), 6).tolist()}
+
+    def overlay(self, scale: int = 1) -> np.ndarray:
+        """RGB uint8: the map over the image (red for the class, blue against)."""
+        return attribution.overlay(self.image, self.attribution, scale)
+
+    def overlay_data_url(self, scale: int = 1) -> str:
+        """The overlay as a PNG data URL, for a page or a JSON answer."""
+        import base64
+
+        return "data:image/png;base64," + base64.b64encode(
+            attribution.overlay_png(self.image, self.attribution, scale)).decode("ascii")
+
+    def figure(self):
+        """A matplotlib Figure of the input and the overlay (shown inline in a notebook)."""
+        return attribution.figure([self.image], [self.attribution], [self.caption()], columns=1)
+
+    def caption(self) -> str:
+        return f"{self.label} {self.probability:.0%} ({self.method.replace('-', ' ')})"
+
+
+def _method_for(classifier: Classifier, method: str) -> str:
+    if method not in METHODS:
+        raise UserError(f"unknown explanation method '{method}' (choose {', '.join(METHODS)})")
+    if method == "integrated-gradients" and classifier.model is None:
+        raise UserError("integrated gradients need the PyTorch model: explain the run folder, or use "
+                        "--method occlusion with an exported .onnx model")
+    if method == "auto":
+        return "integrated-gradients" if classifier.model is not None else "occlusion"
+    return method
+
+
+def explain(model: str | os.PathLike | Classifier, images, method: str = "auto", *,
+            preprocess: dict | None = None) -> list[Explanation]:
+    """Explanations of ``images`` (anything ``Classifier.prepare`` takes: files, ``.npy`` and
+    IDX batches, arrays) by ``model``, a run folder, an exported ``.onnx`` file or a Classifier.
+    ``method``: "integrated-gradients" (a run folder's default), "occlusion" (works with an
+    exported model too), or "auto"."""
+    classifier = model if isinstance(model, Classifier) else Classifier.load(model, preprocess=preprocess)
+    method = _method_for(classifier, method)
+    batch, sources = classifier.prepare(images)
+    probabilities = classifier.probabilities(batch)
+    targets = probabilities.argmax(axis=1)
+    if method == "integrated-gradients":
+        maps, _ = attribution.integrated_gradients(classifier.model, batch, targets)
+    else:
+        maps = attribution.occlusion(classifier.probabilities, batch, targets)
+    seen = np.rint(batch[:, 0] * 255).astype(np.uint8)
+    return [Explanation(label=classifier.class_names[t], probability=float(p[t]), attribution=m, image=img,
+                        method=method, source=src)
+            for t, p, m, img, src in zip(targets, probabilities, maps, seen, sources)]

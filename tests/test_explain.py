@@ -1,0 +1,153 @@
+"""fmnist explain: 28x28 evidence maps for files, .npy batches and exported models; what the
+maps must satisfy (integrated gradients' completeness, occlusion as Captum computes it)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fmnist.data.idx import CLASS_NAMES
+from fmnist.data.preprocess import save_png
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def inputs(dataset, tmp_path_factory):
+    """One test image as a PNG file and three as a .npy batch."""
+    folder = tmp_path_factory.mktemp("explain-inputs")
+    images = dataset.test_images[:4].numpy()
+    save_png(images[0], folder / "one.png")
+    np.save(folder / "three.npy", images[1:4])
+    return folder / "one.png", folder / "three.npy", images
+
+
+@pytest.fixture(scope="module")
+def onnx_model(trained_run, tmp_path_factory):
+    from fmnist.deploy.export import export_onnx
+
+    path, _ = export_onnx(trained_run[0], tmp_path_factory.mktemp("explain-onnx") / "model.onnx",
+                          check_images=64)
+    return path
+
+
+def _check_answers(answers: list, method: str) -> None:
+    for answer in answers:
+        assert answer["label"] in CLASS_NAMES and 0 < answer["probability"] <= 1
+        assert answer["method"] == method
+        attribution = np.asarray(answer["attribution"])
+        assert attribution.shape == (28, 28) and np.isfinite(attribution).all()
+        assert np.unique(attribution).size > 100  # a value per pixel, not a blown-up coarse grid
+
+
+def test_explain_a_run_folder_on_files_and_npy_batches(trained_run, inputs, cli, tmp_path):
+    png, npy, _ = inputs
+    result = cli("explain", trained_run[0], png, npy, "--json", "--out", tmp_path / "why")
+    assert result.returncode == 0, result.stderr
+    answers = json.loads(result.stdout)
+    assert [a["source"] for a in answers] == [str(png)] + [f"{npy}[{i}]" for i in range(3)]
+    _check_answers(answers, "integrated-gradients")
+    pictures = sorted((tmp_path / "why").glob("*.png"))
+    assert len(pictures) == 4
+    for picture in pictures:
+        with Image.open(picture) as image:
+            assert image.width > 150 and image.height > 100
+
+
+def test_integrated_gradients_are_complete_and_sit_on_the_garment(trained_run, dataset):
+    import fmnist
+
+    images = dataset.test_images[:16].numpy()
+    found = fmnist.explain(trained_run[0], images)
+    classifier = fmnist.Classifier.load(trained_run[0], backend="torch")
+    logits = classifier.logits(images)
+    black = classifier.logits(np.zeros((1, 28, 28), np.uint8))[0]
+    for image, item, row in zip(images, found, logits):
+        target = CLASS_NAMES.index(item.label)
+        assert np.all(item.attribution[image == 0] == 0)  # a black baseline: the background holds nothing
+        rise = row[target] - black[target]                  # completeness: the map sums to the logit's rise
+        assert abs(item.attribution.sum() - rise) <= 0.05 * abs(rise) + 0.02
+
+
+def test_occlusion_agrees_with_captum(trained_run, dataset):
+    import torch
+    from captum.attr import Occlusion
+
+    from fmnist.deploy.classifier import Classifier
+    from fmnist.evaluation.explain import OCCLUSION_WINDOW, occlusion
+
+    classifier = Classifier.load(trained_run[0], backend="torch")
+    batch = dataset.test_images[:1].numpy()[:, None].astype(np.float32) / 255
+    targets = classifier.probabilities(batch).argmax(axis=1)
+    ours = occlusion(classifier.probabilities, batch, targets)
+    temperature = classifier.temperature
+
+    def forward(x):
+        return torch.softmax(classifier.model(x) / temperature, dim=1)
+
+    with torch.no_grad():
+        reference = Occlusion(forward).attribute(
+            torch.from_numpy(batch), sliding_window_shapes=(1, OCCLUSION_WINDOW, OCCLUSION_WINDOW), strides=1,
+            baselines=0, target=torch.from_numpy(targets), perturbations_per_eval=128).numpy()[:, 0]
+    np.testing.assert_allclose(ours, reference, atol=2e-5)
+
+
+def test_explain_through_an_exported_model(onnx_model, inputs, cli):
+    png, npy, images = inputs
+    result = cli("explain", onnx_model, png, npy, "--json")
+    assert result.returncode == 0, result.stderr
+    answers = json.loads(result.stdout)
+    assert len(answers) == 4
+    _check_answers(answers, "occlusion")
+    for image, answer in zip(images, answers):  # the evidence lies on the garment, not the black canvas
+        magnitude = np.abs(np.asarray(answer["attribution"]))
+        assert magnitude[image > 0].sum() > 3 * magnitude[image == 0].sum()
+
+
+def test_explain_refuses_bad_input_in_one_line(trained_run, onnx_model, cli, tmp_path):
+    junk = tmp_path / "notes.png"
+    junk.write_text("not an image")
+    for args in ((trained_run[0], junk), (trained_run[0], tmp_path / "missing.png"),
+                 (onnx_model, junk, "--method", "integrated-gradients"), (tmp_path, junk)):
+        result = cli("explain", *args)
+        assert result.returncode == 2, (args, result.stderr)
+        assert result.stderr.startswith("error: ") and len(result.stderr.strip().splitlines()) <= 2
+
+
+def test_the_server_explains_through_an_exported_model(onnx_model, inputs):
+    import base64
+    import io
+
+    from fastapi.testclient import TestClient
+
+    from fmnist.deploy.classifier import Classifier
+    from fmnist.deploy.server import EXPLAIN_MAX_IMAGES, create_app
+
+    png = inputs[0].read_bytes()
+    with TestClient(create_app(Classifier.load(onnx_model))) as client:
+        answer = client.post("/v1/explain", files=[("images", ("one.png", png, "image/png"))])
+        assert answer.status_code == 200, answer.text
+        [explained] = answer.json()["explanations"]
+        predicted = client.post("/v1/predict", files=[("images", ("one.png", png, "image/png"))]).json()
+        assert explained["label"] == predicted["predictions"][0]["label"] and explained["method"] == "occlusion"
+        assert np.asarray(explained["attribution"]).shape == (28, 28)
+        with Image.open(io.BytesIO(base64.b64decode(explained["overlay"].split(",", 1)[1]))) as overlay:
+            assert overlay.size == (28, 28) and overlay.mode == "RGB"
+        too_many = [("images", (f"{i}.png", png, "image/png")) for i in range(EXPLAIN_MAX_IMAGES + 1)]
+        assert client.post("/v1/explain", files=too_many).status_code == 413
+        junk = client.post("/v1/explain", files=[("images", ("notes.png", b"not an image", "image/png"))])
+        assert junk.status_code in (415, 422) and "error" in junk.json()
+
+
+def test_explaining_an_exported_model_imports_no_pytorch(onnx_model):
+    import subprocess
+    import sys
+
+    code = ("import sys, numpy as np, fmnist; found = fmnist.explain(sys.argv[1], np.full((1, 28, 28), 60, np.uint8)); "
+            "assert found[0].attribution.shape == (28, 28); print(sorted({'torch', 'matplotlib'} & set(sys.modules)))")
+    result = subprocess.run([sys.executable, "-c", code, str(onnx_model)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"

@@ -1,0 +1,76 @@
+"""What the report adds for understanding a model: the embedding map, the top losses with
+their loss and true-class probability, evidence maps of the most confidently wrong, the layer
+table; and what a shared report must say (training size, one device row, no home paths)."""
+
+from __future__ import annotations
+
+import base64
+import io
+import math
+import re
+
+import numpy as np
+import pytest
+from PIL import Image
+
+
+@pytest.fixture(scope="module")
+def report_html(trained_run) -> str:
+    return (trained_run[0] / "report.html").read_text(encoding="utf-8")
+
+
+@pytest.mark.slow
+def test_the_embedding_map_shows_every_sampled_image(trained_run, report_html, dataset):
+    from fmnist.evaluation.embedding import MAP_IMAGES
+
+    assert 'id=embedding' in report_html
+    dots = re.findall(r'<circle cx="[\d.]+" cy="[\d.]+" r="[\d.]+" fill="#[0-9a-f]{6}"( stroke="#000" '
+                      r'stroke-width="1.4")? data-i="([A-Za-z0-9+/=]+)"><title>#(\d+): ([^<]*)</title>', report_html)
+    assert len(dots) == MAP_IMAGES
+    test_images = dataset.test_images.numpy()
+    for ring, thumbnail, index, title in dots[::97]:  # the thumbnail is the test image the point stands for
+        with Image.open(io.BytesIO(base64.b64decode(thumbnail))) as image:
+            assert np.array_equal(np.asarray(image), test_images[int(index)])
+        assert bool(ring) == ("predicted" in title)
+    assert (trained_run[0] / "figures" / "embedding.png").is_file()
+
+
+@pytest.mark.slow
+def test_the_report_explains_the_top_losses(trained_run, report_html):
+    for section in ("id=wrong", "id=explanations", "id=layers"):
+        assert section in report_html
+    with Image.open(trained_run[0] / "figures" / "explanations.png") as image:
+        assert image.width > 800 and image.height > 300
+    assert not re.search(r'(src|href)="(https?:)?//', report_html)  # self-contained: nothing fetched
+
+
+@pytest.mark.slow
+def test_a_shared_report_names_its_training_size_and_hides_home_paths(trained_run, report_html, data_dir):
+    headline = re.search(r"<p class=headline>(.*?)</p>", report_html).group(1)
+    assert "10,000 training images (of 54,000: --limit-train)" in headline and "1 epoch" in headline
+    assert report_html.count("<td>device</td>") == 1
+    assert str(data_dir.resolve()) not in report_html and str(data_dir) not in report_html
+
+
+def test_top_losses_captions_carry_loss_and_true_class_probability():
+    from fmnist.evaluation import figures
+
+    rng = np.random.default_rng(0)
+    probs = rng.dirichlet(np.full(10, 0.3), size=200)
+    labels = rng.integers(0, 10, 200)
+    worst = figures.top_losses(labels, probs, 24)
+    true_p = probs[worst, labels[worst]]
+    assert np.all(probs[worst].argmax(axis=1) != labels[worst]) and np.all(np.diff(true_p) >= 0)
+    fig = figures.misclassified(np.zeros((200, 28, 28), np.uint8), labels, probs)
+    captions = [t.get_text() for t in fig.axes[0].texts]
+    assert len(captions) == 24
+    for caption, p in zip(captions, true_p):
+        assert f"loss {-math.log(p):.2f}" in caption and f"{100 * p:.2g}%" in caption
+
+
+def test_the_report_says_when_the_temperature_made_the_test_ece_worse():
+    from fmnist.evaluation.report import _calibration_note
+
+    base = {"temperature": 1.2, "fitted_on": "validation split (600 images)"}
+    assert "worse" in _calibration_note({**base, "test_ece_before": 0.010, "test_ece_after": 0.014})
+    assert "worse" not in _calibration_note({**base, "test_ece_before": 0.014, "test_ece_after": 0.010})
