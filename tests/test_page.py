@@ -270,8 +270,9 @@ def test_page_shows_where_the_model_looked(server, photo):
             page = browser.new_page(viewport={"width": 390, "height": 844})
             page.goto(url + "/")
             page.set_input_files("#file", str(path))
-            page.wait_for_function("(e => e && e.naturalWidth === 28 && !e.closest('figure').hidden)"
-                                   "(document.getElementById('evidence'))", timeout=20_000)
+            page.wait_for_function("() => { const e = document.getElementById('evidence');"
+                                   " return e && e.naturalWidth === 28 && !e.closest('figure').hidden; }",
+                                   timeout=20_000)
             assert page.is_visible("#evidence") and "where it looked" in page.text_content("#answer")
         finally:
             browser.close()

@@ -381,10 +381,11 @@ def _static(name: str) -> str:
 
 
 # Content-Security-Policy of the HTML pages: scripts from this server only (the page's own
-# inline script by its hash), nothing fetched from elsewhere. Styles may be inline: ReDoc
-# (styled-components) writes <style> elements at run time, and a style cannot run code.
+# inline script by its hash), nothing fetched from elsewhere (blob: is the page's own upload,
+# read back to ask for its explanation). Styles may be inline: ReDoc (styled-components)
+# writes <style> elements at run time, and a style cannot run code.
 _CSP = ("default-src 'none'; script-src 'self'{scripts}; style-src 'self' 'unsafe-inline'; "
-        "img-src 'self' data: blob:; font-src 'self' data:; connect-src 'self'; worker-src 'self' blob:; "
+        "img-src 'self' data: blob:; font-src 'self' data:; connect-src 'self' blob:; worker-src 'self' blob:; "
         "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
 
 
