@@ -102,9 +102,9 @@ class RunTable:
         return f"RunTable({len(self.rows)} runs under '{self.folder}')"
 
     def _repr_html_(self) -> str:
-        head = "".join(f"<th style='text-align:left;padding:2px 8px'>{display.escape(COLUMNS[k][0])}</th>"
+        head = "".join(f"<th style='text-align:left;padding:2px 8px;white-space:nowrap'>{display.escape(COLUMNS[k][0])}</th>"
                        for k in COLUMNS)
-        body = "".join("<tr>" + "".join(f"<td style='padding:2px 8px'>{display.escape(c)}</td>" for c in _cells(row))
+        body = "".join("<tr>" + "".join(f"<td style='padding:2px 8px;white-space:nowrap'>{display.escape(c)}</td>" for c in _cells(row))
                        + "</tr>" for row in self.rows)
         notes = "".join(f"<div style='color:#a33'>{display.escape(p)}</div>" for p in self.problems)
         return (f"<div style='font-family:system-ui,sans-serif;font-size:13px'><b>{len(self.rows)} runs under "

@@ -10,7 +10,11 @@ from ..core import display
 def result_repr(result) -> str:
     metrics, epochs = result.metrics or {}, len(result.history)
     accuracy = f"test accuracy {metrics['accuracy']:.4f}, " if metrics.get("accuracy") is not None else ""
-    return f"TrainResult({accuracy}{epochs} epochs, run_dir='{result.run_dir}')"
+    return f"TrainResult({accuracy}{_epochs(epochs)}, run_dir='{result.run_dir}')"
+
+
+def _epochs(count: int) -> str:
+    return f"{count} epoch" + ("" if count == 1 else "s")
 
 
 def result_html(result) -> str:
@@ -31,7 +35,7 @@ def result_html(result) -> str:
                                     f"{calibration['temperature']:.3f}"))
     if history:
         seconds = sum(row["seconds"] for row in history)
-        rows.append(("training", f"{seconds:,.1f} s for {len(history)} epochs, "
+        rows.append(("training", f"{seconds:,.1f} s for {_epochs(len(history))}, "
                                  f"{history[-1]['images_per_second']:,.0f} images/s in the last"))
     if result.run_dir is not None:
         rows.append(("run folder", f"<code>{display.escape(display.short_path(result.run_dir))}</code>"))
