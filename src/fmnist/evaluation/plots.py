@@ -106,10 +106,15 @@ def plot_top_losses(source, k: int = 12, cols: int = 6, data=None) -> InlineFigu
     """The ``k`` test images the model is most wrong about, by cross-entropy loss: each with its
     prediction, the true class, the loss and the probability given to the true class."""
     images, labels, probs = test_predictions(source, data)
+    order, losses = top_losses(probs, labels, k)
+    return inline(_top_losses(images, labels, probs, losses, order, cols))
+
+
+def top_losses(probs: np.ndarray, labels: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The indices of the ``k`` largest cross-entropy losses, largest first, and every loss."""
     true_prob = probs[np.arange(len(labels)), labels]
     losses = -np.log(np.clip(true_prob, 1e-12, None))
-    order = np.argsort(-losses, kind="stable")[:k]
-    return inline(_top_losses(images, labels, probs, losses, order, cols))
+    return np.argsort(-losses, kind="stable")[:k], losses
 
 
 def _top_losses(images, labels, probs, losses, order, cols: int) -> draw.Figure:
