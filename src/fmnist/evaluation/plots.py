@@ -99,7 +99,9 @@ def plot_samples(source, rows: int = 5, cols: int = 3, data=None) -> InlineFigur
     """A seeded mix of right and wrong test predictions: image, prediction, confidence, truth,
     and each class's probability (the Keras clothing tutorial's layout)."""
     images, labels, probs = test_predictions(source, data)
-    return inline(draw.samples(images, labels, probs, rows=rows, cols=cols))
+    fig = inline(draw.samples(images, labels, probs, rows=rows, cols=cols))
+    fig.inline_dpi = 90  # laid out for the report's resolution: its small captions need more pixels
+    return fig
 
 
 def plot_top_losses(source, k: int = 12, cols: int = 6, data=None) -> InlineFigure:
