@@ -238,7 +238,7 @@ class Run:
     def _progress_bar(self):
         """One bar for the whole run (every epoch's images), not one per epoch: a notebook shows one
         live bar (tqdm.auto: a widget there, text on a terminal) and a saved notebook keeps one
-        line. It closes itself when the run ends and is left behind in a notebook as a record."""
+        line, not one per epoch. It is cleared when the run ends; the epoch lines stay."""
         per_epoch = len(self.x_train)
         return tqdm(total=per_epoch * self.config.epochs, initial=per_epoch * (self.start_epoch - 1),
                     desc=f"epoch {self.start_epoch}/{self.config.epochs}",
