@@ -1,6 +1,7 @@
-"""The library leaves its caller alone: a run, a report and the figures change nothing in the
-process that called them (matplotlib's backend and figures, PyTorch's flags and threads, the
-environment, the warnings hook)."""
+"""The library leaves its caller alone: a run, a report, the figures and the notebook helpers
+(plot_*, compare_runs, the reprs) change nothing in the process that called them
+(matplotlib's backend and figures, PyTorch's flags and threads, the environment, the
+warnings hook)."""
 
 from __future__ import annotations
 
@@ -32,6 +33,12 @@ def test_a_run_and_its_report_leave_the_callers_process_as_they_found_it(dataset
     from fmnist.evaluation import figures
 
     figures.curves(result.history)
+    drawn = [helper(result) for helper in (fmnist.plot_curves, fmnist.plot_confusion_matrix, fmnist.plot_reliability)]
+    drawn += [fmnist.plot_samples(result, data=dataset), fmnist.plot_top_losses(result, data=dataset),
+              fmnist.compare_runs(result, result.run_dir).figure]
+    for fig in drawn:
+        fig._repr_png_()  # what a notebook does with a cell's value
+    result._repr_html_(), dataset._repr_html_(), fmnist.list_runs(tmp_path)._repr_html_()
     assert matplotlib.get_backend() == "pdf"
     assert plt.get_fignums() == [figure.number] and plt.gcf() is figure
     assert not torch.are_deterministic_algorithms_enabled()

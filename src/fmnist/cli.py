@@ -71,7 +71,13 @@ EXAMPLES = {
     "compare": """examples:
   fmnist train --model fast --seeds 0,1,2,3,4 --out runs/fast
   fmnist train --model fast --seeds 0,1,2,3,4 --lr 0.3 --out runs/fast-lr03
-  fmnist compare runs/fast runs/fast-lr03          # difference, 95% CI, Welch's t-test""",
+  fmnist compare runs/fast runs/fast-lr03          # difference, 95% CI, Welch's t-test
+  fmnist compare runs/notebook-20261127-120000 runs/fast-20261127-130000 --out compare/
+                                                   # run folders: curves, settings, per-class accuracy""",
+    "runs": """examples:
+  fmnist runs                                      # the run folders under runs/, newest first
+  fmnist runs runs/sweep-resnet --sort accuracy    # best first
+  fmnist runs --json""",
 }
 
 
@@ -239,10 +245,38 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_compare(args) -> int:
+    from .evaluation.sidebyside import compare_runs, is_run_dir
+
+    kinds = [is_run_dir(folder) for folder in args.folders]
+    if any(kinds) and not all(kinds):
+        other = args.folders[kinds.index(False)]
+        raise UserError(f"not a run folder: {other}", hint="compare run folders with run folders, or two "
+                                                           "folders of seeds ('fmnist train --seeds')")
+    if all(kinds):  # run folders; otherwise two folders of seeds
+        comparison = compare_runs(*args.folders)
+        written = comparison.write(args.out) if args.out else {}
+        print(json.dumps({**comparison.to_json(), **{k: str(v) for k, v in written.items()}}, indent=2)
+              if args.json else comparison.to_text())
+        if written and not args.json:
+            _log(f"wrote {written['figure']} and {written['page']}")
+        return 0
     from .evaluation.compare import compare_summaries, format_comparison
 
-    result = compare_summaries(args.first, args.second)
+    if len(args.folders) != 2:
+        raise UserError(f"compare takes two folders of seeds, or run folders; got {len(args.folders)} folders "
+                        f"that are not all run folders")
+    result = compare_summaries(*args.folders)
     print(json.dumps(result, indent=2) if args.json else format_comparison(result))
+    return 0
+
+
+def cmd_runs(args) -> int:
+    from .evaluation.runlist import list_runs
+
+    table = list_runs(args.folder, sort=args.sort)
+    print(json.dumps(table.to_json(), indent=2) if args.json else table.to_text())
+    for problem in table.problems if not args.json else ():
+        _log(f"warning: {problem}")
     return 0
 
 
@@ -616,12 +650,21 @@ def build_parser() -> argparse.ArgumentParser:
                         help="longest pause in an upload before it is answered 408 and closed (default: 10)")
     add_preprocess(serve)
 
-    compare = command("compare", "two sets of seeds side by side: is the difference real? (Welch's t-test)",
-                      cmd_compare)
-    compare.add_argument("first", metavar="SEEDS_A", help="a folder written by 'fmnist train --seeds' (or its "
-                                                          "summary.json)")
-    compare.add_argument("second", metavar="SEEDS_B", help="another; differences are B minus A")
+    compare = command("compare", "runs side by side (curves, settings, per-class accuracy), or two sets of "
+                                 "seeds: is the difference real? (Welch's t-test)", cmd_compare)
+    compare.add_argument("folders", nargs="+", metavar="FOLDER",
+                         help="run folders (the first is the reference), or two folders written by "
+                              "'fmnist train --seeds' (or their summary.json): differences are B minus A")
+    compare.add_argument("--out", metavar="DIR", help="run folders: write compare.png and compare.html here")
     compare.add_argument("--json", action="store_true", help="machine-readable output")
+
+    from .evaluation.runlist import COLUMNS  # a plain dict: imports no PyTorch
+
+    listing = command("runs", "a table of the run folders under a folder", cmd_runs)
+    listing.add_argument("folder", metavar="DIR", nargs="?", default="runs", help="where to look (default: runs)")
+    listing.add_argument("--sort", choices=list(COLUMNS), default="created", metavar="KEY",
+                         help=f"column to sort by: {', '.join(COLUMNS)} (default: created, newest first)")
+    listing.add_argument("--json", action="store_true", help="machine-readable output")
 
     bench = command("bench", "measure training and inference speed against the machine's limit", cmd_bench)
     bench.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")

@@ -113,6 +113,15 @@ class FashionMNIST:
             self._seen = torch.from_numpy(np.isin(_image_keys(self.test_images), _image_keys(self.train_images)))
         return self._seen
 
+    def __repr__(self) -> str:  # a short line, not the tensors
+        return (f"FashionMNIST(train {len(self.train_labels):,}, test {len(self.test_labels):,}, "
+                f"{IMAGE_SIZE}x{IMAGE_SIZE} uint8, release '{self.source.release}')")
+
+    def _repr_html_(self) -> str:
+        from .display import dataset_html
+
+        return dataset_html(self)
+
 
 # ----------------------------------------------------------------------------- locating
 

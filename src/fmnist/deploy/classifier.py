@@ -139,6 +139,25 @@ class Classifier:
                     raise UserError(f"ONNX Runtime backend unavailable: {exc}") from None
         self.backend = "onnx" if self.session is not None else "torch"
 
+    def __repr__(self) -> str:
+        meta = self.metadata
+        accuracy = f", test accuracy {meta['test_accuracy']}" if meta.get("test_accuracy") else ""
+        return (f"Classifier(model '{meta.get('model', '?')}' of run '{meta.get('run', '?')}'{accuracy}, "
+                f"backend {self.backend})")
+
+    def _repr_html_(self) -> str:
+        from ..core import display
+
+        meta = self.metadata
+        rows = [("model", display.escape(f"{meta.get('model', '?')} (run {meta.get('run', '?')})")),
+                ("test accuracy", display.escape(meta.get("test_accuracy") or "not evaluated")),
+                ("data", display.escape(meta.get("data_release", "?"))),
+                ("engine", "ONNX Runtime" if self.backend == "onnx" else "PyTorch"),
+                ("temperature", f"{self.temperature:.3f} (probabilities are softmax(logits / temperature))"),
+                ("uncertain below", f"{self.uncertain_below:.0%} top probability"),
+                ("classes", display.escape(", ".join(self.class_names)))]
+        return display.card("fmnist Classifier", rows)
+
     # ------------------------------------------------------------------ loading
 
     @classmethod

@@ -60,6 +60,16 @@ class TrainResult:
     history: list[dict]
     metrics: dict
 
+    def __repr__(self) -> str:  # a line, not every epoch's numbers (they are in .history)
+        from .display import result_repr
+
+        return result_repr(self)
+
+    def _repr_html_(self) -> str:
+        from .display import result_html
+
+        return result_html(self)
+
 
 class Run:
     """One run (see the module docstring). ``resumed`` = (run folder, its config.json, its
@@ -181,9 +191,10 @@ class Run:
         saved_epochs = self.start_epoch - 1  # complete epochs in the checkpoint: what a stop keeps
         try:
             self.events.run_start(self)
-            for epoch in range(self.start_epoch, self.config.epochs + 1):
-                self._epoch(epoch)
-                saved_epochs = epoch
+            with self._progress_bar() as self.bar:
+                for epoch in range(self.start_epoch, self.config.epochs + 1):
+                    self._epoch(epoch)
+                    saved_epochs = epoch
             if not self.main:
                 return TrainResult(run_dir=None, history=[], metrics={})
             metrics = self._finish() if self.test else {
@@ -201,18 +212,16 @@ class Run:
         if epoch == self.start_epoch and self.resumed_from is not None and self.resumed_from.get("position"):
             state = self.resumed_from  # the same order and augmentation; the steps done are skipped
             resume_at = (state["position"], state["partial_losses"], state["partial_correct"])
-        with tqdm(total=len(self.x_train), desc=f"epoch {epoch}/{self.config.epochs}", unit="img",
-                  unit_scale=True, file=sys.stderr, leave=False, disable=not self.show_progress,
-                  mininterval=0.5) as bar:
-            try:
-                train_loss, train_acc = train_one_epoch(
-                    self.step, self.x_train, self.y_train, self.config.batch_size, self.generator,
-                    augmentation=self.augmentation, after_step=self._after_step, world=self.world, bar=bar,
-                    resume_at=resume_at, checkpoint=self.events.inside_epoch(self, epoch))
-            except NonFiniteLoss as exc:
-                kept = f"the checkpoint of epoch {epoch - 1} is kept" if epoch > 1 else "no epoch was saved"
-                raise UserError(f"{exc} of epoch {epoch}; training stopped and {kept} ({self.run_dir})",
-                                hint="a lower --lr, or --precision fp32") from None
+        self.bar.set_description(f"epoch {epoch}/{self.config.epochs}", refresh=False)
+        try:
+            train_loss, train_acc = train_one_epoch(
+                self.step, self.x_train, self.y_train, self.config.batch_size, self.generator,
+                augmentation=self.augmentation, after_step=self._after_step, world=self.world, bar=self.bar,
+                resume_at=resume_at, checkpoint=self.events.inside_epoch(self, epoch))
+        except NonFiniteLoss as exc:
+            kept = f"the checkpoint of epoch {epoch - 1} is kept" if epoch > 1 else "no epoch was saved"
+            raise UserError(f"{exc} of epoch {epoch}; training stopped and {kept} ({self.run_dir})",
+                            hint="a lower --lr, or --precision fp32") from None
         train_seconds = time.perf_counter() - started
         if not self.main:
             distributed.barrier(self.world)  # rank 0 validates and writes the epoch meanwhile
@@ -225,6 +234,16 @@ class Run:
         best = self.progress.keep_if_best(row, self.kept, self.validating)
         self.events.epoch_end(self, row, best)
         distributed.barrier(self.world)
+
+    def _progress_bar(self):
+        """One bar for the whole run (every epoch's images), not one per epoch: a notebook shows one
+        live bar (tqdm.auto: a widget there, text on a terminal) and a saved notebook keeps one
+        line, not one per epoch. It is cleared when the run ends; the epoch lines stay."""
+        per_epoch = len(self.x_train)
+        return tqdm(total=per_epoch * self.config.epochs, initial=per_epoch * (self.start_epoch - 1),
+                    desc=f"epoch {self.start_epoch}/{self.config.epochs}",
+                    unit="img", unit_scale=True, file=sys.stderr, leave=False, disable=not self.show_progress,
+                    mininterval=0.5, dynamic_ncols=True)
 
     def _finish(self) -> dict:
         """Test the best-by-validation weights (not merely the last epoch's), fit the
@@ -285,6 +304,7 @@ def train(config: TrainConfig | None = None, data_dir: str | os.PathLike | None 
             data_dir = runs.data_dir_for(saved, data_dir)
         from .tracking import trackers
 
+        log = _above_the_bar(log)
         followers = [Checkpointer(checkpoint_every), ConsoleLog(log), ReportWriter(),
                      *trackers(track), *listeners]
         run = Run(config or TrainConfig(), data or load_dataset(data_dir), out=out, listeners=followers,
@@ -293,6 +313,16 @@ def train(config: TrainConfig | None = None, data_dir: str | os.PathLike | None 
         if resume is None and main:
             held.enter_context(runs.training_lock(run.run_dir))
         return run.execute()
+
+
+def _above_the_bar(log):
+    """``log`` with the run's progress bar lifted off the terminal line while it writes (the bar
+    lives for the whole run; a line written over it would be garbled)."""
+    def write(line: str) -> None:
+        with tqdm.external_write_mode(file=sys.stderr):
+            log(line)
+
+    return write
 
 
 def _open_for_resume(resume) -> tuple[Path, TrainConfig, dict]:

@@ -1,0 +1,138 @@
+"""The run folders under a folder, one row each: what was trained, on what, and how it did.
+
+    fmnist runs runs/ --sort accuracy               # the CLI
+    fmnist.list_runs("runs", sort="accuracy")       # Python: a RunTable (a table in a notebook)
+
+A run folder is any folder holding config.json and model.safetensors (sweep trials and
+seed runs included, at any depth). An unfinished run has no test accuracy; a folder whose
+files cannot be read is listed with the problem instead of stopping the listing.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..core import display
+from ..core.errors import UserError
+
+# fmnist.core.runs (and PyTorch with it) is imported inside the functions: the CLI's parser
+# reads COLUMNS, and building it imports no PyTorch.
+
+# column -> (heading, how a row's value is written); also the keys of --json and --sort
+COLUMNS = {
+    "run": ("run", str),
+    "model": ("model", str),
+    "train_images": ("train images", lambda v: f"{v:,}"),
+    "epochs": ("epochs", str),
+    "wall_seconds": ("wall time", lambda v: f"{v:,.0f} s"),
+    "accuracy": ("test acc", lambda v: f"{100 * v:.2f}%"),
+    "ece": ("ECE", lambda v: f"{v:.4f}"),
+    "data_release": ("data", str),
+    "created": ("date", lambda v: v[:16].replace("T", " ")),
+}
+DESCENDING = {"accuracy", "created", "train_images", "epochs"}  # best or newest first
+MAX_DEPTH = 4  # runs/sweep-x/trial-0003 is three levels down; deeper folders are not searched
+
+
+def find_run_dirs(folder: Path) -> list[Path]:
+    """Run folders at or under ``folder`` (a run folder's own subfolders are not searched)."""
+    from ..core import runs
+
+    found = []
+
+    def walk(path: Path, depth: int) -> None:
+        if (path / runs.CONFIG).is_file() and (path / runs.WEIGHTS).is_file():
+            found.append(path)
+            return
+        if depth >= MAX_DEPTH:
+            return
+        try:
+            children = sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
+        except OSError:
+            return
+        for child in children:
+            walk(child, depth + 1)
+
+    walk(folder, 0)
+    return found
+
+
+def run_row(run_dir: Path, root: Path) -> dict:
+    """One run's row (values None where the run does not say)."""
+    from ..core import runs
+
+    config = runs.read_config(run_dir)
+    metrics = runs.read_metrics(run_dir) or {}
+    history = runs.read_history(run_dir)
+    created = config.get("created")
+    wall = None
+    if created and (run_dir / runs.METRICS).exists():  # from the folder's creation to metrics.json, written last
+        started = datetime.datetime.fromisoformat(created).timestamp()
+        wall = max(0.0, (run_dir / runs.METRICS).stat().st_mtime - started)
+    name = str(run_dir.relative_to(root)) if run_dir != root else run_dir.name
+    return {"run": name, "path": str(run_dir), "model": config["train"]["model"],
+            "train_images": (config.get("split") or {}).get("train"),
+            "epochs": len(history) if history else None,
+            "wall_seconds": wall, "accuracy": metrics.get("accuracy"),
+            "ece": (metrics.get("calibration") or {}).get("test_ece_after"),
+            "data_release": config["data"]["release"], "created": created}
+
+
+@dataclass
+class RunTable:
+    """Rows of run folders; shows as a table in a notebook, ``str()`` is the CLI's table."""
+
+    folder: Path
+    rows: list[dict]
+    problems: list[str]
+
+    def to_text(self) -> str:
+        if not self.rows:
+            return f"no run folders under {self.folder}"
+        cells = [[COLUMNS[k][0] for k in COLUMNS]] + [_cells(row) for row in self.rows]
+        widths = [max(len(line[i]) for line in cells) for i in range(len(COLUMNS))]
+        return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in cells)
+
+    __str__ = to_text
+
+    def __repr__(self) -> str:
+        return f"RunTable({len(self.rows)} runs under '{self.folder}')"
+
+    def _repr_html_(self) -> str:
+        head = "".join(f"<th style='text-align:left;padding:2px 8px;white-space:nowrap'>{display.escape(COLUMNS[k][0])}</th>"
+                       for k in COLUMNS)
+        body = "".join("<tr>" + "".join(f"<td style='padding:2px 8px;white-space:nowrap'>{display.escape(c)}</td>" for c in _cells(row))
+                       + "</tr>" for row in self.rows)
+        notes = "".join(f"<div style='color:#a33'>{display.escape(p)}</div>" for p in self.problems)
+        return (f"<div style='font-family:system-ui,sans-serif;font-size:13px'><b>{len(self.rows)} runs under "
+                f"<code>{display.escape(display.short_path(self.folder))}</code></b><table>"
+                f"<tr>{head}</tr>{body}</table>{notes}</div>")
+
+    def to_json(self) -> dict:
+        return {"folder": str(self.folder), "runs": self.rows, "problems": self.problems}
+
+
+def _cells(row: dict) -> list[str]:
+    return ["-" if row.get(key) is None else write(row[key]) for key, (_, write) in COLUMNS.items()]
+
+
+def list_runs(folder: str | os.PathLike = "runs", sort: str = "created") -> RunTable:
+    """The run folders under ``folder``, sorted by a column (``COLUMNS``): accuracy, dates,
+    sizes and epochs largest first, the rest in ascending order; rows without the value last."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"not a folder: {folder}" if folder.exists() else f"folder does not exist: {folder}")
+    if sort not in COLUMNS:
+        raise UserError(f"cannot sort by '{sort}' (choose {', '.join(COLUMNS)})")
+    rows, problems = [], []
+    for run_dir in find_run_dirs(folder):
+        try:
+            rows.append(run_row(run_dir, folder))
+        except (UserError, ValueError, OSError) as exc:
+            problems.append(f"{run_dir}: {exc}")  # one unreadable folder does not hide the others
+    present = [r for r in rows if r[sort] is not None]
+    present.sort(key=lambda r: r[sort], reverse=sort in DESCENDING)
+    return RunTable(folder, present + [r for r in rows if r[sort] is None], problems)

@@ -1,0 +1,150 @@
+"""The notebook-facing API: figures that show themselves, short reprs, one progress bar per run,
+the run table (fmnist runs) and run folders side by side (fmnist compare)."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import numpy as np
+import pytest
+
+import fmnist
+from fmnist.core import runs
+
+HISTORY = [{"epoch": e, "train_loss": 1 / e, "train_accuracy": 1 - 0.5 / e, "val_loss": 1.1 / e,
+            "val_accuracy": 1 - 0.6 / e, "lr": 1e-3, "seconds": 2.0, "images_per_second": 1e4} for e in (1, 2, 3)]
+
+
+def test_a_figure_shows_as_a_png_in_ipython_with_no_pyplot_set_up():
+    """IPython's own formatter, as a notebook cell's value goes through it: an image, not text."""
+    from IPython.core.interactiveshell import InteractiveShell
+
+    from fmnist.evaluation import figures, plots
+
+    fig = plots.inline(figures.curves(HISTORY))
+    shown, _ = InteractiveShell.instance().display_formatter.format(fig)
+    assert shown["image/png"][:8] == b"\x89PNG\r\n\x1a\n"
+    assert len(repr(fig)) < 80
+
+
+def test_top_losses_are_the_largest_cross_entropies_largest_first():
+    from fmnist.evaluation.plots import top_losses
+
+    rng = np.random.default_rng(0)
+    probs = rng.dirichlet(np.ones(10), size=200)
+    labels = rng.integers(0, 10, 200)
+    order, losses = top_losses(probs, labels, 5)
+    assert np.allclose(losses, -np.log(probs[np.arange(200), labels]))
+    assert list(order) == list(np.argsort(-losses)[:5])
+
+
+def test_a_train_result_shows_its_headline_and_a_curve_not_its_history():
+    from fmnist.training.run import TrainResult
+
+    metrics = {"accuracy": 0.9123, "top2_accuracy": 0.97, "loss": 0.25, "count": 10000, "best_epoch": 3,
+               "best_val_accuracy": 0.91, "calibration": {"test_ece_before": 0.02, "test_ece_after": 0.01,
+                                                           "temperature": 1.2}}
+    result = TrainResult(run_dir="runs/notebook-x", history=HISTORY, metrics=metrics)
+    assert repr(result) == "TrainResult(test accuracy 0.9123, 3 epochs, run_dir='runs/notebook-x')"
+    page = result._repr_html_()
+    assert "91.23%" in page and "3 of 3" in page and "runs/notebook-x" in page and "<polyline" in page
+
+
+@pytest.mark.slow
+def test_the_dataset_and_a_classifier_print_short_and_show_as_html(dataset, trained_run):
+    assert len(repr(dataset)) < 120 and "tensor" not in repr(dataset)
+    assert "60,000" in repr(dataset) and "<img" in dataset._repr_html_()
+    clf = fmnist.Classifier.load(trained_run[0])
+    assert len(repr(clf)) < 160 and "test accuracy" in repr(clf)
+    assert "fmnist Classifier" in clf._repr_html_()
+
+
+@pytest.mark.slow
+def test_every_plot_helper_draws_a_run_folder_and_a_train_result(trained_run, dataset):
+    from fmnist.evaluation.plots import InlineFigure
+    from fmnist.training.run import TrainResult
+
+    out, _ = trained_run
+    result = TrainResult(run_dir=out, history=runs.read_history(out), metrics=runs.read_metrics(out))
+    for helper in (fmnist.plot_curves, fmnist.plot_confusion_matrix, fmnist.plot_reliability):
+        for source in (out, str(out), result):
+            assert isinstance(helper(source), InlineFigure)
+    for helper in (fmnist.plot_samples, fmnist.plot_top_losses):
+        fig = helper(result, data=dataset)
+        assert fig._repr_png_()[:4] == b"\x89PNG"
+    with pytest.raises(fmnist.UserError, match="not a run folder"):
+        fmnist.plot_curves(out / "figures")
+
+
+@pytest.mark.slow
+def test_a_run_has_one_progress_bar_whatever_its_epochs(small_data_dir, tmp_path, monkeypatch):
+    from fmnist.training import run as run_module
+
+    bars = []
+
+    class Counted(run_module.tqdm):
+        def __init__(self, *args, **kwargs):
+            bars.append(kwargs)
+            super().__init__(*args, **{**kwargs, "disable": True})
+
+    monkeypatch.setattr(run_module, "tqdm", Counted)
+    fmnist.train(fmnist.TrainConfig(epochs=3), data_dir=small_data_dir, out=tmp_path / "run", log=lambda line: None)
+    trained = runs.read_config(tmp_path / "run")["split"]["train"]
+    assert len(bars) == 1 and bars[0]["total"] == 3 * trained  # every epoch's images in one bar
+
+
+def _copy_run(source, target, lr=None, accuracy=None, finished=True):
+    shutil.copytree(source, target)
+    config = json.loads((target / runs.CONFIG).read_text())
+    if lr is not None:
+        config["train"]["lr"] = lr
+    (target / runs.CONFIG).write_text(json.dumps(config))
+    if not finished:
+        (target / runs.METRICS).unlink()
+    elif accuracy is not None:
+        metrics = json.loads((target / runs.METRICS).read_text())
+        metrics["accuracy"] = accuracy
+        metrics["per_class"]["Shirt"]["recall"] += 0.1
+        (target / runs.METRICS).write_text(json.dumps(metrics))
+    return target
+
+
+@pytest.mark.slow
+def test_runs_lists_every_run_folder_sorted_with_unfinished_and_damaged_ones_shown(trained_run, tmp_path, cli):
+    out, _ = trained_run
+    _copy_run(out, tmp_path / "a")
+    _copy_run(out, tmp_path / "sweep" / "trial-0001", accuracy=0.99)
+    _copy_run(out, tmp_path / "b", finished=False)
+    (_copy_run(out, tmp_path / "broken") / runs.CONFIG).write_text("{")
+    done = cli("runs", tmp_path, "--sort", "accuracy", "--json")
+    assert done.returncode == 0, done.err
+    table = json.loads(done.stdout)
+    assert [row["run"] for row in table["runs"]] == ["sweep/trial-0001", "a", "b"]  # best first, unfinished last
+    assert table["runs"][2]["accuracy"] is None and table["runs"][1]["train_images"] == 10000
+    assert len(table["problems"]) == 1 and "broken" in table["problems"][0]
+    text = cli("runs", tmp_path)
+    assert text.returncode == 0 and "test acc" in text.stdout and "broken" in text.stderr
+    assert cli("runs", tmp_path, "--sort", "colour").returncode == 2
+    assert cli("runs", tmp_path / "nowhere").returncode == 2
+
+
+@pytest.mark.slow
+def test_compare_puts_run_folders_side_by_side_in_a_figure_and_a_page(trained_run, tmp_path, cli):
+    out, _ = trained_run
+    a, b = _copy_run(out, tmp_path / "a"), _copy_run(out, tmp_path / "b", lr=0.01, accuracy=0.5)
+    done = cli("compare", a, b, "--out", tmp_path / "cmp", "--json")
+    assert done.returncode == 0, done.err
+    result = json.loads(done.stdout)
+    assert result["settings_diff"] == {"train.lr": [0.001, 0.01]}
+    shirt = result["per_class_accuracy"]["Shirt"]
+    assert math.isclose(shirt[1] - shirt[0], 0.1)
+    page = (tmp_path / "cmp" / "compare.html").read_text()
+    assert "data:image/png;base64," in page and "http" not in page.replace("http-equiv", "")
+    assert (tmp_path / "cmp" / "compare.png").read_bytes()[:4] == b"\x89PNG"
+    text = cli("compare", a, b)
+    assert "train.lr" in text.stdout and "Shirt" in text.stdout and not (tmp_path / "compare.html").exists()
+    mixed = cli("compare", a, tmp_path / "nothing")
+    assert mixed.returncode == 2 and "not a run folder" in mixed.stderr
+    assert "<img" in fmnist.compare_runs(a, b)._repr_html_()
