@@ -31,7 +31,7 @@ _EXPORTS = {  # name -> the module that defines it
     "evaluate": "evaluation.saved", "report": "evaluation.saved",
     "plot_curves": "evaluation.plots", "plot_confusion_matrix": "evaluation.plots",
     "plot_samples": "evaluation.plots", "plot_top_losses": "evaluation.plots",
-    "plot_reliability": "evaluation.plots",
+    "plot_reliability": "evaluation.plots", "plot_explanations": "evaluation.plots",
     "list_runs": "evaluation.runlist", "compare_runs": "evaluation.sidebyside",
     "TrainConfig": "training.config", "TrainResult": "training.run", "train": "training.run",
     "Listener": "training.events",

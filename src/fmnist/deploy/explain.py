@@ -19,6 +19,7 @@ import numpy as np
 
 from ..core.errors import UserError
 from ..evaluation import explain as attribution
+from ..evaluation.plots import plot_explanations
 from .classifier import Classifier
 
 METHODS = ("auto", "integrated-gradients", "occlusion")
@@ -53,7 +54,7 @@ class Explanation:
 
     def figure(self):
         """A matplotlib Figure of the input and the overlay (shown inline in a notebook)."""
-        return attribution.figure([self.image], [self.attribution], [self.caption()], columns=1)
+        return plot_explanations([self])
 
     def caption(self) -> str:
         return f"{self.label} {self.probability:.0%} ({self.method.replace('-', ' ')})"

@@ -7,6 +7,7 @@
     fmnist.plot_samples(result)                     # test images, prediction, confidence, probability bars
     fmnist.plot_top_losses(result, k=12)            # the test images with the highest loss
     fmnist.plot_reliability(result)                 # calibration before and after temperature scaling
+    fmnist.plot_explanations(fmnist.explain(result.run_dir, images))  # where the model looked
 
 Each accepts a run folder or anything with a ``run_dir`` (``fmnist.train``'s result). The
 returned figure is a matplotlib ``Figure`` with ``_repr_png_``: Jupyter shows it as an image
@@ -172,3 +173,15 @@ def test_predictions(source, data=None) -> tuple[np.ndarray, np.ndarray, np.ndar
             _PREDICTIONS.pop(next(iter(_PREDICTIONS)))
         _PREDICTIONS[key] = (data.test_images.numpy(), data.test_labels.numpy(), probs)
     return _PREDICTIONS[key]
+
+
+def plot_explanations(explanations, columns: int = 4) -> InlineFigure:
+    """``fmnist.explain``'s answers: each input beside its evidence map, captioned with the
+    predicted class, its probability and the method."""
+    from . import explain as attribution
+
+    explanations = list(explanations)
+    if not explanations:
+        raise UserError("no explanations to draw")
+    return inline(attribution.figure([e.image for e in explanations], [e.attribution for e in explanations],
+                                     [e.caption() for e in explanations], columns=columns))
