@@ -19,7 +19,6 @@ import numpy as np
 
 from ..core.errors import UserError
 from ..evaluation import explain as attribution
-from ..evaluation.plots import plot_explanations
 from .classifier import Classifier
 
 METHODS = ("auto", "integrated-gradients", "occlusion")
@@ -54,6 +53,8 @@ class Explanation:
 
     def figure(self):
         """A matplotlib Figure of the input and the overlay (shown inline in a notebook)."""
+        from ..evaluation.plots import plot_explanations  # matplotlib only when drawn
+
         return plot_explanations([self])
 
     def caption(self) -> str:
