@@ -1,0 +1,277 @@
+"""Out-of-distribution answers: is this image like a garment at all?
+
+A classifier trained on ten kinds of clothes gives one of them to anything, a blank page or
+noise included, often with high confidence. Three scores say how unlike the training
+garments an image is (higher: less like a garment):
+
+  msp       1 - the top probability after the fitted temperature (maximum softmax)
+  energy    -logsumexp(logits), the free energy of the logits (Liu et al., 2020)
+  rmd       relative Mahalanobis distance of the penultimate features (Ren et al., 2021):
+            the distance to the nearest class mean under a covariance shared by the classes,
+            minus the distance to one Gaussian of all the training features
+
+The fit is cheap by design (it runs at the end of every training run): the class means and
+covariances come from the features of ``FIT_IMAGES`` training images, the threshold from the
+validation split (the score that ``FALSE_FLAG_RATE`` of validation garments exceed), and the
+score is the one that best separates validation garments from a few hundred synthetic
+non-garments drawn here (``synthetic_non_garments``): never from the test set. The result is
+``ood.safetensors`` in the run folder (tensors, and the choice and its measurements as string
+metadata); ``OODHead`` puts model, temperature and score in one module that exports to ONNX.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+from ..data import preprocess as prep
+
+FILE = "ood.safetensors"
+SCORES = ("msp", "energy", "rmd")
+FIT_IMAGES = 2000         # training images whose features give the means and covariances
+THRESHOLD_IMAGES = 2000   # validation images the threshold is chosen on
+PER_KIND = 32             # synthetic non-garments of each kind
+FALSE_FLAG_RATE = 0.02    # share of real (validation) garments flagged "not like a garment"
+SHRINKAGE = 0.1           # covariance pulled towards its mean variance: a few thousand images, 128+ features
+KINDS = ("blank", "uniform", "gaussian", "salt_pepper", "smooth", "shapes", "text", "digits")
+
+
+
+# ----------------------------------------------------------------------------- features and scores
+
+
+def classifier_head(model: torch.nn.Module) -> torch.nn.Linear:
+    """The last Linear layer: its input is the penultimate feature vector."""
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    if not linears:
+        raise ValueError(f"{type(model).__name__} has no Linear layer to take features from")
+    return linears[-1]
+
+
+def logits_and_features(model: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The logits and the classifier head's input, averaged over the calls a wrapper makes
+    (a flip-averaging model calls the head twice; its logits are the average of both)."""
+    seen = []
+    handle = classifier_head(model).register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    try:
+        logits = model(x)
+    finally:
+        handle.remove()
+    return logits, sum(seen) / len(seen)
+
+
+def _quadratic(features: torch.Tensor, means: torch.Tensor, precision: torch.Tensor) -> torch.Tensor:
+    """Squared Mahalanobis distances [N, M] to each of the M means, written as products
+    (z'Pz - 2 m'Pz + m'Pm) so that the ONNX graph is three matrix products."""
+    projected = features @ precision
+    return ((projected * features).sum(1, keepdim=True) - 2 * projected @ means.T
+            + ((means @ precision) * means).sum(1)[None])
+
+
+def scores(kind: str, logits: torch.Tensor, features: torch.Tensor | None, temperature: float,
+           fit: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    """One score per image, higher: less like the training garments."""
+    logits = logits.float()
+    if kind == "msp":
+        return 1 - (logits / temperature).softmax(1).max(1).values
+    if kind == "energy":
+        return -torch.logsumexp(logits, 1)
+    if kind == "rmd":
+        features = features.float()
+        per_class = _quadratic(features, fit["means"], fit["precision"])
+        background = _quadratic(features, fit["background_mean"][None], fit["background_precision"])
+        return (per_class - background).min(1).values
+    raise ValueError(f"unknown score {kind!r} (choose {', '.join(SCORES)})")
+
+
+def _precision(centred: torch.Tensor) -> torch.Tensor:
+    covariance = centred.T @ centred / max(1, len(centred) - 1)
+    target = covariance.diagonal().mean() * torch.eye(len(covariance), dtype=covariance.dtype)
+    return torch.linalg.inv((1 - SHRINKAGE) * covariance + SHRINKAGE * target + 1e-6 * torch.eye(len(covariance),
+                                                                                              dtype=covariance.dtype))
+
+
+def fit_gaussians(features: torch.Tensor, labels: torch.Tensor, classes: int) -> dict[str, torch.Tensor]:
+    """Class means with one shared covariance, and one Gaussian of all features (the background)."""
+    features, labels = features.double().cpu(), labels.cpu()
+    means = torch.stack([features[labels == c].mean(0) if (labels == c).any() else features.mean(0)
+                         for c in range(classes)])
+    background_mean = features.mean(0)
+    return {"means": means.float(), "precision": _precision(features - means[labels]).float(),
+            "background_mean": background_mean.float(),
+            "background_precision": _precision(features - background_mean).float()}
+
+
+def auroc(inside: np.ndarray, outside: np.ndarray) -> float:
+    """Chance that a non-garment scores above a garment (ties count half): 1 separates perfectly."""
+    both = np.concatenate([inside, outside])
+    ranks = np.empty(len(both))
+    order = np.argsort(both, kind="stable")
+    ranks[order] = np.arange(1, len(both) + 1)
+    for value in np.unique(both[np.diff(np.sort(both), prepend=np.nan) == 0]):  # average ranks of ties
+        tied = both == value
+        ranks[tied] = ranks[tied].mean()
+    return float((ranks[len(inside):].sum() - len(outside) * (len(outside) + 1) / 2) / (len(inside) * len(outside)))
+
+
+# ----------------------------------------------------------------------------- synthetic non-garments
+
+
+def _canvas(rng) -> tuple[Image.Image, ImageDraw.ImageDraw]:
+    image = Image.new("L", (112, 112), 0)
+    return image, ImageDraw.Draw(image)
+
+
+def _drawn(kind: str, rng: np.random.Generator) -> Image.Image:
+    image, draw = _canvas(rng)
+    if kind == "shapes":
+        for _ in range(int(rng.integers(1, 4))):
+            x0, y0 = rng.integers(0, 80, 2)
+            x1, y1 = x0 + rng.integers(15, 60), y0 + rng.integers(15, 60)
+            fill, shape = int(rng.integers(120, 256)), rng.integers(0, 4)
+            if shape == 0:
+                draw.ellipse((x0, y0, x1, y1), fill=fill)
+            elif shape == 1:
+                draw.rectangle((x0, y0, x1, y1), fill=fill)
+            elif shape == 2:
+                draw.polygon([tuple(p) for p in rng.integers(0, 112, (3, 2)).tolist()], fill=fill)
+            else:
+                draw.line((x0, y0, x1, y1), fill=fill, width=int(rng.integers(3, 12)))
+    elif kind == "text":
+        words = ("sale", "hello", "fmnist", "receipt", "total 42", "page 7", "menu", "abc xyz")
+        for row in range(int(rng.integers(1, 4))):
+            font = ImageFont.load_default(size=int(rng.integers(14, 28)))
+            draw.text((int(rng.integers(0, 30)), 10 + 32 * row), str(rng.choice(words)), fill=255, font=font)
+    else:  # digits
+        font = ImageFont.load_default(size=int(rng.integers(60, 100)))
+        draw.text((int(rng.integers(10, 40)), 0), str(int(rng.integers(0, 10))), fill=255, font=font)
+    return image
+
+
+def _noise(kind: str, rng: np.random.Generator) -> np.ndarray:
+    if kind == "blank":
+        return np.full((28, 28), rng.integers(0, 256), np.uint8)  # one grey level: nothing in it
+    if kind == "uniform":
+        return rng.integers(0, 256, (28, 28)).astype(np.uint8)
+    if kind == "gaussian":
+        return np.clip(rng.normal(128, 50, (28, 28)), 0, 255).astype(np.uint8)
+    if kind == "salt_pepper":
+        return ((rng.random((28, 28)) < rng.uniform(0.05, 0.5)) * 255).astype(np.uint8)
+    coarse = rng.random((int(rng.integers(3, 8)),) * 2).astype(np.float32)  # smooth: upsampled coarse noise
+    return np.asarray(Image.fromarray((coarse * 255).astype(np.uint8)).resize((28, 28), Image.Resampling.BICUBIC))
+
+
+def synthetic_non_garments(per_kind: int = PER_KIND, seed: int = 0) -> dict[str, np.ndarray]:
+    """uint8 [per_kind, 28, 28] images of each kind in ``KINDS``, prepared as a photo would be
+    (fmnist.data.preprocess: background to black, cropped to the object, scaled)."""
+    rng = np.random.default_rng(seed)
+    made = {}
+    for kind in KINDS:
+        sources = [Image.fromarray(_noise(kind, rng)) if kind not in ("shapes", "text", "digits")
+                   else _drawn(kind, rng) for _ in range(per_kind)]
+        made[kind] = np.stack([prep.prepare(source) for source in sources])
+    return made
+
+
+# ----------------------------------------------------------------------------- the fit
+
+
+def _features(model, images: torch.Tensor, batch_size: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    logits, features = [], []
+    with torch.inference_mode():
+        for start in range(0, len(images), batch_size):
+            batch = images[start:start + batch_size].to(device).contiguous(memory_format=torch.channels_last)
+            a, b = logits_and_features(model, batch)
+            logits.append(a.float().cpu())
+            features.append(b.float().cpu())
+    model.train(was_training)
+    return torch.cat(logits), torch.cat(features)
+
+
+def fit(model, train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor, temperature: float,
+        classes: int = 10, seed: int = 0) -> tuple[dict[str, torch.Tensor], dict]:
+    """The Gaussians, and a summary: each score's AUROC (validation garments against each kind
+    of synthetic non-garment), the chosen score (best mean AUROC), its threshold and flag rates."""
+    _, train_features = _features(model, train_x[:FIT_IMAGES])
+    gaussians = fit_gaussians(train_features, train_y[:FIT_IMAGES], classes)
+    val_logits, val_features = _features(model, val_x[:THRESHOLD_IMAGES])
+    synthetic = synthetic_non_garments(seed=seed)
+    outside = {kind: _features(model, torch.from_numpy(images[:, None].astype(np.float32) / 255)) for kind, images
+               in synthetic.items() if prep.has_object(images).any()}
+    measured = {}
+    for kind in SCORES:
+        inside = scores(kind, val_logits, val_features, temperature, gaussians).numpy()
+        per_kind = {name: auroc(inside, scores(kind, *pair, temperature, gaussians).numpy())
+                    for name, pair in outside.items()}
+        measured[kind] = {"auroc": per_kind, "mean_auroc": float(np.mean(list(per_kind.values())))}
+    chosen = max(SCORES, key=lambda kind: measured[kind]["mean_auroc"])
+    inside = scores(chosen, val_logits, val_features, temperature, gaussians).numpy()
+    threshold = float(np.quantile(inside, 1 - FALSE_FLAG_RATE))
+    flagged = {"validation garments": float((inside > threshold).mean())}
+    for kind, images in synthetic.items():  # "no object found" counts as flagged: the answer is uncertain
+        present = prep.has_object(images)
+        rate = (~present).astype(float)
+        if present.any():
+            rate[present] = (scores(chosen, *outside[kind], temperature, gaussians).numpy() > threshold)
+        flagged[kind] = float(rate.mean())
+    summary = {"score": chosen, "threshold": threshold, "temperature": temperature,
+               "false_flag_rate": FALSE_FLAG_RATE, "fit_images": len(train_features),
+               "threshold_images": len(val_features), "synthetic_per_kind": PER_KIND,
+               "scores": measured, "flag_rates": flagged}
+    return gaussians, summary
+
+
+def save(path, gaussians: dict[str, torch.Tensor], summary: dict) -> None:
+    from safetensors.torch import save as to_bytes
+
+    from ..core import runs
+
+    tensors = {k: v.contiguous() for k, v in gaussians.items()}
+    runs.atomic_write_bytes(path, to_bytes(tensors, metadata={"summary": json.dumps(summary)}))
+
+
+def load(path) -> tuple[dict[str, torch.Tensor], dict]:
+    """The Gaussians and the summary of an ``ood.safetensors`` (ValueError if unreadable)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            tensors = {k: handle.get_tensor(k) for k in handle.keys()}
+            summary = json.loads((handle.metadata() or {})["summary"])
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own types
+        raise ValueError(f"unreadable out-of-distribution file {path}: {exc}") from None
+    if summary.get("score") not in SCORES or not math.isfinite(summary.get("threshold", math.nan)):
+        raise ValueError(f"unreadable out-of-distribution file {path}: no score or threshold")
+    return tensors, summary
+
+
+# ----------------------------------------------------------------------------- one module for export
+
+
+class OODHead(torch.nn.Module):
+    """``model`` with three outputs: logits, probabilities (softmax after the temperature) and
+    the out-of-distribution score the fit chose (or only the first two without a fit)."""
+
+    def __init__(self, model: torch.nn.Module, temperature: float = 1.0, gaussians: dict | None = None,
+                 summary: dict | None = None):
+        super().__init__()
+        self.model, self.temperature = model, float(temperature)
+        self.score = summary["score"] if summary else None
+        for name, tensor in (gaussians or {}).items():
+            self.register_buffer(name, tensor.clone())
+
+    def forward(self, x: torch.Tensor):
+        if self.score is None:
+            logits = self.model(x)
+            return logits, (logits.float() / self.temperature).softmax(1)
+        logits, features = logits_and_features(self.model, x)
+        fit = {name: buffer for name, buffer in self.named_buffers() if "." not in name}
+        return (logits, (logits.float() / self.temperature).softmax(1),
+                scores(self.score, logits, features, self.temperature, fit))
