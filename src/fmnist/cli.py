@@ -241,7 +241,7 @@ def cmd_bench(args) -> int:
 
     from .bench import BenchConfig, format_table, run_benchmark
 
-    config = BenchConfig(device=args.device, data_dir=args.data)
+    config = BenchConfig(device=args.device, data_dir=args.data, run_dir=args.run)
     if args.quick:  # a smoke run: every code path, numbers too rough to quote
         config = dataclasses.replace(config, rounds=1, train_steps=5, warmup_steps=2, latency_calls=20,
                                      inference_images=1024, preset_images=256)
@@ -593,6 +593,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench = command("bench", "measure training and inference speed against the machine's limit", cmd_bench)
     bench.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
     add_data(bench)
+    bench.add_argument("--run", metavar="RUN_DIR",
+                       help="a trained run for the int8 against fp32 rows (default: the untrained notebook CNN, "
+                            "speed and size only)")
     bench.add_argument("--quick", action="store_true", help="one short round: checks it runs, not for quoting")
     bench.add_argument("--json", action="store_true", help="machine-readable output")
     return parser

@@ -160,51 +160,65 @@ class _Calibration:
         return None if batch is None else {"images": batch}
 
 
-def _int8(payload: bytes, data, metadata: dict) -> tuple[bytes, dict]:
-    """The float model's int8 version and the gate's figures; UserError if it fails the gate.
+def quantize_int8(payload: bytes, calibration: np.ndarray):
+    """The float ONNX model ``payload`` statically quantized to int8 (an onnx.ModelProto), its
+    activation ranges measured on ``calibration`` (float32 [N, 1, 28, 28] training images).
 
-    Only convolutions and fully connected layers (Conv, Gemm) are quantized: the
+    Only convolutions and fully connected layers (Conv, Gemm) are quantized, and not the last
+    one: the classifier head is a few thousand weights, and quantizing it too took top-1
+    agreement from 99.9% to 98.9% on the notebook model (1 epoch, 10,000 images). The
     out-of-distribution score's matrix products stay in float, as its threshold was fitted."""
     import onnx
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
-    from .onnx import ort_session
-
-    calibration = (data.train_images[:INT8_CALIBRATION_IMAGES].numpy()[:, None] / np.float32(255)).astype(np.float32)
     with tempfile.TemporaryDirectory(prefix="fmnist-int8-") as folder:
         source, target = Path(folder) / "float.onnx", Path(folder) / "int8.onnx"
         source.write_bytes(payload)
+        head = [node.name for node in onnx.load_from_string(payload).graph.node if node.op_type == "Gemm"][-1:]
         root = logging.getLogger()
         level = root.level
         root.setLevel(logging.ERROR)  # its advice to pre-process (shape inference) is logged as a warning
         try:
             quantize_static(str(source), str(target), _Calibration(calibration), quant_format=QuantFormat.QDQ,
-                            op_types_to_quantize=["Conv", "Gemm"], per_channel=True,
+                            op_types_to_quantize=["Conv", "Gemm"], nodes_to_exclude=head, per_channel=True,
                             activation_type=QuantType.QInt8, weight_type=QuantType.QInt8)
         finally:
             root.setLevel(level)
-        graph = onnx.load(str(target))
+        return onnx.load(str(target))
+
+
+def calibration_images(data) -> np.ndarray:
+    """The first INT8_CALIBRATION_IMAGES training images as model inputs (never test images)."""
+    return (data.train_images[:INT8_CALIBRATION_IMAGES].numpy()[:, None] / np.float32(255)).astype(np.float32)
+
+
+def _int8(payload: bytes, data, metadata: dict) -> tuple[bytes, dict]:
+    """The float model's int8 version and the gate's figures; UserError if it fails the gate."""
+    from .onnx import ort_session
+
+    graph = quantize_int8(payload, calibration_images(data))
     gate = int8_gate(ort_session(payload), ort_session(graph.SerializeToString()), data)
     gate.update(float_bytes=len(payload))
     metadata = {**metadata, "quantization": json.dumps({"type": "int8", "method": "onnxruntime static, QDQ, "
-                                                        "per-channel weights", **gate})}
+                                                        "per-channel weights, head in float", **gate})}
     _describe(graph, metadata)
     quantized = graph.SerializeToString()
     gate["int8_bytes"] = len(quantized)
     return quantized, gate
 
 
+def predictions(session, images: np.ndarray) -> np.ndarray:
+    """Top-1 classes of an ONNX session on uint8 [N, 28, 28] images, 1,000 at a time."""
+    inputs = (images[:, None] / np.float32(255)).astype(np.float32)
+    return np.concatenate([session.run(["logits"], {"images": inputs[i:i + 1000]})[0].argmax(1)
+                           for i in range(0, len(inputs), 1000)])
+
+
 def int8_gate(float_session, int8_session, data) -> dict:
     """Agreement on PARITY_IMAGES test images and accuracy on all of them; UserError naming
     both figures when either misses its bound."""
-    images = (data.test_images.numpy()[:, None] / np.float32(255)).astype(np.float32)
-    labels = data.test_labels.numpy()
-
-    def predicted(session):
-        return np.concatenate([session.run(["logits"], {"images": images[i:i + 1000]})[0].argmax(1)
-                               for i in range(0, len(images), 1000)])
-
-    exact, approximate = predicted(float_session), predicted(int8_session)
+    images, labels = data.test_images.numpy(), data.test_labels.numpy()
+    exact, approximate = predictions(float_session, images), predictions(int8_session, images)
     count = min(PARITY_IMAGES, len(images))
     gate = {"images": count, "top1_agreement": float((exact[:count] == approximate[:count]).mean()),
             "float_accuracy": float((exact == labels).mean()), "int8_accuracy": float((approximate == labels).mean()),
