@@ -79,7 +79,8 @@ def test_the_run_folder_holds_the_fit_and_a_model_card(trained_run):
     assert summary["score"] in ood.SCORES and summary["fit_images"] == ood.FIT_IMAGES
     assert summary["flag_rates"]["validation garments"] == pytest.approx(ood.FALSE_FLAG_RATE, abs=0.005)
     assert set(summary["flag_rates"]) == {"validation garments", *ood.KINDS}
-    assert gaussians["means"].shape[0] == 10 and gaussians["precision"].shape[0] == gaussians["means"].shape[1]
+    assert gaussians["whitened_means"].shape[0] == 10
+    assert gaussians["whitening"].shape[0] == gaussians["whitened_means"].shape[1]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["ood"]["score"] == summary["score"] and metrics["photo_like"]["images"] > 0
     card = (out / "MODEL_CARD.md").read_text()
@@ -135,6 +136,17 @@ def test_a_run_folder_without_the_fit_still_predicts(trained_run, tmp_path):
     answers = classifier.classify([blank, noise])
     assert answers[0].reason == NO_OBJECT and answers[1].reason != NOT_A_GARMENT
     assert answers[1].ood_score is None and classifier.describe()["ood"] is None
+
+
+@pytest.mark.slow
+def test_a_damaged_fit_is_a_one_line_error(trained_run, tmp_path, cli):
+    damaged = tmp_path / "damaged"
+    shutil.copytree(trained_run[0], damaged)
+    (damaged / ood.FILE).write_bytes((damaged / ood.FILE).read_bytes()[:100])
+    blank, _ = non_garments(tmp_path)
+    result = cli("predict", damaged, blank)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.startswith("error: unreadable out-of-distribution file") and len(result.stderr.splitlines()) <= 2
 
 
 @pytest.fixture(scope="module")

@@ -64,12 +64,11 @@ def logits_and_features(model: torch.nn.Module, x: torch.Tensor) -> tuple[torch.
     return logits, sum(seen) / len(seen)
 
 
-def _quadratic(features: torch.Tensor, means: torch.Tensor, precision: torch.Tensor) -> torch.Tensor:
-    """Squared Mahalanobis distances [N, M] to each of the M means, written as products
-    (z'Pz - 2 m'Pz + m'Pm) so that the ONNX graph is three matrix products."""
-    projected = features @ precision
-    return ((projected * features).sum(1, keepdim=True) - 2 * projected @ means.T
-            + ((means @ precision) * means).sum(1)[None])
+def _squared_distances(features: torch.Tensor, whitening: torch.Tensor, whitened_means: torch.Tensor) -> torch.Tensor:
+    """Squared Mahalanobis distances [N, M] to each of M means: (z - m)' P (z - m) as the
+    squared length of (z - m) W, with P = W W' (the differences are taken before squaring: the
+    expanded form z'Pz - 2m'Pz + m'Pm cancels large terms and loses float32 precision)."""
+    return ((features @ whitening)[:, None, :] - whitened_means[None]).square().sum(2)
 
 
 def scores(kind: str, logits: torch.Tensor, features: torch.Tensor | None, temperature: float,
@@ -82,28 +81,34 @@ def scores(kind: str, logits: torch.Tensor, features: torch.Tensor | None, tempe
         return -torch.logsumexp(logits, 1)
     if kind == "rmd":
         features = features.float()
-        per_class = _quadratic(features, fit["means"], fit["precision"])
-        background = _quadratic(features, fit["background_mean"][None], fit["background_precision"])
-        return (per_class - background).min(1).values
+        per_class = _squared_distances(features, fit["whitening"], fit["whitened_means"])
+        background = _squared_distances(features, fit["background_whitening"], fit["whitened_background_mean"])
+        return (per_class - background[:, 0:1]).min(1).values
     raise ValueError(f"unknown score {kind!r} (choose {', '.join(SCORES)})")
 
 
-def _precision(centred: torch.Tensor) -> torch.Tensor:
+def _whitening(centred: torch.Tensor) -> torch.Tensor:
+    """W with W W' the inverse of the (shrunk) covariance of ``centred``: W = L^-T for the
+    covariance's Cholesky factor L."""
     covariance = centred.T @ centred / max(1, len(centred) - 1)
-    target = covariance.diagonal().mean() * torch.eye(len(covariance), dtype=covariance.dtype)
-    return torch.linalg.inv((1 - SHRINKAGE) * covariance + SHRINKAGE * target + 1e-6 * torch.eye(len(covariance),
-                                                                                              dtype=covariance.dtype))
+    eye = torch.eye(len(covariance), dtype=covariance.dtype)
+    shrunk = (1 - SHRINKAGE) * covariance + (SHRINKAGE * covariance.diagonal().mean() + 1e-6) * eye
+    factor = torch.linalg.cholesky(shrunk)
+    return torch.linalg.solve_triangular(factor, eye, upper=False).T
 
 
 def fit_gaussians(features: torch.Tensor, labels: torch.Tensor, classes: int) -> dict[str, torch.Tensor]:
-    """Class means with one shared covariance, and one Gaussian of all features (the background)."""
+    """Class means with one shared covariance, and one Gaussian of all features (the background),
+    as whitening matrices W (precision = W W') and the means multiplied by them."""
     features, labels = features.double().cpu(), labels.cpu()
     means = torch.stack([features[labels == c].mean(0) if (labels == c).any() else features.mean(0)
                          for c in range(classes)])
-    background_mean = features.mean(0)
-    return {"means": means.float(), "precision": _precision(features - means[labels]).float(),
-            "background_mean": background_mean.float(),
-            "background_precision": _precision(features - background_mean).float()}
+    background_mean = features.mean(0, keepdim=True)
+    whitening = _whitening(features - means[labels])
+    background = _whitening(features - background_mean)
+    return {"whitening": whitening.float(), "whitened_means": (means @ whitening).float(),
+            "background_whitening": background.float(),
+            "whitened_background_mean": (background_mean @ background).float()}
 
 
 def auroc(inside: np.ndarray, outside: np.ndarray) -> float:
