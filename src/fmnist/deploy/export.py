@@ -137,16 +137,29 @@ def export_onnx(run_dir: str | os.PathLike, out: str | os.PathLike | None = None
                      f"images): top-1 agreement with the float model {gate['top1_agreement']:.2%} on "
                      f"{gate['images']} test images, test accuracy {gate['float_accuracy']:.2%} -> "
                      f"{gate['int8_accuracy']:.2%} ({gate['float_bytes']:,} -> {gate['int8_bytes']:,} bytes)")
+    photo = _photo_gap(payload, preprocess, data)
     runs.atomic_write_bytes(out, payload)
     metrics = runs.read_metrics(run_dir) or {}
     card.write(out.parent / card.FILE, card.model_card(
-        runs.read_config(run_dir), metrics, fitted[1] if fitted else None, metrics.get("photo_like"),
+        runs.read_config(run_dir), metrics, fitted[1] if fitted else None, photo,
         export={"file": out.name, "bytes": len(payload), "format": "ONNX" + (f", {quantize}" if quantize else ""),
                 "check": described}))
     from ..training.tracking import log_export
 
     log_export(run_dir, out)  # into the MLflow run that tracked the training, if one did
     return out, check
+
+
+def _photo_gap(payload: bytes, preprocess: Preprocess, data) -> dict:
+    """fmnist.data.photolike.photo_gap of the file about to be written, on the first
+    card.PHOTO_IMAGES test images, for its model card."""
+    from ..data.photolike import photo_gap
+    from ..evaluation.card import PHOTO_IMAGES
+    from .classifier import Classifier
+    from .onnx import ort_session
+
+    classifier = Classifier(session=ort_session(payload), preprocess=preprocess)
+    return photo_gap(classifier, data.test_images[:PHOTO_IMAGES].numpy(), data.test_labels[:PHOTO_IMAGES].numpy())
 
 
 class _Calibration:

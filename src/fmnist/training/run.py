@@ -262,16 +262,9 @@ class Run:
         return summary
 
     def _write_card(self, metrics: dict, ood_summary: dict | None) -> None:
-        """MODEL_CARD.md, before metrics.json: a stop in between writes it again on resume."""
-        started = time.perf_counter()
-        count = min(card.PHOTO_IMAGES, len(self.data.test_labels))
-        temperature = (metrics.get("calibration") or {}).get("temperature", 1.0)
-        photo = card.photo_gap(self.evaluated, self.data.test_images[:count].numpy(),
-                               self.data.test_labels[:count].numpy(), temperature)
-        metrics["photo_like"] = photo
-        card.write(self.run_dir / card.FILE, card.model_card(runs.read_config(self.run_dir), metrics, ood_summary,
-                                                             photo))
-        self.log(f"model card: {time.perf_counter() - started:.1f}s")
+        """MODEL_CARD.md, before metrics.json: a stop in between writes it again on resume.
+        The photo-like gap is left to the card of an export (it costs seconds per run)."""
+        card.write(self.run_dir / card.FILE, card.model_card(runs.read_config(self.run_dir), metrics, ood_summary))
 
 
 # ----------------------------------------------------------------------------- the API
