@@ -5,7 +5,8 @@ model-index with its test accuracy) and then sections: model, intended use, data
 evaluation (accuracy, per class, calibration, the photo-like gap), out-of-distribution
 inputs, limits, use. Training writes it into the run folder at the end of the run (before
 metrics.json, which marks the run complete); ``fmnist export`` writes one beside every file
-it exports, with a section on that file. Every number comes from the run's own records.
+it exports, with a section on that file and the photo-like gap measured through it. Every
+number comes from the run's own records or is measured there.
 """
 
 from __future__ import annotations
