@@ -80,9 +80,10 @@ def _ood(summary: dict | None) -> list[str]:
                         "top probability is low."]
     rates = summary["flag_rates"]
     lines += [f"Score: `{summary['score']}` (higher: less like a garment), threshold {summary['threshold']:.4g}, "
-              f"chosen so that {_pct(summary['false_flag_rate'])} of validation garments are flagged. Mean AUROC "
-              f"against synthetic non-garments: " + ", ".join(f"{k} {v['mean_auroc']:.3f}"
-                                                              for k, v in summary["scores"].items()) + ".",
+              f"chosen so that {_pct(summary['false_flag_rate'])} of validation garments are flagged. Each score "
+              f"against synthetic non-garments (mean AUROC; mean share flagged at that rate): "
+              + ", ".join(f"{k} {v['mean_auroc']:.3f}; {_pct(v.get('mean_flag_rate'))}"
+                          for k, v in summary["scores"].items()) + ".",
               "", "| images | share flagged uncertain |", "| --- | --- |"]
     lines += [f"| {kind.replace('_', ' ')} | {_pct(rate)} |" for kind, rate in rates.items()]
     return lines
