@@ -89,9 +89,9 @@ def scores(kind: str, logits: torch.Tensor, features: torch.Tensor | None, tempe
         background = _squared_distances(features, fit["background_whitening"], fit["whitened_background_mean"])
         return (per_class - background[:, 0:1]).min(1).values
     if kind == "energy+rmd":
-        offset, scale = fit["union"]
-        return torch.maximum((scores("energy", logits, features, temperature, fit) - offset[0]) / scale[0],
-                             (scores("rmd", logits, features, temperature, fit) - offset[1]) / scale[1])
+        union = fit["union"]  # [[offset], [scale]] per score; indexed, not unpacked (the ONNX trace)
+        return torch.maximum((scores("energy", logits, features, temperature, fit) - union[0, 0]) / union[1, 0],
+                             (scores("rmd", logits, features, temperature, fit) - union[0, 1]) / union[1, 1])
     raise ValueError(f"unknown score {kind!r} (choose {', '.join(SCORES)})")
 
 
