@@ -17,7 +17,6 @@ from fmnist.data import preprocess as prep
 from fmnist.deploy.classifier import NO_OBJECT, NOT_A_GARMENT, Classifier
 from fmnist.evaluation import ood
 
-from .conftest import run_cli
 
 CARD_FIELDS = ("---\nlicense: mit", "model-index:", "fashion-mnist 2017-08-26", "content SHA-256 `",
                "## Intended use", "| Shirt |", "Calibration", "Photo-like gap", "## Out-of-distribution inputs",
@@ -150,9 +149,8 @@ def test_a_damaged_fit_is_a_one_line_error(trained_run, tmp_path, cli):
 
 
 @pytest.fixture(scope="module")
-def exported(trained_run, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("exports")
-    return run_cli("export", trained_run[0], "--out", folder / "model.onnx", check=True), folder / "model.onnx"
+def exported(exported_model):
+    return exported_model[1], exported_model[0]
 
 
 @pytest.mark.slow

@@ -23,11 +23,8 @@ pytestmark = pytest.mark.slow  # the real data, trainings, new processes
 
 
 @pytest.fixture(scope="module")
-def exported(trained_run, tmp_path_factory):
-    out, _ = trained_run
-    path = tmp_path_factory.mktemp("export") / "model.onnx"
-    result = run_cli("export", out, "--out", path, check=True)
-    return path, result
+def exported(exported_model):
+    return exported_model
 
 
 @pytest.fixture(scope="module")
