@@ -122,6 +122,14 @@ def trained_run(data_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def exported_model(trained_run, tmp_path_factory):
+    """The trained run exported by the CLI (``fmnist export RUN --out FILE``), once a session:
+    (the .onnx path, the command's result)."""
+    path = tmp_path_factory.mktemp("export") / "model.onnx"
+    return path, run_cli("export", trained_run[0], "--out", path, check=True)
+
+
+@pytest.fixture(scope="session")
 def data_subset(data_dir, tmp_path_factory):
     """``data_subset(n_train, n_test)``: a folder holding the real data's first images as four
     IDX files, made once a session per size. For tests of what commands do with a run (stop,
@@ -175,7 +183,7 @@ def write_idx_set(directory: Path, n_train: int = 20, n_test: int = 10, compress
     return directory
 
 
-DATA_FIXTURES = {"data_dir", "dataset", "trained_run", "data_subset", "small_data_dir"}
+DATA_FIXTURES = {"data_dir", "dataset", "trained_run", "exported_model", "data_subset", "small_data_dir"}
 
 
 def pytest_collection_modifyitems(items):

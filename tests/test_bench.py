@@ -55,6 +55,9 @@ def test_bench_quick_json(data_dir):
     assert presets["fast"]["step"] == presets["best-cpu"]["step"] == "autograd"
     assert presets["fast"]["executed_flops_per_image"] <= presets["best-cpu"]["executed_flops_per_image"]
     assert all(row["images_per_second"] > 0 and row["hardware_use"] > 0 for row in presets.values())
+    quantized = {row["model"]: row for row in report["quantized"]}
+    assert set(quantized) == {"fp32", "int8"} and quantized["int8"]["bytes"] < quantized["fp32"]["bytes"]
+    assert quantized["fp32"]["test_accuracy"] is None  # the untrained CNN: speed and size only
 
 
 @pytest.mark.slow
@@ -63,6 +66,19 @@ def test_bench_table(data_dir):
     assert result.returncode == 0, result.stderr
     assert "vs textbook" in result.stdout and "single-image latency" in result.stdout
     assert "preset (train)" in result.stdout and "best-cpu" in result.stdout
+    assert "ONNX Runtime" in result.stdout and "int8" in result.stdout
+
+
+@pytest.mark.slow
+def test_bench_int8_against_fp32_on_a_trained_run(trained_run, dataset):
+    from fmnist.bench import BenchConfig, _quantized
+
+    rows = _quantized(dataset, BenchConfig(rounds=1, warmup_steps=1, inference_images=256, run_dir=trained_run[0]))
+    fp32, int8 = rows
+    metrics = json.loads((trained_run[0] / "metrics.json").read_text())
+    assert fp32["test_accuracy"] == pytest.approx(metrics["accuracy"], abs=1e-4)
+    assert int8["agreement_with_fp32"] >= 0.99 and int8["bytes"] < 0.6 * fp32["bytes"]
+    assert all(row["images_per_second"] > 0 for row in rows)
 
 
 @pytest.mark.slow

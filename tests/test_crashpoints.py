@@ -27,7 +27,7 @@ def test_a_stop_before_any_write_of_a_run_resumes_to_the_same_run(data_dir):
     assert len(points) == header["changes"] >= 30  # config, lock, checkpoints, copies, figures, report, metrics
     kinds = {change for point in points for change in point["change"][1:]}
     for written in ("run/checkpoint.pt", "run/history.csv", "run/model.safetensors", "run/report.html",
-                    "run/metrics.json", "run/figures/samples.png"):
+                    "run/metrics.json", "run/figures/samples.png", "run/ood.safetensors", "run/MODEL_CARD.md"):
         assert written in kinds, f"no crash point at the write of {written}"
     failures = [point for point in points if not point.get("killed") or point.get("error")
                 or point.get("differences") or point.get("leftovers") or point.get("locked")]

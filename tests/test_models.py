@@ -126,6 +126,7 @@ def test_every_registered_model_is_what_train_trains_and_it_trains_exports_and_l
 
     step.restore_model()  # PyTorch's own layers and layout again, as a loaded run's model has
     onnx_session(trained.eval())  # exported, and ONNX Runtime agrees with PyTorch (or it raises)
+    _exports_with_probabilities_and_ood_score(trained)
     runs.save_weights(tmp_path / runs.WEIGHTS, trained)
     loaded = create_model(name)
     runs.load_weights_into(loaded, tmp_path / runs.WEIGHTS, name)
@@ -141,3 +142,22 @@ def test_the_presets_buy_accuracy_with_compute_in_order():
     # fast is best-cpu's net on a short recipe: what a minute buys
     assert model_entry("fast").arguments == model_entry("best-cpu").arguments
     assert model_entry("fast").recipe.epochs < model_entry("best-cpu").recipe.epochs
+
+
+def _exports_with_probabilities_and_ood_score(model) -> None:
+    """The model inside an OODHead (temperature, a relative-Mahalanobis fit on its own features)
+    exports with three outputs that agree with PyTorch."""
+    from fmnist.deploy.onnx import onnx_session
+    from fmnist.evaluation.ood import OODHead, fit_gaussians, logits_and_features
+
+    x = torch.rand(64, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        _, features = logits_and_features(model, x)
+    head = OODHead(model, 1.5, fit_gaussians(features, torch.arange(64) % 10, 10), {"score": "rmd"}).eval()
+    session = onnx_session(head)
+    assert [output.name for output in session.get_outputs()] == ["logits", "probabilities", "ood_score"]
+    got = session.run(None, {"images": x[:8].numpy()})
+    with torch.inference_mode():
+        want = [t.numpy() for t in head(x[:8])]
+    for a, b in zip(got, want):
+        assert abs(a - b).max() <= 1e-3 * max(1.0, abs(b).max())

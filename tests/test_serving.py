@@ -225,7 +225,7 @@ def test_an_unexpected_error_is_a_json_500_logged_in_one_line(classifier, monkey
     if where == "preparation":
         monkeypatch.setattr(prep, "prepare", fail_when_asked(prep.prepare))
     else:  # the batcher's model call, in its worker thread
-        monkeypatch.setattr(classifier, "probabilities", fail_when_asked(classifier.probabilities))
+        monkeypatch.setattr(classifier, "outputs", fail_when_asked(classifier.outputs))
     with TestClient(create_app(classifier)) as client:
         failing["on"] = True
         with caplog.at_level(logging.ERROR):

@@ -14,6 +14,9 @@ Measured:
     below so the baseline always exists; the ratio fmnist / textbook at the same batch size;
   * inference throughput of ``Classifier.predict_proba`` on 16, 256 and 1024 images at once,
     and its single-image latency (p50, p99), for each backend (PyTorch, ONNX Runtime);
+  * int8 against fp32 in ONNX Runtime (``fmnist export --quantize int8``'s quantization):
+    images/s at batch 256, file size, and, for a trained run (``--run``), test accuracy and
+    top-1 agreement; without a run, the untrained notebook CNN gives speed and size only;
   * when TensorFlow happens to be installed, the Keras seed model's ``fit`` throughput.
 Training and inference run on real Fashion-MNIST images (a seeded random sample of the
 training set; the data is found as ``fmnist train`` finds it). Speed depends on the data:
@@ -56,6 +59,7 @@ class BenchConfig:
     presets: tuple | None = None  # None: the presets meant for the device (below)
     preset_images: int = 4096    # images per round for each preset, at its recipe's batch size
     device: str = "auto"
+    run_dir: str | None = None   # a trained run for the int8 row's accuracy (None: untrained notebook CNN)
     data_dir: str | None = None  # as for 'fmnist train': --data, then $FMNIST_DATA, the cache, a download
 
 
@@ -73,6 +77,7 @@ class BenchResult:
     latency_ms: dict = field(default_factory=dict)
     keras: list[dict] = field(default_factory=list)
     presets: list[dict] = field(default_factory=list)
+    quantized: list[dict] = field(default_factory=list)  # fp32 and int8 ONNX models side by side
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -264,6 +269,31 @@ def _inference(data: FashionMNIST, config: BenchConfig, device: torch.device) ->
     return rows, latency
 
 
+def _quantized(data: FashionMNIST, config: BenchConfig) -> list[dict]:
+    """fp32 and int8 ONNX files of one model: images/s at batch 256 (interleaved rounds), bytes,
+    and with a trained run, test accuracy and agreement on the test set."""
+    import numpy as np
+
+    from .deploy.export import calibration_images, predictions, quantize_int8
+    from .deploy.onnx import onnx_bytes, ort_session
+    from .evaluation.saved import load_run_model
+
+    model = load_run_model(config.run_dir)[0] if config.run_dir else create_model("notebook").eval()
+    exact = onnx_bytes(model)
+    files = {"fp32": exact, "int8": quantize_int8(exact, calibration_images(data)).SerializeToString()}
+    sessions = {name: ort_session(payload) for name, payload in files.items()}
+    batch = (data.test_images[:256].numpy()[:, None] / np.float32(255)).astype(np.float32)
+    calls = max(1, config.inference_images // len(batch))
+    contenders = {name: lambda n_steps=None, s=session: [s.run(None, {"images": batch}) for _ in range(calls)]
+                  for name, session in sessions.items()}
+    rates = _interleaved_rates(contenders, len(batch) * calls, config, torch.device("cpu"))
+    labels = data.test_labels.numpy()
+    predicted = {name: predictions(session, data.test_images.numpy()) for name, session in sessions.items()}
+    return [{"model": name, "images_per_second": rates[name], "bytes": len(files[name]),
+             "test_accuracy": float((predicted[name] == labels).mean()) if config.run_dir else None,
+             "agreement_with_fp32": float((predicted[name] == predicted["fp32"]).mean())} for name in files]
+
+
 def run_benchmark(config: BenchConfig | None = None, log=lambda line: None) -> BenchResult:
     config = config or BenchConfig()
     device = resolve_device(config.device)
@@ -302,6 +332,8 @@ def run_benchmark(config: BenchConfig | None = None, log=lambda line: None) -> B
     result.inference, result.latency_ms = _inference(data, config, device)
     log("inference: " + ", ".join(f"{r['backend']} batch {r['batch']} {r['images_per_second']:,.0f} img/s"
                                   for r in result.inference))
+    result.quantized = _quantized(data, config)
+    log("onnx: " + ", ".join(f"{r['model']} {r['images_per_second']:,.0f} img/s" for r in result.quantized))
     result.presets = _presets(data, config, device, result)
     log("presets: " + ", ".join(f"{r['preset']} {r['images_per_second']:,.0f} img/s" for r in result.presets))
     try:
@@ -351,4 +383,11 @@ def format_table(result: BenchResult) -> str:
         lines.append(f"{label:<16} {row['batch']:>5} {row['images_per_second']:>10,.0f}")
     for name, latency in result.latency_ms.items():
         lines.append(f"single-image latency, {name}: p50 {latency['p50']:.3f} ms, p99 {latency['p99']:.3f} ms")
+    if result.quantized:
+        lines += ["", f"{'ONNX Runtime':<16} {'batch':>5} {'images/s':>10} {'file bytes':>11} {'test acc.':>10} "
+                      f"{'agrees w/ fp32':>15}"]
+    for row in result.quantized:
+        accuracy = "untrained" if row["test_accuracy"] is None else f"{100 * row['test_accuracy']:.2f}%"
+        lines.append(f"{row['model']:<16} {256:>5} {row['images_per_second']:>10,.0f} {row['bytes']:>11,} "
+                     f"{accuracy:>10} {100 * row['agreement_with_fp32']:>14.2f}%")
     return "\n".join(lines)

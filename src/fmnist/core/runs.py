@@ -8,6 +8,8 @@
       model.safetensors   weights of the best epoch by validation accuracy
       figures/*.png       curves, confusion matrix, samples, misclassified, reliability
       report.html         one self-contained page
+      ood.safetensors     the out-of-distribution fit (fmnist.evaluation.ood)
+      MODEL_CARD.md       the model card (fmnist.evaluation.card)
       metrics.json        test-set evaluation: written last, it marks the run complete
       .lock               held by the process training in the folder (flock: gone when it dies)
 
@@ -15,8 +17,8 @@ The order of the writes is what makes any stop resumable. ``config.json`` is in 
 before the folder has its name (it is made under a temporary name and renamed). After that,
 ``checkpoint.pt`` is written first at every save, and history.csv and model.safetensors are
 copies of what it holds, written after it; a resumed run writes them again from it. The
-report follows the last checkpoint, and metrics.json comes last of all. So at every instant
-(every prefix of the writes) the folder is either a complete run or a checkpoint from which
+out-of-distribution fit, the report and the model card follow the last checkpoint, and
+metrics.json comes last of all. So at every instant (every prefix of the writes) the folder is either a complete run or a checkpoint from which
 ``fmnist train --resume`` recomputes everything that follows it.
 """
 

@@ -394,6 +394,17 @@ def prepare(source, settings: Preprocess = Preprocess(), max_megapixels: float =
     return to_28x28(gray)
 
 
+OBJECT_LEVEL = 32        # a pixel of the prepared image brighter than this belongs to an object
+MIN_OBJECT_PIXELS = 10   # fewer such pixels: nothing left to classify (every training image has 19 or more)
+
+
+def has_object(images: np.ndarray) -> np.ndarray:
+    """For uint8 [N, 28, 28] prepared images: is anything left to classify? (A blank page or a
+    flat colour is all black after ``light_on_black``.)"""
+    images = np.asarray(images)
+    return (images.reshape(len(images), -1) > OBJECT_LEVEL).sum(1) >= MIN_OBJECT_PIXELS
+
+
 # ----------------------------------------------------------------------------- batches
 
 

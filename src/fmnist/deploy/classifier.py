@@ -26,6 +26,7 @@ from .onnx import ort_session
 BACKENDS = ("auto", "torch", "onnx")
 EVAL_BATCH_SIZE = 256  # as fmnist.speed.inference: per-call overhead amortised, activations in cache
 UNCERTAIN_BELOW = 0.5  # top-1 probability under which a prediction is flagged, not trusted
+NO_OBJECT, NOT_A_GARMENT = "no object found", "not like a garment"  # why an answer is uncertain
 ONNX_SUFFIX = ".onnx"
 
 
@@ -36,8 +37,10 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 @dataclass
 class Prediction:
-    """One image's answer: the top class, its probability, the next ones, and whether the
-    model is too unsure for the answer to be trusted."""
+    """One image's answer: the top class, its calibrated probability, the next ones, the
+    out-of-distribution score (higher: less like a garment; None for a model without the
+    fit), and whether the answer cannot be trusted, with the reason: "no object found",
+    "not like a garment" or "between Shirt and T-shirt/top"."""
 
     label: str
     probability: float
@@ -45,10 +48,13 @@ class Prediction:
     top_k: list[tuple[str, float]]
     source: str | None = None
     image: np.ndarray | None = field(default=None, repr=False)  # the uint8 28x28 the model saw
+    ood_score: float | None = None
+    reason: str | None = None
 
     def to_dict(self) -> dict:
         return {"source": self.source, "label": self.label, "probability": round(self.probability, 6),
-                "uncertain": self.uncertain,
+                "uncertain": self.uncertain, "reason": self.reason,
+                "ood_score": None if self.ood_score is None else round(self.ood_score, 6),
                 "top_k": [{"label": name, "probability": round(p, 6)} for name, p in self.top_k]}
 
 
@@ -116,7 +122,7 @@ class Classifier:
 
     def __init__(self, model=None, class_names=CLASS_NAMES, backend: str = "auto", *, session=None,
                  preprocess: prep.Preprocess | None = None, metadata: dict | None = None,
-                 uncertain_below: float = UNCERTAIN_BELOW):
+                 uncertain_below: float = UNCERTAIN_BELOW, ood: tuple[dict, dict] | None = None):
         if backend not in BACKENDS:
             raise UserError(f"unknown backend '{backend}' (choose {', '.join(BACKENDS)})")
         if model is None and session is None:
@@ -128,12 +134,20 @@ class Classifier:
         self.uncertain_below = uncertain_below
         # Temperature scaling fitted on the run's validation split (fmnist.calibration); 1: none.
         self.temperature = float(self.metadata.get("temperature") or 1.0)
+        # The out-of-distribution fit (fmnist.evaluation.ood): its summary says the score and
+        # the threshold; a run or file without one answers without the "not like a garment" reason.
+        self.ood = ood[1] if ood is not None else _decoded("ood", self.metadata.get("ood") or "") or None
+        self.head = None
+        if model is not None:
+            from ..evaluation.ood import OODHead
+
+            self.head = OODHead(self.model, self.temperature, *(ood or (None, None))).eval()
         self.session = session
         if session is None and (backend == "onnx" or (backend == "auto" and _on_cpu(model))):
             from .onnx import onnx_session
 
             try:
-                self.session = onnx_session(self.model)
+                self.session = onnx_session(self.head)
             except (ImportError, RuntimeError) as exc:
                 if backend == "onnx":
                     raise UserError(f"ONNX Runtime backend unavailable: {exc}") from None
@@ -182,7 +196,7 @@ class Classifier:
         from .metadata import run_metadata
 
         model, _ = load_run_model(run_dir, device)
-        return cls(model, backend=backend, metadata=run_metadata(run_dir))
+        return cls(model, backend=backend, metadata=run_metadata(run_dir), ood=_run_ood(run_dir))
 
     @classmethod
     def from_onnx(cls, path: str | os.PathLike) -> "Classifier":
@@ -203,6 +217,8 @@ class Classifier:
             settings = prep.Preprocess.from_json(metadata.get("preprocess"))
         except (ValueError, TypeError) as exc:
             raise UserError(f"unreadable fmnist metadata in {path}: {exc}") from None
+        if "ood_score" not in {output.name for output in session.get_outputs()}:
+            metadata.pop("ood", None)  # a threshold without its score would flag nothing
         return cls(session=session, class_names=names, preprocess=settings, metadata=metadata)
 
     # ------------------------------------------------------------------ inputs
@@ -253,8 +269,29 @@ class Classifier:
 
     def probabilities(self, batch: np.ndarray) -> np.ndarray:
         """Calibrated probabilities [N, classes] for prepared float32 [N, 1, 28, 28] inputs."""
-        logits = self._logits(batch)
-        return softmax(logits / np.float32(self.temperature) if self.temperature != 1.0 else logits)
+        return self.outputs(batch)[:, :len(self.class_names)]
+
+    def outputs(self, batch: np.ndarray) -> np.ndarray:
+        """[N, classes + 1]: calibrated probabilities, then the out-of-distribution score (NaN
+        without a fit) for prepared float32 [N, 1, 28, 28] inputs; what ``answers`` takes."""
+        chunks = [self._outputs(batch[i:i + EVAL_BATCH_SIZE]) for i in range(0, len(batch), EVAL_BATCH_SIZE)]
+        return np.concatenate(chunks) if chunks else np.empty((0, len(self.class_names) + 1), np.float32)
+
+    def _outputs(self, batch: np.ndarray) -> np.ndarray:
+        if self.session is not None:
+            results = self.session.run(None, {"images": batch})
+        else:
+            import torch
+
+            with torch.inference_mode():
+                device = next(self.head.parameters()).device
+                x = torch.from_numpy(batch).to(device).contiguous(memory_format=torch.channels_last)
+                results = [r.float().cpu().numpy() for r in self.head(x)]
+        logits = results[0]
+        probabilities = results[1] if len(results) > 1 else softmax(
+            logits / np.float32(self.temperature) if self.temperature != 1.0 else logits)
+        score = results[2] if len(results) > 2 else np.full(len(logits), np.nan, np.float32)
+        return np.concatenate([probabilities, score[:, None]], axis=1).astype(np.float32)
 
     def predict_proba(self, images) -> np.ndarray:
         """Class probabilities [N, classes] for images in any form ``prepare`` accepts."""
@@ -263,33 +300,69 @@ class Classifier:
     def predict(self, images) -> list[str]:
         return [self.class_names[i] for i in self.predict_proba(images).argmax(axis=1).tolist()]
 
-    def answers(self, probabilities: np.ndarray, sources=None, top_k: int = 3,
+    def answers(self, outputs: np.ndarray, sources=None, top_k: int = 3,
                 images: np.ndarray | None = None) -> list[Prediction]:
-        """Predictions from probabilities: top-k classes and the uncertain flag."""
-        k = max(1, min(top_k, len(self.class_names)))
-        order = np.argsort(-probabilities, axis=1, kind="stable")[:, :k]
+        """Predictions from ``outputs`` (or probabilities alone): top-k classes, the uncertain
+        flag and its reason; ``images``, the uint8 28x28 images seen, say whether any object was."""
+        classes = len(self.class_names)
+        probabilities = outputs[:, :classes]
+        scores = outputs[:, classes] if outputs.shape[1] > classes else np.full(len(outputs), np.nan)
+        present = prep.has_object(images) if images is not None else np.ones(len(outputs), bool)
+        order = np.argsort(-probabilities, axis=1, kind="stable")
+        k = max(1, min(top_k, classes))
         sources = sources or [None] * len(probabilities)
-        return [Prediction(label=self.class_names[row[0]], probability=float(p[row[0]]),
-                           uncertain=bool(p[row[0]] < self.uncertain_below),
-                           top_k=[(self.class_names[i], float(p[i])) for i in row], source=source,
-                           image=None if images is None else images[n])
-                for n, (row, p, source) in enumerate(zip(order, probabilities, sources))]
+        answers = []
+        for n, (row, p, source) in enumerate(zip(order, probabilities, sources)):
+            score = None if np.isnan(scores[n]) else float(scores[n])
+            reason = self._reason(bool(present[n]), score, p, row)
+            answers.append(Prediction(label=self.class_names[row[0]], probability=float(p[row[0]]),
+                                      uncertain=reason is not None,
+                                      top_k=[(self.class_names[i], float(p[i])) for i in row[:k]], source=source,
+                                      image=None if images is None else images[n], ood_score=score, reason=reason))
+        return answers
+
+    def _reason(self, present: bool, score: float | None, p: np.ndarray, order: np.ndarray) -> str | None:
+        """Why an answer is not to be trusted, the gravest first; None when it is."""
+        if not present:
+            return NO_OBJECT
+        if score is not None and self.ood and score > self.ood["threshold"]:
+            return NOT_A_GARMENT
+        if p[order[0]] < self.uncertain_below:
+            return f"between {self.class_names[order[0]]} and {self.class_names[order[1]]}"
+        return None
 
     def classify(self, images, top_k: int = 3) -> list[Prediction]:
         """Top-k classes with probabilities and an uncertain flag for each image; each answer
         keeps the 28x28 image the model saw (``Prediction.image``)."""
         batch, sources = self.prepare(images)
         seen = np.rint(batch[:, 0] * 255).astype(np.uint8)
-        return self.answers(self.probabilities(batch), sources, top_k, seen)
+        return self.answers(self.outputs(batch), sources, top_k, seen)
 
     def describe(self) -> dict:
         """What ``GET /v1/model`` answers: classes, backend, preprocessing, run metadata."""
         return {"classes": list(self.class_names), "backend": self.backend, "temperature": self.temperature,
                 "uncertain_below": self.uncertain_below, "preprocess": json.loads(self.preprocess.to_json()),
-                **{k: _decoded(k, v) for k, v in self.metadata.items() if k not in ("class_names", "preprocess")}}
+                **{k: _decoded(k, v) for k, v in self.metadata.items() if k not in ("class_names", "preprocess")},
+                "ood": self.ood}
 
 
-JSON_METADATA = ("test_accuracy", "parity", "temperature")  # stored as strings (ONNX metadata holds only strings)
+def _run_ood(run_dir) -> tuple[dict, dict] | None:
+    """The run's out-of-distribution fit, or None for a run trained before it existed (its
+    answers then carry no "not like a garment" reason; fitting it here would need the
+    training data and a write into a folder that may be read-only)."""
+    from ..core import runs
+    from ..evaluation import ood
+
+    path = runs.require_run_dir(run_dir) / ood.FILE
+    if not path.exists():
+        return None
+    try:
+        return ood.load(path)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+
+
+JSON_METADATA = ("test_accuracy", "parity", "temperature", "ood", "quantization")  # stored as strings (ONNX metadata holds only strings)
 
 
 def _decoded(key: str, value):

@@ -11,8 +11,16 @@ from ..core import runs
 from ..data.idx import CLASS_NAMES
 
 INPUT_DESCRIPTION = ("images: float32 [N, 1, 28, 28], pixel value / 255, a light object on black "
-                     "(fmnist.data.preprocess prepares photos); output logits: float32 [N, 10], calibrated "
-                     "probabilities softmax(logits / temperature)")
+                     "(fmnist.data.preprocess prepares photos); outputs: logits float32 [N, 10], probabilities "
+                     "float32 [N, 10] = softmax(logits / temperature), and with the out-of-distribution fit "
+                     "ood_score float32 [N] (above the metadata's ood threshold: not like a garment)")
+OUTPUT_DESCRIPTIONS = {
+    "logits": "float32 [N, 10]: one logit per class, in the order of the metadata's class_names",
+    "probabilities": "float32 [N, 10]: calibrated probabilities, softmax(logits / temperature), the temperature "
+                     "fitted on the validation split",
+    "ood_score": "float32 [N]: out-of-distribution score, higher is less like a training garment; above the "
+                 "metadata's ood.threshold the answer is 'not like a garment'",
+}
 
 
 def run_metadata(run_dir: str | os.PathLike) -> dict[str, str]:

@@ -24,11 +24,24 @@ def ort_session(model: bytes | str | os.PathLike):
     return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
 
 
+OUTPUTS = ("logits", "probabilities", "ood_score")
+
+
+def _outputs_of(model) -> tuple[str, ...]:
+    """An OODHead (fmnist.evaluation.ood) answers logits, probabilities and, with a fit, the score."""
+    if getattr(model, "temperature", None) is None or not hasattr(model, "score"):
+        return OUTPUTS[:1]
+    return OUTPUTS if model.score is not None else OUTPUTS[:2]
+
+
 def onnx_bytes(model) -> bytes:
-    """The model as an ONNX graph: input "images" float32 [N, 1, 28, 28], output "logits"."""
+    """The model as an ONNX graph: input "images" float32 [N, 1, 28, 28], output "logits"
+    (and "probabilities", "ood_score" for an OODHead)."""
     import io
 
     import torch
+
+    outputs = _outputs_of(model)
 
     buffer = io.BytesIO()
     with warnings.catch_warnings():
@@ -36,8 +49,9 @@ def onnx_bytes(model) -> bytes:
         # PyTorch marks it deprecated in favour of the torch.export-based one.
         warnings.simplefilter("ignore", DeprecationWarning)
         torch.onnx.export(copy.deepcopy(model).cpu().eval(), (torch.zeros(1, 1, 28, 28),), buffer,
-                          input_names=["images"], output_names=["logits"],
-                          dynamic_axes={"images": {0: "n"}, "logits": {0: "n"}}, dynamo=False)
+                          input_names=["images"], output_names=list(outputs),
+                          dynamic_axes={"images": {0: "n"}, **{name: {0: "n"} for name in outputs}},
+                          dynamo=False)
     return buffer.getvalue()
 
 
@@ -54,7 +68,7 @@ def onnx_session(model, check_images: int = 64):
 
     session = ort_session(onnx_bytes(model))
     probe = torch.rand(check_images, 1, 28, 28, generator=torch.Generator().manual_seed(0))
-    expected = predict_logits(model, probe)
+    expected = predict_logits(model.model if len(_outputs_of(model)) > 1 else model, probe)
     got = torch.from_numpy(session.run(None, {"images": probe.numpy()})[0])
     if not torch.allclose(got, expected, atol=1e-4, rtol=1e-4):
         raise RuntimeError(f"ONNX Runtime disagrees with PyTorch (max diff {(got - expected).abs().max():.2e})")

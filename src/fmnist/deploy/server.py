@@ -412,7 +412,7 @@ def create_app(classifier: Classifier, config: ServeConfig = ServeConfig()):
 
     @asynccontextmanager
     async def lifespan(app):
-        batcher = MicroBatcher(classifier.probabilities, config.batch_window_ms / 1000, config.max_batch,
+        batcher = MicroBatcher(classifier.outputs, config.batch_window_ms / 1000, config.max_batch,
                                metrics.observe_batch, active=lambda: guard.predicting)
         batcher.start()
         await batcher.submit(np.zeros((1, 1, 28, 28), np.float32))  # warm-up: the first call is slow

@@ -38,6 +38,7 @@ from ..core.precision import resolve_precision
 from ..core.runtime import environment, resolve_device, seed_everything, settings_restored
 from ..data.augment import augmentation_for
 from ..data.dataset import FashionMNIST, load_dataset, stratified_split, to_float
+from ..evaluation import card, ood
 from ..evaluation.calibration import calibrate
 from ..evaluation.metrics import metrics_on_test_set
 from ..models.registry import create_model
@@ -258,9 +259,31 @@ class Run:
         if self.validating:
             metrics["calibration"] = calibrate(predict_logits(self.evaluated, self.x_val), self.y_val, test_logits,
                                                self.data.test_labels)
+        ood_summary = self._fit_ood(metrics)
         self.events.run_end(self, metrics, test_logits)
+        self._write_card(metrics, ood_summary)
         runs.write_json(self.run_dir / runs.METRICS, metrics)
         return metrics
+
+    def _fit_ood(self, metrics: dict) -> dict | None:
+        """ood.safetensors: the out-of-distribution fit (fmnist.evaluation.ood), on a few thousand
+        training images, the validation split and a few hundred synthetic images; none without
+        a validation split (the threshold is chosen on it)."""
+        if not self.validating:
+            return None
+        started = time.perf_counter()
+        gaussians, summary = ood.fit(self.evaluated, self.x_train, self.y_train, self.x_val,
+                                     metrics["calibration"]["temperature"], seed=self.config.seed)
+        ood.save(self.run_dir / ood.FILE, gaussians, summary)
+        metrics["ood"] = {k: summary[k] for k in ("score", "threshold", "flag_rates")}
+        self.log(f"out-of-distribution fit: {summary['score']} score, "
+                 f"{time.perf_counter() - started:.1f}s")
+        return summary
+
+    def _write_card(self, metrics: dict, ood_summary: dict | None) -> None:
+        """MODEL_CARD.md, before metrics.json: a stop in between writes it again on resume.
+        The photo-like gap is left to the card of an export (it costs seconds per run)."""
+        card.write(self.run_dir / card.FILE, card.model_card(runs.read_config(self.run_dir), metrics, ood_summary))
 
 
 # ----------------------------------------------------------------------------- the API
