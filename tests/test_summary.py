@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 
 from fmnist.models.registry import create_model, list_models
-from fmnist.models.summary import count_parameters, forward_flops, model_summary
+from fmnist.models.registry import model_summary
+from fmnist.models.summary import count_parameters, forward_flops
 
 
 def test_every_model_s_table_adds_up_to_its_totals():

@@ -26,7 +26,7 @@ _EXPORTS = {  # name -> the module that defines it
     "CLASS_NAMES": "data.idx", "FashionMNIST": "data.dataset", "describe": "data.dataset",
     "load_dataset": "data.dataset", "Preprocess": "data.preprocess",
     "create_model": "models.registry", "list_models": "models.registry", "model_entry": "models.registry",
-    "Recipe": "models.recipe", "model_summary": "models.summary",
+    "Recipe": "models.recipe", "model_summary": "models.registry",
     "compute_metrics": "evaluation.metrics", "format_report": "evaluation.metrics",
     "evaluate": "evaluation.saved", "report": "evaluation.saved",
     "plot_curves": "evaluation.plots", "plot_confusion_matrix": "evaluation.plots",

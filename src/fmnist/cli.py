@@ -204,7 +204,7 @@ def cmd_models(args) -> int:
     from .models.registry import describe_models
 
     if args.name:  # one model, layer by layer
-        from .models.summary import model_summary
+        from .models.registry import model_summary
 
         table = model_summary(args.name)
         _print_json(table.to_dict()) if args.json else print(table)

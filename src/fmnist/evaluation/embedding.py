@@ -72,7 +72,7 @@ def project(features: np.ndarray, seed: int = 0) -> np.ndarray:
     # One thread: scikit-learn's OpenMP threads, next to PyTorch's own runtime in this process,
     # took 36-40 s of wall time for what one thread does in 3-4 s (docs/understanding.md).
     with threadpool_limits(1):
-        if features.shape[1] > 50:
+        if features.shape[1] > 50 and len(features) > 50:  # PCA keeps at most one dimension an image
             features = PCA(50, random_state=seed).fit_transform(features)
         # Perplexity 10 (30 neighbours a point), 300 iterations (the 250 of early exaggeration
         # and 50 more) and a coarser Barnes-Hut angle: the classes' islands and the bridges

@@ -140,7 +140,7 @@ def _html(run_dir: Path, config: dict, history: list[dict], metrics: dict, figur
 
 
 def _layers_table(config: dict) -> str | None:
-    from ..models.summary import model_summary
+    from ..models.registry import model_summary
 
     try:
         table = model_summary(config["train"]["model"], **(config["train"].get("model_args") or {}))

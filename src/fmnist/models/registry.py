@@ -76,3 +76,13 @@ def describe_models() -> list[dict]:
                         "parameters": count_parameters(model), "forward_flops_per_image": forward_flops(model),
                         "recipe": dataclasses.asdict(entry.recipe)})
     return entries
+
+
+def model_summary(model, image_shape=(1, 28, 28), **model_args):
+    """The per-layer table (output shape, parameters, FLOPs) of a model, or of a registered
+    model by name built with ``model_args``: what Keras' ``model.summary()`` shows."""
+    from .summary import summarize
+
+    if isinstance(model, str):
+        return summarize(create_model(model, **model_args), model, image_shape)
+    return summarize(model, image_shape=image_shape)

@@ -92,17 +92,12 @@ class ModelSummary:
                 "layers": self.rows}
 
 
-def model_summary(model: nn.Module | str, image_shape=(1, 28, 28), **model_args) -> ModelSummary:
-    """The per-layer table of a model, or of a registered model by name (built with
-    ``model_args``). Traced on a weightless copy on the "meta" device: nothing is computed.
+def summarize(model: nn.Module, name: str | None = None, image_shape=(1, 28, 28)) -> ModelSummary:
+    """The per-layer table of ``model`` (``fmnist.model_summary`` also takes a registered
+    name). Traced on a weightless copy on the "meta" device: nothing is computed.
     A layer called twice (a shared pooling layer) has two rows; its parameters count once.
     FLOPs: 2 per multiply-add of convolutions and linear layers (as ``layer_flops``)."""
-    if isinstance(model, str):
-        from .registry import create_model
-
-        name, model = model, create_model(model, **model_args)
-    else:
-        name = type(model).__name__
+    name = name or type(model).__name__
     rows: list[dict] = []
     seen: set[int] = set()
     shadow = copy.deepcopy(model).to("meta").eval()
