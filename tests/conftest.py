@@ -112,6 +112,17 @@ def without_waiting(cli, args, fifo: Path) -> subprocess.CompletedProcess:
     return result
 
 
+@pytest.fixture(autouse=True)
+def smaller_understanding_sections(request, monkeypatch):
+    """Every run trained inside a test draws its report. There the embedding map of 2,000 t-SNE
+    points and the 8 evidence maps (their full size is tested on the shared CLI run, in
+    test_report_understanding) shrink to 300 points and 2 maps: the same code, about 2 s less a run."""
+    if request.module.__name__.endswith("test_report_understanding"):
+        return
+    monkeypatch.setattr("fmnist.evaluation.embedding.MAP_IMAGES", 300)
+    monkeypatch.setattr("fmnist.evaluation.report.EXPLAINED", 2)
+
+
 @pytest.fixture(scope="session")
 def trained_run(data_dir, tmp_path_factory):
     """One real CLI training run, shared by the end-to-end tests: 1 epoch on 10,000 images."""

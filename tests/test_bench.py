@@ -6,7 +6,7 @@ import pytest
 import json
 
 from fmnist.speed import executed_training_flops
-from fmnist.bench import notebook_step
+from fmnist.bench import BenchResult, format_table, notebook_step
 from fmnist.models.summary import training_flops
 from fmnist.models.registry import create_model
 
@@ -29,11 +29,17 @@ def test_training_flops_match_the_hand_count():
     assert executed_training_flops(notebook_step("cpu", speedups=False)) == 3 * 5_262_080 - 389_376
 
 
-@pytest.mark.slow
-def test_bench_quick_json(data_dir):
+@pytest.fixture(scope="module")
+def quick_bench(data_dir) -> dict:
+    """One smoke run of `fmnist bench --quick --json`, for the JSON and the table tests."""
     result = run_cli("bench", "--quick", "--json", "--data", data_dir)
     assert result.returncode == 0, result.stderr
-    report = json.loads(result.stdout)
+    return json.loads(result.stdout)
+
+
+@pytest.mark.slow
+def test_bench_quick_json(quick_bench):
+    report = quick_bench
     assert report["gemm_gflops"] > 0
     assert report["data"]["release"] and report["data"]["content_sha256"]  # real images, not noise
     loops = {(row["loop"], row["batch"]) for row in report["training"]}
@@ -61,12 +67,11 @@ def test_bench_quick_json(data_dir):
 
 
 @pytest.mark.slow
-def test_bench_table(data_dir):
-    result = run_cli("bench", "--quick", "--data", data_dir)
-    assert result.returncode == 0, result.stderr
-    assert "vs textbook" in result.stdout and "single-image latency" in result.stdout
-    assert "preset (train)" in result.stdout and "best-cpu" in result.stdout
-    assert "ONNX Runtime" in result.stdout and "int8" in result.stdout
+def test_bench_table(quick_bench):
+    table = format_table(BenchResult(**quick_bench))  # what `fmnist bench` prints without --json
+    assert "vs textbook" in table and "single-image latency" in table
+    assert "preset (train)" in table and "best-cpu" in table
+    assert "ONNX Runtime" in table and "int8" in table
 
 
 @pytest.mark.slow

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from fmnist.core import runs
-from fmnist.data.dataset import to_float
+from fmnist.data.dataset import load_dataset, to_float
 from fmnist.evaluation.saved import load_run_model
 from fmnist.speed.inference import predict_logits
 
@@ -18,10 +18,11 @@ pytestmark = pytest.mark.slow  # the real data, trainings, new processes
 
 
 @pytest.fixture(scope="module")
-def seeds(data_dir, tmp_path_factory):
+def seeds(data_subset, tmp_path_factory):
+    """Three seeds of one epoch on the real data's first 3,000 training and 2,000 test images."""
     out = tmp_path_factory.mktemp("seeds") / "notebook"
-    result = run_cli("train", "--seeds", "0,1,2", "--epochs", "1", "--limit-train", "3000", "--quiet",
-                     "--data", data_dir, "--out", out, check=True)
+    result = run_cli("train", "--seeds", "0,1,2", "--epochs", "1", "--quiet",
+                     "--data", data_subset(3000, 2000), "--out", out, check=True)
     return out, result
 
 
@@ -36,10 +37,12 @@ def test_seeds_write_one_run_each_and_a_summary(seeds):
     assert "over 3 seeds: test accuracy" in result.stdout
 
 
-def test_an_ensemble_averages_the_calibrated_probabilities(seeds, dataset, tmp_path):
+def test_an_ensemble_averages_the_calibrated_probabilities(seeds, data_subset, tmp_path):
     out, _ = seeds
+    subset = data_subset(3000, 2000)
+    dataset = load_dataset(subset)
     members = [out / f"seed-{s}" for s in (0, 1, 2)]
-    result = run_cli("evaluate", *members, "--out", tmp_path / "ensemble", "--json", check=True)
+    result = run_cli("evaluate", *members, "--data", subset, "--out", tmp_path / "ensemble", "--json", check=True)
     metrics = json.loads(result.stdout)
     assert json.loads((tmp_path / "ensemble" / runs.METRICS).read_text())["accuracy"] == metrics["accuracy"]
     images, probabilities = to_float(dataset.test_images), 0

@@ -269,6 +269,7 @@ def test_a_second_training_on_the_same_cores_is_warned_about(small_data_dir, tmp
     # A process that looks like a training to /proc (its command line names fmnist and train).
     other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "fmnist", "train"])
     threads = torch.get_num_threads()
+    torch.set_num_threads(len(os.sched_getaffinity(0)))  # as a fresh `fmnist train` starts: every core
     try:
         args = ("train", "--epochs", "1", "--quiet", "--data", small_data_dir)
         second = cli(*args, "--out", tmp_path / "second")

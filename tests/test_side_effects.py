@@ -23,7 +23,8 @@ def test_a_run_and_its_report_leave_the_callers_process_as_they_found_it(dataset
     import matplotlib.pyplot as plt
 
     figure = plt.figure()
-    threads = max(1, torch.get_num_threads() - 1)
+    callers_threads = torch.get_num_threads()
+    threads = max(1, callers_threads - 1)
     torch.set_num_threads(threads)
     environment, hook = dict(os.environ), warnings.showwarning
     # deterministic=True switches PyTorch's deterministic algorithms on for the run
@@ -46,3 +47,4 @@ def test_a_run_and_its_report_leave_the_callers_process_as_they_found_it(dataset
     assert dict(os.environ) == environment
     assert warnings.showwarning is hook
     plt.close(figure)
+    torch.set_num_threads(callers_threads)  # the tests after this one get the process as pytest set it up

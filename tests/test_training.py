@@ -77,18 +77,6 @@ def test_without_validation_the_last_epoch_is_kept(dataset, tmp_path):
 
 
 @pytest.mark.slow
-def test_resume_before_the_first_epoch_ended_restarts(dataset, tmp_path):
-    config = TrainConfig(epochs=1, limit_train=800, seed=5)
-    straight = train(config, data=dataset, out=tmp_path / "straight", **_quiet())
-    cut = tmp_path / "cut"
-    train(config, data=dataset, out=cut, **_quiet())
-    for name in (runs.CHECKPOINT, runs.HISTORY, runs.WEIGHTS, runs.METRICS, runs.REPORT):
-        (cut / name).unlink()  # what Ctrl-C during epoch 1 leaves: config.json only
-    resumed = train(resume=cut, data=dataset, **_quiet())
-    assert _numbers(resumed.history) == _numbers(straight.history)
-
-
-@pytest.mark.slow
 def test_resume_refuses_other_data_and_finished_runs(dataset, tmp_path):
     finished = train(TrainConfig(epochs=1, limit_train=300), data=dataset, out=tmp_path / "r", **_quiet())
     with pytest.raises(UserError, match="already complete"):
