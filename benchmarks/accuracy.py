@@ -13,7 +13,7 @@ test numbers: the recipes were chosen on the validation split (docs/results.md).
 Prints two markdown tables: accuracy (mean, 95% confidence interval, n, and the accuracy
 without the test images that are also in the training set), and time to accuracy: the
 training time (the epochs' seconds, validation included) and the images seen until the
-validation accuracy first reaches 92/93/94/95% (the test set is touched only at the end),
+validation accuracy first reaches 90 to 95% (the test set is touched only at the end),
 with the Keras notebook measured by benchmarks/keras_baseline.sh as the baseline row when
 --keras names its JSON. A finished run (its benchmark.json) is reused, so a rerun picks up
 where one stopped.
@@ -36,7 +36,7 @@ from fmnist.evaluation.stats import spread
 from fmnist.models.registry import create_model, model_entry
 from fmnist.models.summary import count_parameters, forward_flops
 
-THRESHOLDS = (0.92, 0.93, 0.94, 0.95)
+THRESHOLDS = (0.90, 0.91, 0.92, 0.93, 0.94, 0.95)  # 90-91%: where the notebook CNN and Keras meet
 
 
 def train_once(model: str, seed: int, out: Path, threads: int | None) -> dict:
