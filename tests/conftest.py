@@ -115,9 +115,10 @@ def without_waiting(cli, args, fifo: Path) -> subprocess.CompletedProcess:
 @pytest.fixture(autouse=True)
 def smaller_understanding_sections(request, monkeypatch):
     """Every run trained inside a test draws its report. There the embedding map of 2,000 t-SNE
-    points and the 8 evidence maps (their full size is tested on the shared CLI run, in
-    test_report_understanding) shrink to 300 points and 2 maps: the same code, about 2 s less a run."""
-    if request.module.__name__.endswith("test_report_understanding"):
+    points and the 8 evidence maps shrink to 300 points and 2 maps: the same code, about 2 s
+    less a run. Their full size is tested on the shared run (test_report_understanding), so a
+    test that may redraw that run's report draws it at full size."""
+    if "trained_run" in request.fixturenames:
         return
     monkeypatch.setattr("fmnist.evaluation.embedding.MAP_IMAGES", 300)
     monkeypatch.setattr("fmnist.evaluation.report.EXPLAINED", 2)
