@@ -133,6 +133,8 @@ def test_the_server_explains_through_an_exported_model(onnx_model, inputs):
         [explained] = answer.json()["explanations"]
         predicted = client.post("/v1/predict", files=[("images", ("one.png", png, "image/png"))]).json()
         assert explained["label"] == predicted["predictions"][0]["label"] and explained["method"] == "occlusion"
+        assert (explained["uncertain"], explained["reason"]) == (predicted["predictions"][0]["uncertain"],
+                                                                 predicted["predictions"][0]["reason"])
         assert np.asarray(explained["attribution"]).shape == (28, 28)
         with Image.open(io.BytesIO(base64.b64decode(explained["overlay"].split(",", 1)[1]))) as overlay:
             assert overlay.size == (28, 28) and overlay.mode == "RGB"
@@ -151,3 +153,20 @@ def test_explaining_an_exported_model_imports_no_pytorch(onnx_model):
     result = subprocess.run([sys.executable, "-c", code, str(onnx_model)], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+def test_an_explained_answer_carries_the_predictions_uncertain_flag(trained_run, onnx_model, inputs, cli, tmp_path):
+    import fmnist
+
+    blank = tmp_path / "blank.png"
+    Image.new("L", (64, 64), 255).save(blank)  # a white page: no object after preprocessing
+    png, _, _ = inputs
+    for model in (trained_run[0], onnx_model):
+        predicted = fmnist.Classifier.load(model).classify([blank, png])
+        found = fmnist.explain(model, [blank, png])
+        assert (found[0].uncertain, found[0].reason) == (True, "no object found")
+        assert "uncertain: no object found" in found[0].caption()
+        assert [(a.uncertain, a.reason) for a in predicted] == [(e.uncertain, e.reason) for e in found]
+    result = cli("explain", trained_run[0], blank, "--json")
+    assert json.loads(result.stdout)[0]["reason"] == "no object found"
+    assert "uncertain: no object found" in cli("explain", trained_run[0], blank).stdout

@@ -90,11 +90,11 @@ def test_convnet_takes_one_depth_for_every_group_or_one_per_group():
     def convs(model):
         return [sum(isinstance(m, torch.nn.Conv2d) for m in group) for group in model.groups]
 
-    assert convs(create_model("fast", widths=(8, 16, 32), depth=2)) == [2, 2, 2]
-    mixed = create_model("fast", widths=(8, 16, 32), depth=[1, 2, 3])  # JSON gives lists
+    assert convs(create_model("best-cpu", widths=(8, 16, 32), depth=2)) == [2, 2, 2]
+    mixed = create_model("best-cpu", widths=(8, 16, 32), depth=[1, 2, 3])  # JSON gives lists
     assert convs(mixed) == [1, 2, 3] and mixed(torch.rand(2, 1, 28, 28)).shape == (2, 10)
     with pytest.raises(UserError, match="one number per group"):
-        create_model("fast", widths=(8, 16, 32), depth=(1, 2))
+        create_model("best-cpu", widths=(8, 16, 32), depth=(1, 2))
 
 
 @pytest.mark.slow
@@ -139,8 +139,8 @@ def test_the_presets_buy_accuracy_with_compute_in_order():
     cost = {name: forward_flops(create_model(name)) * model_entry(name).recipe.epochs
             for name in ("fast", "best-cpu", "best")}
     assert cost["fast"] < cost["best-cpu"] < cost["best"]
-    # fast is best-cpu's net on a short recipe: what a minute buys
-    assert model_entry("fast").arguments == model_entry("best-cpu").arguments
+    # fast is best-cpu's net, its first layer partly fixed by whitening, on a short recipe: what a minute buys
+    assert model_entry("fast").arguments == {**model_entry("best-cpu").arguments, "whiten": True}
     assert model_entry("fast").recipe.epochs < model_entry("best-cpu").recipe.epochs
 
 
@@ -161,3 +161,42 @@ def _exports_with_probabilities_and_ood_score(model) -> None:
         want = [t.numpy() for t in head(x[:8])]
     for a, b in zip(got, want):
         assert abs(a - b).max() <= 1e-3 * max(1.0, abs(b).max())
+
+
+def test_patch_whitening_decorrelates_the_patches_it_was_fitted_on():
+    from fmnist.models.convnet import PatchWhitening
+
+    generator = torch.Generator().manual_seed(0)
+    images = torch.rand(64, 1, 28, 28, generator=generator).cumsum(3) / 28  # neighbours correlate
+    layer = PatchWhitening(32)
+    layer.fit(images)
+    whitened = layer.whitening(images.double().float()).transpose(0, 1).flatten(1)[:9].double()
+    covariance = torch.cov(whitened)
+    eigenvalues = torch.linalg.eigvalsh(torch.cov(torch.nn.functional.unfold(images.double(), 3, padding=1)
+                                                  .transpose(1, 2).reshape(-1, 9).T))
+    # each output's variance is eigenvalue / (eigenvalue + eps); every pair uncorrelated
+    expected = torch.diag(eigenvalues / (eigenvalues + PatchWhitening.EPS))
+    assert torch.allclose(covariance, expected, atol=1e-3)
+    assert torch.equal(layer.whitening.weight[9:], -layer.whitening.weight[:9])  # both signs
+    assert not layer.whitening.weight.requires_grad and layer.learned.weight.requires_grad
+    with pytest.raises(UserError, match="more than 18 channels"):
+        create_model("fast", whiten=True, widths=(16, 32, 64))
+
+
+@pytest.mark.slow
+def test_whitening_is_fitted_on_the_training_split_and_never_trained(data_subset, tmp_path):
+    from fmnist import TrainConfig, load_dataset, train
+    from fmnist.core import runs
+    from fmnist.data.dataset import stratified_split, to_float
+    from fmnist.evaluation.saved import load_run_model
+    from fmnist.models.convnet import PatchWhitening
+
+    dataset = load_dataset(data_subset(2000, 200))
+    config = TrainConfig(model="fast", model_args={"whiten": True}, epochs=1, limit_train=600, lr=0.05, seed=3)
+    train(config, data=dataset, out=tmp_path / "run", progress=False, log=lambda line: None)
+    trained, _ = load_run_model(tmp_path / "run")
+    recorded = runs.read_config(tmp_path / "run")["train"]
+    train_idx, _ = stratified_split(dataset.train_labels, recorded["val_fraction"], recorded["seed"])
+    expected = PatchWhitening(32)
+    expected.fit(to_float(dataset.train_images[train_idx[:600]]))  # the training images only
+    assert torch.equal(trained.groups[0][0].whitening.weight, expected.whitening.weight)  # fitted, never trained

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import os
+import warnings
 
 import numpy as np
 import pytest
@@ -202,7 +203,9 @@ def test_not_an_image_truncated_and_missing():
 
 
 @pytest.mark.parametrize("size,fmt,limit,error,message", [
-    ((8000, 6000), "PNG", 12, prep.ImageTooLarge, "8000x6000 \\(48 megapixels\\), over the limit of 12"),  # 50 KB
+    ((8000, 6000), "PNG", 12, prep.ImageTooLarge, "8000x6000 \\(48 megapixels\\), over the limit of 12 megapixels"),
+    ((12000, 12000), "PNG", 12, prep.ImageTooLarge, "\\(144 megapixels\\), over the limit of 12 megapixels"),  # Pillow warns
+    ((15000, 15000), "PNG", 12, prep.ImageTooLarge, "over 179 megapixels: far too large to open"),  # Pillow refuses
     ((2000, 1500), "WEBP", 6, prep.ImageTooLarge, "decoding this WEBP needs about 48 MB, over the 24 MB that "
                                                   "the limit of 6 megapixels allows"),  # 16 bytes a pixel
     ((2100, 100), "PNG", 12, prep.ImageError, "2100x100: one side over 20 times the other"),
@@ -212,8 +215,10 @@ def test_size_shape_and_decoding_memory_are_checked_before_decoding(monkeypatch,
     data = encoded(Image.new("L", size, 255), fmt)
     decoded = []
     monkeypatch.setattr(Image.Image, "load", lambda self: decoded.append(self))
-    with pytest.raises(error, match=message) as caught:
-        prep.prepare(data, max_megapixels=limit)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # Pillow's own decompression-bomb warning would be a second line
+        with pytest.raises(error, match=message) as caught:
+            prep.prepare(data, max_megapixels=limit)
     assert caught.value.status == (413 if error is prep.ImageTooLarge else 422) and not decoded
 
 

@@ -351,7 +351,8 @@ def cmd_explain(args) -> int:
         return 0
     width = max(len(str(item.source)) for item in found)
     for item in found:
-        print(f"{item.source!s:<{width}}  {item.label} {item.probability:.1%}  ({item.method})")
+        doubt = f"  uncertain: {item.reason}" if item.uncertain else ""
+        print(f"{item.source!s:<{width}}  {item.label} {item.probability:.1%}  ({item.method}){doubt}")
     return 0
 
 

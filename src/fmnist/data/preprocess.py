@@ -28,6 +28,7 @@ import json
 import os
 import stat
 import struct
+import warnings
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -147,12 +148,15 @@ def _open(source, name: str) -> Image.Image:
     if isinstance(source, (str, os.PathLike)):
         _regular_file(source)
     try:
-        return Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source,
-                          formats=FORMATS)
+        with warnings.catch_warnings():  # fmnist's own megapixel limit (_check_size) speaks for it, in one line
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            return Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source,
+                              formats=FORMATS)
     except UnidentifiedImageError:
         raise NotAnImage(f"not an image ({IMAGE_FORMATS} expected): {name}") from None
-    except Image.DecompressionBombError as exc:
-        raise ImageTooLarge(f"{name}: {exc}") from None
+    except Image.DecompressionBombError:
+        raise ImageTooLarge(f"{name} has over {2 * Image.MAX_IMAGE_PIXELS / 1e6:.0f} megapixels: far too large "
+                            f"to open") from None
     except OSError as exc:
         raise UserError(f"cannot read {name}: {exc.strerror or exc}") from None
 
@@ -185,7 +189,7 @@ def _check_size(image: Image.Image, full_size: tuple[int, int], max_megapixels: 
     scaled = f", {image.width}x{image.height} decoded" if image.size != full_size else ""
     if megapixels > max_megapixels:
         raise ImageTooLarge(f"{name} is {width}x{height} ({megapixels:.0f} megapixels{scaled}), "
-                            f"over the limit of {max_megapixels:g}")
+                            f"over the limit of {max_megapixels:g} megapixels")
     needed, allowed = decoding_bytes(image), ALLOWED_BYTES_PER_PIXEL * max_megapixels * 1e6
     if needed > allowed:
         raise ImageTooLarge(f"{name} is {width}x{height}: decoding this {image.format} needs about "

@@ -35,10 +35,13 @@ class Explanation:
     image: np.ndarray = field(repr=False)        # uint8 [28, 28]: what the model saw
     method: str
     source: str | None = None
+    uncertain: bool = False    # as the prediction of the same image says (fmnist.Prediction)
+    reason: str | None = None  # why not to trust the answer: "no object found", "not like a garment", ...
 
     def to_dict(self) -> dict:
         return {"source": self.source, "label": self.label, "probability": round(self.probability, 6),
-                "method": self.method, "attribution": np.round(self.attribution.astype(float), 6).tolist()}
+                "uncertain": self.uncertain, "reason": self.reason, "method": self.method,
+                "attribution": np.round(self.attribution.astype(float), 6).tolist()}
 
     def overlay(self, scale: int = 1) -> np.ndarray:
         """RGB uint8: the map over the image (red for the class, blue against)."""
@@ -58,7 +61,8 @@ class Explanation:
         return plot_explanations([self])
 
     def caption(self) -> str:
-        return f"{self.label} {self.probability:.0%} ({self.method.replace('-', ' ')})"
+        doubt = f"; uncertain: {self.reason}" if self.uncertain else ""
+        return f"{self.label} {self.probability:.0%} ({self.method.replace('-', ' ')}{doubt})"
 
 
 def _method_for(classifier: Classifier, method: str) -> str:
@@ -81,13 +85,15 @@ def explain(model: str | os.PathLike | Classifier, images, method: str = "auto",
     classifier = model if isinstance(model, Classifier) else Classifier.load(model, preprocess=preprocess)
     method = _method_for(classifier, method)
     batch, sources = classifier.prepare(images)
-    probabilities = classifier.probabilities(batch)
+    seen = np.rint(batch[:, 0] * 255).astype(np.uint8)
+    outputs = classifier.outputs(batch)
+    answers = classifier.answers(outputs, sources, 1, seen)  # the same uncertain flag as a prediction
+    probabilities = outputs[:, :len(classifier.class_names)]
     targets = probabilities.argmax(axis=1)
     if method == "integrated-gradients":
         maps, _ = attribution.integrated_gradients(classifier.model, batch, targets)
     else:
         maps = attribution.occlusion(classifier.probabilities, batch, targets)
-    seen = np.rint(batch[:, 0] * 255).astype(np.uint8)
     return [Explanation(label=classifier.class_names[t], probability=float(p[t]), attribution=m, image=img,
-                        method=method, source=src)
-            for t, p, m, img, src in zip(targets, probabilities, maps, seen, sources)]
+                        method=method, source=src, uncertain=answer.uncertain, reason=answer.reason)
+            for t, p, m, img, src, answer in zip(targets, probabilities, maps, seen, sources, answers)]

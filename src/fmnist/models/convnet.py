@@ -14,6 +14,8 @@ from torch import nn
 from .recipe import Recipe
 from .entry import register_model
 
+WHITENING_IMAGES = 5000  # 3.9 M patches: the 9x9 covariance settles long before
+
 
 class ConvGroup(nn.Sequential):
     """conv 3x3 -> max-pool 2 -> batch norm -> ReLU, then ``depth - 1`` more conv -> BN -> ReLU.
@@ -32,27 +34,71 @@ class ConvGroup(nn.Sequential):
         super().__init__(*layers)
 
 
+class PatchWhitening(nn.Module):
+    """The first 3x3 convolution, half of it fixed by the data: 18 filters whiten the training
+    images' 3x3 patches (the 9 eigenvectors of their covariance, each scaled by 1/sqrt(its
+    eigenvalue), with both signs, so a ReLU keeps either side) and are never trained; the other
+    ``out_channels - 18`` are learned as usual. The CIFAR-10 speed runs' frozen whitening layer:
+    the next layers start from decorrelated inputs instead of learning them first.
+
+    Until ``fit`` has seen images (``create_model`` alone) every filter has the usual random
+    initialisation; the fitted filters are weights like the others, saved and loaded with them.
+    """
+
+    FIXED = 18  # 9 eigenvectors of a 3x3 patch, times two signs
+    EPS = 5e-4  # keeps the near-zero eigenvalues' directions from being blown up into noise
+
+    def __init__(self, out_channels: int):
+        super().__init__()
+        if out_channels <= self.FIXED:
+            raise ValueError(f"patch whitening needs more than {self.FIXED} channels in the first group, "
+                            f"got {out_channels}")
+        self.whitening = nn.Conv2d(1, self.FIXED, 3, padding=1, bias=False).requires_grad_(False)
+        self.learned = nn.Conv2d(1, out_channels - self.FIXED, 3, padding=1, bias=False)
+
+    @torch.no_grad()
+    def fit(self, images: torch.Tensor) -> None:
+        """Set the whitening filters from ``images`` ([N, 1, 28, 28] floats, training images only)."""
+        patches = F.unfold(images.double(), 3, padding=1).transpose(1, 2).reshape(-1, 9)
+        eigenvalues, eigenvectors = torch.linalg.eigh(torch.cov(patches.T))
+        filters = (eigenvectors / (eigenvalues + self.EPS).sqrt()).T.reshape(9, 1, 3, 3)
+        self.whitening.weight.copy_(torch.cat([filters, -filters]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.whitening(x), self.learned(x)], 1)
+
+
 class ConvNet(nn.Module):
     """Three ConvGroups at 28 -> 14 -> 7 -> 3 pixels, global max-pooling, one linear layer.
 
     Wide and shallow with batch norm: the architecture the CIFAR-10 speed runs converged on,
     because it reaches a given accuracy in the fewest FLOPs at small image sizes. ``depth`` is
-    the convolutions per group: one number for every group, or one per group.
+    the convolutions per group: one number for every group, or one per group. ``whiten``
+    makes the first convolution a PatchWhitening, fitted by ``fit_to_data`` before training.
     """
 
     def __init__(self, widths: tuple[int, ...] = (32, 64, 128), depth: int | tuple[int, ...] = 2,
-                 dropout: float = 0.0):
+                 dropout: float = 0.0, whiten: bool = False):
         super().__init__()
         channels = (1, *widths)
         depths = (depth,) * len(widths) if isinstance(depth, int) else tuple(depth)
         if len(depths) != len(widths):
             raise TypeError(f"depth needs one number per group ({len(widths)}), got {depth!r}")
         self.groups = nn.Sequential(*(ConvGroup(c_in, c_out, d) for c_in, c_out, d in zip(channels, widths, depths)))
+        if whiten:
+            self.groups[0][0] = PatchWhitening(widths[0])
         self.dropout = nn.Dropout(dropout)
         self.fc = nn.Linear(widths[-1], 10)
         for module in self.modules():
             if isinstance(module, nn.Conv2d):
                 nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+
+    def fit_to_data(self, images: torch.Tensor) -> None:
+        """What the network takes from the training images before training (the whitening
+        filters, when it has them); called once on the training split, never on validation or test."""
+        first = self.groups[0][0]
+        if isinstance(first, PatchWhitening):
+            first.fit(images[:WHITENING_IMAGES].cpu())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = torch.flatten(F.adaptive_max_pool2d(self.groups(x), 1), 1)
@@ -61,6 +107,7 @@ class ConvNet(nn.Module):
 
 register_model(
     "fast", ConvNet, widths=(32, 64, 128), depth=2,  # 4 epochs of it beat 7 of one conv a group
+    whiten=True,  # +0.42 points of validation accuracy in 4 epochs, seeds 0-4 (docs/results.md)
     summary="the most accuracy from about a minute of a 2-core CPU",
     # best-cpu's net, in bf16 where the CPU has it natively (about twice fp32's speed), for the
     # few epochs a minute buys. No augmentation: it pays off only over longer runs.

@@ -120,7 +120,10 @@ class Run:
 
     def _set_up_training(self) -> None:
         config, world = self.config, self.world
-        model = create_model(config.model, **config.model_args).to(self.device)
+        model = create_model(config.model, **config.model_args)
+        if hasattr(model, "fit_to_data"):  # what it takes from the training split (whitening), before DDP's broadcast
+            model.fit_to_data(self.x_train)
+        model = model.to(self.device)
         self.model, trained, self.parallel = distributed.wrap(model, world, self.device)  # trained: DDP or it
         self.optimizer = make_optimizer(self.model, config)
         # Under DDP the written-out CPU step steps aside (it bypasses the autograd hooks DDP needs).
