@@ -86,14 +86,12 @@ def explain(model: str | os.PathLike | Classifier, images, method: str = "auto",
     method = _method_for(classifier, method)
     batch, sources = classifier.prepare(images)
     seen = np.rint(batch[:, 0] * 255).astype(np.uint8)
-    outputs = classifier.outputs(batch)
-    answers = classifier.answers(outputs, sources, 1, seen)  # the same uncertain flag as a prediction
-    probabilities = outputs[:, :len(classifier.class_names)]
-    targets = probabilities.argmax(axis=1)
+    answers = classifier.answers(classifier.outputs(batch), sources, 1, seen)  # the prediction's label and doubt
+    targets = np.array([classifier.class_names.index(answer.label) for answer in answers], dtype=np.int64)
     if method == "integrated-gradients":
         maps, _ = attribution.integrated_gradients(classifier.model, batch, targets)
     else:
         maps = attribution.occlusion(classifier.probabilities, batch, targets)
-    return [Explanation(label=classifier.class_names[t], probability=float(p[t]), attribution=m, image=img,
-                        method=method, source=src, uncertain=answer.uncertain, reason=answer.reason)
-            for t, p, m, img, src, answer in zip(targets, probabilities, maps, seen, sources, answers)]
+    return [Explanation(label=answer.label, probability=answer.probability, attribution=m, image=img,
+                        method=method, source=answer.source, uncertain=answer.uncertain, reason=answer.reason)
+            for answer, m, img in zip(answers, maps, seen)]
