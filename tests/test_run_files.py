@@ -152,3 +152,17 @@ def test_a_full_disk_names_the_file(tmp_path, monkeypatch):
         runs.atomic_write_text(target, "epoch\n1\n")
     assert caught.value.errno == errno.ENOSPC and caught.value.filename == str(target)
     assert not list(tmp_path.iterdir())  # no half-written temporary file left
+
+
+@pytest.mark.parametrize("where", ["a file", "under a file", "under a file, deeper", "a folder with a file in it"])
+def test_every_out_that_cannot_hold_a_new_run_is_one_user_error_and_nothing_is_written(tmp_path, where):
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "kept").write_text("y")
+    out = {"a file": tmp_path / "file", "under a file": tmp_path / "file" / "run",
+           "under a file, deeper": tmp_path / "file" / "a" / "run", "a folder with a file in it": tmp_path / "full"}[where]
+    before = sorted(str(p) for p in tmp_path.rglob("*"))
+    with pytest.raises(UserError, match="not a folder|not empty"):
+        runs.new_run_dir(out, "fast", {"train": {}})
+    assert sorted(str(p) for p in tmp_path.rglob("*")) == before
+    assert (tmp_path / "file").read_text() == "x" and (tmp_path / "full" / "kept").read_text() == "y"

@@ -346,6 +346,8 @@ def new_run_dir(out: str | os.PathLike | None, model_name: str, config: dict, ro
             raise UserError(f"output folder is not empty: {path}" if path.is_dir() else f"not a folder: {path}",
                             hint="choose another --out; fmnist never overwrites a run")
     existing = next(parent for parent in (path, *path.absolute().parents) if parent.exists())
+    if not existing.is_dir():  # --out under a file: mkdir would say only "File exists"
+        raise UserError(f"not a folder: {existing} (in --out {path})", hint="choose another --out")
     check_free_space(existing, needed_bytes)
     path.parent.mkdir(parents=True, exist_ok=True)
     for stale in path.parent.glob(f".{path.name}.*.new"):  # left by a start that was killed
