@@ -167,3 +167,27 @@ def test_classifier_refuses_an_empty_list_and_a_fifo(exported, tmp_path):
     fifo = tmp_path / "pipe.jpg"
     os.mkfifo(fifo)
     assert "not a regular file" in str(refused_without_waiting(classifier.classify, fifo))
+
+
+def test_a_batch_goes_past_each_unreadable_input_and_says_which(trained_run, test_pngs, tmp_path, cli):
+    """Every kind of unreadable input, at the start, in the middle and at the end of a batch:
+    the readable images are still answered, in order, each bad one gets an error line naming
+    it, and the exit status is 2 so a script notices."""
+    out, _ = trained_run
+    (tmp_path / "notes.txt").write_text("hello")
+    np.save(tmp_path / "empty.npy", np.zeros((0, 28, 28), np.uint8))
+    bad = [tmp_path / "missing.jpg", tmp_path / "notes.txt", tmp_path / "empty.npy"]
+    good = [str(p) for p in test_pngs[:2]]
+    inputs = [bad[0], good[0], bad[1], good[1], bad[2]]
+    for extra in ([], ["--json"]):
+        result = cli("predict", out, *inputs, *extra)
+        assert result.returncode == 2 and "Traceback" not in result.stderr
+        sources = ([a["source"] for a in json.loads(result.stdout)] if extra
+                   else [line.split()[0] for line in result.stdout.strip().splitlines()])
+        assert sources == good
+        errors = result.stderr.strip().splitlines()
+        assert len(errors) == 4 and all(line.startswith("error: ") for line in errors)
+        assert all(str(path) in line for path, line in zip(bad, errors)) and "3 of 5 inputs" in errors[-1]
+    result = cli("predict", out, *bad)
+    assert result.returncode == 2 and result.stdout == ""
+    assert "none of the 3 inputs could be read" in result.stderr.strip().splitlines()[-1]

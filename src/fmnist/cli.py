@@ -317,20 +317,30 @@ def cmd_predict(args) -> int:
 
     classifier = Classifier.load(args.model, backend=args.backend, preprocess=_preprocess_changes(args),
                                  uncertain_below=args.uncertain_below)
-    answers = classifier.classify(args.images, top_k=args.top_k)
+    if len(args.images) == 1:  # one input: its error is the command's error
+        answers, skipped = classifier.classify(args.images, top_k=args.top_k), []
+    else:  # several: an unreadable one is reported and the others are still answered
+        answers, skipped = classifier.classify_readable(args.images, top_k=args.top_k)
+        for _, message in skipped:
+            _log(f"error: {message}")
+        if not answers:
+            raise UserError(f"none of the {len(args.images)} inputs could be read")
     if args.save_preprocessed:
         for n, answer in enumerate(answers):
             stem = Path(answer.source or "image").name.replace("[", "-").replace("]", "")
             save_png(answer.image, Path(args.save_preprocessed) / f"{n:04d}-{Path(stem).stem}.png")
     if args.json:
         _print_json([answer.to_dict() for answer in answers])
-        return 0
-    width = max(len(str(answer.source)) for answer in answers)
-    for answer in answers:
-        others = ", ".join(f"{name} {p:.1%}" for name, p in answer.top_k[1:])
-        flag = f"  uncertain: {answer.reason}" if answer.uncertain else ""
-        print(f"{answer.source:<{width}}  {answer.label} {answer.probability:.1%}"
-              f"{'  (' + others + ')' if others else ''}{flag}")
+    else:
+        width = max(len(str(answer.source)) for answer in answers)
+        for answer in answers:
+            others = ", ".join(f"{name} {p:.1%}" for name, p in answer.top_k[1:])
+            flag = f"  uncertain: {answer.reason}" if answer.uncertain else ""
+            print(f"{answer.source:<{width}}  {answer.label} {answer.probability:.1%}"
+                  f"{'  (' + others + ')' if others else ''}{flag}")
+    if skipped:
+        _log(f"error: {len(skipped)} of {len(args.images)} inputs could not be read; the others are answered above")
+        return 2  # a script sees that something was left out
     return 0
 
 

@@ -338,6 +338,25 @@ class Classifier:
         seen = np.rint(batch[:, 0] * 255).astype(np.uint8)
         return self.answers(self.outputs(batch), sources, top_k, seen)
 
+    def classify_readable(self, items, top_k: int = 3) -> tuple[list[Prediction], list[tuple[object, str]]]:
+        """``classify`` for a list of inputs that goes past the ones it cannot read: the answers
+        for the rest, in order, and (input, error message) for each one skipped. One corrupt
+        photo in a folder costs that photo, not the batch (the model still runs once)."""
+        batches, sources, skipped = [], [], []
+        for item in items:
+            try:
+                batch, names = self.prepare([item])
+            except UserError as exc:
+                skipped.append((item, str(exc)))
+                continue
+            batches.append(batch)
+            sources += names
+        if not batches:
+            return [], skipped
+        batch = np.concatenate(batches)
+        seen = np.rint(batch[:, 0] * 255).astype(np.uint8)
+        return self.answers(self.outputs(batch), sources, top_k, seen), skipped
+
     def describe(self) -> dict:
         """What ``GET /v1/model`` answers: classes, backend, preprocessing, run metadata."""
         return {"classes": list(self.class_names), "backend": self.backend, "temperature": self.temperature,
