@@ -183,6 +183,34 @@ def test_patch_whitening_decorrelates_the_patches_it_was_fitted_on():
         create_model("fast", whiten=True, widths=(16, 32, 64))
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("memory", [torch.contiguous_format, torch.channels_last])
+def test_patch_whitening_is_its_two_halves_side_by_side_bit_for_bit(precision, memory):
+    """One convolution of the stacked filters (what makes it fast) computes exactly what the
+    frozen and the learned half compute apart, forward and backward, and only the learned
+    half has a gradient."""
+    from fmnist.core.precision import autocast
+    from fmnist.models.convnet import PatchWhitening
+
+    torch.manual_seed(0)
+    layer = PatchWhitening(32).to(memory_format=memory)
+    layer.fit(torch.rand(200, 1, 28, 28))
+    x = torch.rand(64, 1, 28, 28).contiguous(memory_format=memory)
+    grad = torch.randn(64, 32, 28, 28).contiguous(memory_format=memory)
+    with autocast(x.device, precision):
+        stacked = layer(x)
+        apart = torch.cat([layer.whitening(x), layer.learned(x)], 1)
+    assert stacked.shape == (64, 32, 28, 28) and torch.equal(stacked, apart)
+    gradients = []
+    for output in (stacked, apart):
+        layer.zero_grad()
+        output.float().backward(grad)
+        gradients.append(layer.learned.weight.grad.clone())
+        assert layer.whitening.weight.grad is None
+    assert torch.equal(*gradients)
+    assert [name for name, _ in layer.named_parameters()] == ["whitening.weight", "learned.weight"]
+
+
 @pytest.mark.slow
 def test_whitening_is_fitted_on_the_training_split_and_never_trained(data_subset, tmp_path):
     from fmnist import TrainConfig, load_dataset, train

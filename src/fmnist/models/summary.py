@@ -115,11 +115,14 @@ def summarize(model: nn.Module, name: str | None = None, image_shape=(1, 28, 28)
             flops = 2 * module.in_features * module.out_features
         rows.append({"layer": names[id(module)], "type": type(module).__name__,
                      "output_shape": list(out.shape[1:]),
-                     "parameters": sum(p.numel() for p in module.parameters(recurse=False)) if first else 0,
+                     "parameters": sum(p.numel() for p in module.parameters(recurse=whole(module))) if first else 0,
                      "flops": flops})
 
+    def whole(module) -> bool:  # a convolution built of parts (PatchWhitening) is one layer
+        return isinstance(module, nn.Conv2d)
+
     for module in shadow.modules():
-        if not list(module.children()):
+        if not list(module.children()) or whole(module):
             module.register_forward_hook(hook)
     shadow(torch.zeros(1, *image_shape, device="meta"))
     return ModelSummary(name, rows, count_parameters(model))

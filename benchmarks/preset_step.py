@@ -1,0 +1,152 @@
+"""Where a preset's training step spends its time, against the machine's GEMM rate.
+
+    python benchmarks/preset_step.py fast          # about 30 s on a 2-core CPU
+    python benchmarks/preset_step.py best-cpu --steps 40
+
+Builds the step as ``fmnist train`` does (fmnist.speed.make_step, channels-last, the recipe's
+precision resolved for this CPU, batch 128 of random images: the time does not depend on
+the pixels), then prints:
+
+  * images/s of the whole step, and PyTorch's profiler grouped by operator and shapes: each
+    convolution's forward and backward milliseconds and GFLOP/s, and what is not convolution;
+  * each convolution of the net timed alone, forward + backward, by oneDNN and written as
+    nine shifted slices and one GEMM (im2col), against the GEMM rate ``fmnist bench`` measures;
+  * for a net with a whitening layer (``fast``), its step with the layer as one convolution of
+    the stacked filters (as it is) against its two halves' outputs concatenated (as it was),
+    interleaved round by round.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+import torch.nn.functional as F
+
+from fmnist.bench import gemm_gflops
+from fmnist.core.machine import cpu_name
+from fmnist.core.precision import resolve_precision
+from fmnist.models.convnet import PatchWhitening
+from fmnist.models.registry import create_model, model_entry
+from fmnist.speed import make_step
+
+BATCH = 128
+
+
+def _timed(call, repeats: int) -> float:
+    """Seconds per call, after a warm-up."""
+    for _ in range(5):
+        call()
+    started = time.perf_counter()
+    for _ in range(repeats):
+        call()
+    return (time.perf_counter() - started) / repeats
+
+
+def step_profile(name: str, steps: int) -> tuple[str, list]:
+    """(precision, the net's conv layers with their input sizes) after printing the step's profile."""
+    recipe = model_entry(name).recipe
+    model = create_model(name)
+    precision = resolve_precision(recipe.precision, torch.device("cpu"))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    step = make_step(model, optimizer, precision=precision, label_smoothing=recipe.label_smoothing)
+    x = torch.randn(BATCH, 1, 28, 28).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (BATCH,))
+    convs = []
+    hooks = [m.register_forward_hook(lambda m, i, o: convs.append((m, tuple(i[0].shape))))
+             for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    with step.epoch():
+        step(x, y)
+        for hook in hooks:
+            hook.remove()
+        seconds = _timed(lambda: step(x, y), steps)
+        print(f"{name}: {BATCH / seconds:,.0f} images/s, {seconds * 1e3:.1f} ms a step ({precision})")
+        from torch.profiler import profile
+
+        with profile(record_shapes=True) as recorded:
+            for _ in range(steps):
+                step(x, y)
+    rows = recorded.key_averages()
+    total = sum(r.self_cpu_time_total for r in rows)
+    conv = sum(r.self_cpu_time_total for r in rows if r.key in ("aten::mkldnn_convolution", "aten::convolution_backward"))
+    print(f"convolutions: {conv / total:.0%} of the step's operator time; the rest, by operator:")
+    others = sorted((r for r in rows if "convolution" not in r.key), key=lambda r: -r.self_cpu_time_total)[:8]
+    for r in others:
+        print(f"  {r.key:<36} {r.self_cpu_time_total / steps / 1e3:6.2f} ms a step")
+    return precision, convs
+
+
+def conv_against_gemm(convs: list, precision: str, repeats: int) -> None:
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    rate = gemm_gflops(torch.device("cpu"), dtype=dtype)
+    print(f"\n{dtype} GEMM: {rate:.0f} GFLOP/s; each convolution alone, forward + backward, batch {BATCH}:")
+    for module, (n, c, h, w) in convs:
+        k = module.out_channels
+        x = torch.randn(n, c, h, w, dtype=dtype).contiguous(memory_format=torch.channels_last).requires_grad_()
+        weight = torch.randn(k, c, 3, 3, dtype=dtype).contiguous(memory_format=torch.channels_last).requires_grad_()
+        grad = torch.randn(n, k, h, w, dtype=dtype).contiguous(memory_format=torch.channels_last)
+        x_nhwc = x.detach().permute(0, 2, 3, 1).contiguous().requires_grad_()
+        matrix = weight.detach().permute(0, 2, 3, 1).reshape(k, 9 * c).contiguous().requires_grad_()
+        grad_rows = grad.permute(0, 2, 3, 1).reshape(-1, k).contiguous()
+
+        def onednn():
+            F.conv2d(x, weight, padding=1).backward(grad)
+
+        def im2col():
+            padded = F.pad(x_nhwc, (0, 0, 1, 1, 1, 1))
+            columns = torch.cat([padded[:, i:i + h, j:j + w] for i in range(3) for j in range(3)], 3)
+            (columns.reshape(-1, 9 * c) @ matrix.t()).backward(grad_rows)
+
+        gflop = 3 * 2 * n * h * w * k * c * 9 / 1e9  # forward, input gradient, weight gradient
+        a, b = _timed(onednn, repeats), _timed(im2col, repeats)
+        print(f"  {c:>3} -> {k:<3} at {h}x{w}: oneDNN {a * 1e3:5.2f} ms ({gflop / a:4.0f} GFLOP/s, "
+              f"{gflop / a / rate:4.0%} of GEMM), im2col + GEMM {b * 1e3:5.2f} ms ({a / b:.2f}x oneDNN's speed)")
+
+
+def whitening_as_one_against_two(name: str, rounds: int = 6, steps: int = 30) -> None:
+    import statistics
+
+    def apart(layer, x):  # the layer as it was: two convolutions, their outputs concatenated
+        return torch.cat([layer.whitening(x), layer.learned(x)], 1)
+
+    recipe = model_entry(name).recipe
+    precision = resolve_precision(recipe.precision, torch.device("cpu"))
+    x = torch.randn(BATCH, 1, 28, 28).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (BATCH,))
+    steps_of = {}
+    for version in ("one convolution", "two, concatenated"):
+        torch.manual_seed(0)
+        model = create_model(name)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True)
+        steps_of[version] = make_step(model, optimizer, precision=precision, label_smoothing=recipe.label_smoothing)
+    rates = {version: [] for version in steps_of}
+    stacked = PatchWhitening.forward
+    try:
+        for _ in range(rounds):
+            for version, step in steps_of.items():
+                PatchWhitening.forward = stacked if version == "one convolution" else apart
+                with step.epoch():
+                    rates[version].append(BATCH / _timed(lambda: step(x, y), steps))
+    finally:
+        PatchWhitening.forward = stacked
+    one, two = rates.values()
+    print(f"\nwhitening layer, {rounds} interleaved rounds of {steps} steps: one convolution "
+          f"{statistics.median(one):,.0f} images/s, two concatenated {statistics.median(two):,.0f}; "
+          f"median ratio {statistics.median(a / b for a, b in zip(one, two)):.3f}x")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("preset", nargs="?", default="fast")
+    parser.add_argument("--steps", type=int, default=20)
+    args = parser.parse_args()
+    print(f"machine: {cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    precision, convs = step_profile(args.preset, args.steps)
+    conv_against_gemm([(m, s) for m, s in convs if s[1] > 1], precision, args.steps)
+    if any(isinstance(m, PatchWhitening) for m in create_model(args.preset).modules()):
+        whitening_as_one_against_two(args.preset)
+
+
+if __name__ == "__main__":
+    main()
