@@ -170,3 +170,16 @@ def test_an_explained_answer_carries_the_predictions_uncertain_flag(trained_run,
     result = cli("explain", trained_run[0], blank, "--json")
     assert json.loads(result.stdout)[0]["reason"] == "no object found"
     assert "uncertain: no object found" in cli("explain", trained_run[0], blank).stdout
+
+
+def test_an_explained_batch_goes_past_an_unreadable_input(onnx_model, inputs, cli, tmp_path):
+    png, npy, _ = inputs
+    junk = tmp_path / "notes.png"
+    junk.write_text("not an image")
+    result = cli("explain", onnx_model, junk, png, tmp_path / "missing.png", npy, "--json")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    answers = json.loads(result.stdout)
+    assert [a["source"] for a in answers] == [str(png)] + [f"{npy}[{i}]" for i in range(3)]
+    _check_answers(answers, "occlusion")
+    errors = result.stderr.strip().splitlines()
+    assert len(errors) == 3 and str(junk) in errors[0] and "missing.png" in errors[1] and "2 of 4 inputs" in errors[2]

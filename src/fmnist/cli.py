@@ -321,10 +321,7 @@ def cmd_predict(args) -> int:
         answers, skipped = classifier.classify(args.images, top_k=args.top_k), []
     else:  # several: an unreadable one is reported and the others are still answered
         answers, skipped = classifier.classify_readable(args.images, top_k=args.top_k)
-        for _, message in skipped:
-            _log(f"error: {message}")
-        if not answers:
-            raise UserError(f"none of the {len(args.images)} inputs could be read")
+        _report_unreadable(skipped, len(args.images))
     if args.save_preprocessed:
         for n, answer in enumerate(answers):
             stem = Path(answer.source or "image").name.replace("[", "-").replace("]", "")
@@ -338,16 +335,34 @@ def cmd_predict(args) -> int:
             flag = f"  uncertain: {answer.reason}" if answer.uncertain else ""
             print(f"{answer.source:<{width}}  {answer.label} {answer.probability:.1%}"
                   f"{'  (' + others + ')' if others else ''}{flag}")
+    return _status_after(skipped, len(args.images))
+
+
+def _report_unreadable(skipped: list, total: int) -> None:
+    """An error line for each input of a batch that could not be read; a UserError if none could."""
+    for _, message in skipped:
+        _log(f"error: {message}")
+    if len(skipped) == total:
+        raise UserError(f"none of the {total} inputs could be read")
+
+
+def _status_after(skipped: list, total: int) -> int:
     if skipped:
-        _log(f"error: {len(skipped)} of {len(args.images)} inputs could not be read; the others are answered above")
+        _log(f"error: {len(skipped)} of {total} inputs could not be read; the others are answered above")
         return 2  # a script sees that something was left out
     return 0
 
 
 def cmd_explain(args) -> int:
+    from .deploy.classifier import Classifier
     from .deploy.explain import explain
 
-    found = explain(args.model, args.images, method=args.method, preprocess=_preprocess_changes(args))
+    classifier = Classifier.load(args.model, preprocess=_preprocess_changes(args))
+    images, skipped = args.images, []
+    if len(args.images) > 1:  # several: an unreadable one is reported and the others are still explained
+        _, _, images, skipped = classifier.prepare_readable(args.images)
+        _report_unreadable(skipped, len(args.images))
+    found = explain(classifier, images, method=args.method)
     if args.out:
         from .core.runs import atomic_write_bytes
         from .evaluation.figures import png_bytes
@@ -358,12 +373,12 @@ def cmd_explain(args) -> int:
         _log(f"{len(found)} explanation(s) in {args.out}")
     if args.json:
         _print_json([item.to_dict() for item in found])
-        return 0
-    width = max(len(str(item.source)) for item in found)
-    for item in found:
-        doubt = f"  uncertain: {item.reason}" if item.uncertain else ""
-        print(f"{item.source!s:<{width}}  {item.label} {item.probability:.1%}  ({item.method}){doubt}")
-    return 0
+    else:
+        width = max(len(str(item.source)) for item in found)
+        for item in found:
+            doubt = f"  uncertain: {item.reason}" if item.uncertain else ""
+            print(f"{item.source!s:<{width}}  {item.label} {item.probability:.1%}  ({item.method}){doubt}")
+    return _status_after(skipped, len(args.images))
 
 
 def cmd_export(args) -> int:

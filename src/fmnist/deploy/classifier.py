@@ -338,11 +338,11 @@ class Classifier:
         seen = np.rint(batch[:, 0] * 255).astype(np.uint8)
         return self.answers(self.outputs(batch), sources, top_k, seen)
 
-    def classify_readable(self, items, top_k: int = 3) -> tuple[list[Prediction], list[tuple[object, str]]]:
-        """``classify`` for a list of inputs that goes past the ones it cannot read: the answers
-        for the rest, in order, and (input, error message) for each one skipped. One corrupt
-        photo in a folder costs that photo, not the batch (the model still runs once)."""
-        batches, sources, skipped = [], [], []
+    def prepare_readable(self, items) -> tuple[np.ndarray, list[str | None], list, list[tuple[object, str]]]:
+        """``prepare`` for a list of inputs that goes past the ones it cannot read: the model
+        inputs and source names of the rest, those inputs themselves, and (input, error
+        message) for each one skipped. One corrupt photo in a folder costs that photo, not the batch."""
+        batches, sources, kept, skipped = [], [], [], []
         for item in items:
             try:
                 batch, names = self.prepare([item])
@@ -351,9 +351,16 @@ class Classifier:
                 continue
             batches.append(batch)
             sources += names
-        if not batches:
+            kept.append(item)
+        batch = np.concatenate(batches) if batches else np.empty((0, 1, 28, 28), np.float32)
+        return batch, sources, kept, skipped
+
+    def classify_readable(self, items, top_k: int = 3) -> tuple[list[Prediction], list[tuple[object, str]]]:
+        """``classify`` for a list of inputs, past the ones it cannot read (``prepare_readable``):
+        the answers for the rest, in order (the model runs once), and what was skipped."""
+        batch, sources, _, skipped = self.prepare_readable(items)
+        if not len(batch):
             return [], skipped
-        batch = np.concatenate(batches)
         seen = np.rint(batch[:, 0] * 255).astype(np.uint8)
         return self.answers(self.outputs(batch), sources, top_k, seen), skipped
 
