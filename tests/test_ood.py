@@ -173,9 +173,20 @@ def test_the_onnx_file_describes_itself_and_flags_non_garments(exported, trained
     got, want = from_file.outputs(images.astype(np.float32)), from_run.outputs(images.astype(np.float32))
     assert np.abs(got[:, :10] - want[:, :10]).max() <= 1e-4
     assert np.abs(got[:, 10] - want[:, 10]).max() <= 1e-3 * max(1.0, np.abs(want[:, 10]).max())
-    card = (path.parent / "MODEL_CARD.md").read_text()
+    card = (path.parent / "model.MODEL_CARD.md").read_text()
     assert all(field in card for field in CARD_FIELDS) and "## Exported file" in card and "model.onnx" in card
     assert "Photo-like gap (the first 200 test images" in card
+
+
+@pytest.mark.slow
+def test_an_export_into_the_run_folder_keeps_the_runs_own_card(trained_run, tmp_path, cli):
+    run = tmp_path / "run"
+    shutil.copytree(trained_run[0], run)
+    own = (run / "MODEL_CARD.md").read_text()
+    result = cli("export", run)
+    assert result.returncode == 0, result.stderr
+    assert (run / "MODEL_CARD.md").read_text() == own and "## Exported file" not in own
+    assert "`model.onnx`" in (run / "model.MODEL_CARD.md").read_text()
 
 
 @pytest.mark.slow
@@ -188,7 +199,7 @@ def test_int8_export_passes_its_gate_and_is_smaller(exported, trained_run, tmp_p
     classifier = Classifier.load(path)
     gate = classifier.describe()["quantization"]
     assert gate["top1_agreement"] >= 0.99 and gate["float_accuracy"] - gate["int8_accuracy"] <= 0.003
-    assert "int8" in (tmp_path / "MODEL_CARD.md").read_text()
+    assert "int8" in (tmp_path / "model.int8.MODEL_CARD.md").read_text()
     blank, noise = non_garments(tmp_path)
     assert [a.reason for a in classifier.classify([blank, noise])] == [NO_OBJECT, NOT_A_GARMENT]
 
@@ -203,4 +214,4 @@ def test_int8_export_that_misses_its_gate_writes_nothing(trained_run, tmp_path, 
     line = result.stderr.strip().splitlines()[-1]
     assert line.startswith("error: int8 model refused: top-1 agreement with the float model ")
     assert "on 1000 test images (at least 101%), test accuracy drop " in line and "nothing written" in line
-    assert not (tmp_path / "model.int8.onnx").exists() and not (tmp_path / "MODEL_CARD.md").exists()
+    assert not (tmp_path / "model.int8.onnx").exists() and not list(tmp_path.glob("*MODEL_CARD.md"))

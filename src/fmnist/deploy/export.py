@@ -7,7 +7,7 @@ outputs are ``logits``, ``probabilities`` (softmax after the fitted temperature)
 run with the out-of-distribution fit, ``ood_score``; producer and graph are named fmnist,
 the model version is the training time, inputs and outputs carry doc strings.
 ``Classifier.load("model.onnx")``, ``fmnist predict`` and ``fmnist serve`` read it with ONNX
-Runtime alone. A MODEL_CARD.md is written beside every exported file.
+Runtime alone. Its model card is written beside it (model.onnx -> model.MODEL_CARD.md).
 
 ``quantize="int8"`` writes an 8-bit model (ONNX Runtime static quantization, calibrated on
 training images) only if it agrees with the float model on at least 99% of 1,000 test images
@@ -140,7 +140,7 @@ def export_onnx(run_dir: str | os.PathLike, out: str | os.PathLike | None = None
     photo = _photo_gap(payload, preprocess, data)
     runs.atomic_write_bytes(out, payload)
     metrics = runs.read_metrics(run_dir) or {}
-    card.write(out.parent / card.FILE, card.model_card(
+    card.write(card.beside_export(out), card.model_card(
         runs.read_config(run_dir), metrics, fitted[1] if fitted else None, photo,
         export={"file": out.name, "bytes": len(payload), "format": "ONNX" + (f", {quantize}" if quantize else ""),
                 "check": described}))
