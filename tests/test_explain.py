@@ -183,3 +183,21 @@ def test_an_explained_batch_goes_past_an_unreadable_input(onnx_model, inputs, cl
     _check_answers(answers, "occlusion")
     errors = result.stderr.strip().splitlines()
     assert len(errors) == 3 and str(junk) in errors[0] and "missing.png" in errors[1] and "2 of 4 inputs" in errors[2]
+
+
+@pytest.mark.parametrize("method", ["integrated-gradients", "occlusion"])
+def test_explaining_a_chunk_at_a_time_gives_the_maps_of_one_call(trained_run, onnx_model, dataset, method,
+                                                               monkeypatch):
+    from fmnist.deploy import explain as explaining
+    from fmnist.deploy.classifier import Classifier
+
+    monkeypatch.setattr(explaining, "CHUNK", 16)
+    classifier = Classifier.load(trained_run[0] if method == "integrated-gradients" else onnx_model)
+    images = dataset.test_images[:40].numpy()
+    found = explaining.explain(classifier, images, method=method, progress=True)
+    batch = images[:, None].astype(np.float32) / 255
+    targets = [CLASS_NAMES.index(item.label) for item in found]
+    whole = (explaining.attribution.integrated_gradients(classifier.model, batch, targets)[0]
+             if method == "integrated-gradients" else
+             explaining.attribution.occlusion(classifier.probabilities, batch, targets))
+    assert np.allclose(np.stack([item.attribution for item in found]), whole, rtol=1e-4, atol=1e-6)

@@ -362,7 +362,7 @@ def cmd_explain(args) -> int:
     if len(args.images) > 1:  # several: an unreadable one is reported and the others are still explained
         _, _, images, skipped = classifier.prepare_readable(args.images)
         _report_unreadable(skipped, len(args.images))
-    found = explain(classifier, images, method=args.method)
+    found = explain(classifier, images, method=args.method, progress=True)
     if args.out:
         from .core.runs import atomic_write_bytes
         from .evaluation.figures import png_bytes
