@@ -34,6 +34,24 @@ def test_same_seed_same_numbers(dataset, tmp_path):
 
 
 @pytest.mark.slow
+def test_a_run_that_ends_worse_than_guessing_says_so_and_a_healthy_one_does_not(dataset, tmp_path):
+    import warnings
+
+    from fmnist.training.listeners import CHANCE_LOSS  # the console's listener warns; it follows every run
+
+    def warned(config, out):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            result = train(config, data=dataset, out=out, test=False, listeners=(), **_quiet())
+        return result.history[-1]["train_loss"], [str(w.message) for w in caught if "chance level" in str(w.message)]
+
+    loss, said = warned(TrainConfig(model="fast", epochs=1, limit_train=1000, lr=5.0), tmp_path / "diverged")
+    assert loss > CHANCE_LOSS and len(said) == 1 and "--lr (now 5)" in said[0]
+    loss, said = warned(TrainConfig(epochs=1, limit_train=1000), tmp_path / "healthy")
+    assert loss < CHANCE_LOSS and said == []
+
+
+@pytest.mark.slow
 def test_resume_after_interrupt_matches_uninterrupted(dataset, tmp_path):
     config = TrainConfig(epochs=2, limit_train=1500, seed=3, batch_size=64)
     straight = train(config, data=dataset, out=tmp_path / "straight", **_quiet())

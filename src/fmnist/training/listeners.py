@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import math
+import warnings
+
 from .events import Listener
+
+CHANCE_LOSS = math.log(10)  # cross-entropy of the uniform guess over 10 classes, whatever the targets' smoothing
 
 
 class ConsoleLog(Listener):
@@ -17,6 +22,11 @@ class ConsoleLog(Listener):
         self.log(f"epoch {row['epoch']:>2}/{run.config.epochs}  train loss {row['train_loss']:.4f} "
                  f"acc {row['train_accuracy']:.4f}  {validation}  {row['seconds']:.1f}s  "
                  f"{row['images_per_second']:,.0f} img/s" + ("  *best" if run.validating and best else ""))
+        if row["epoch"] == run.config.epochs and row["train_loss"] > CHANCE_LOSS:
+            warnings.warn(f"the training loss ended above chance level ({row['train_loss']:.2f} > ln 10 = "
+                          f"{CHANCE_LOSS:.2f}): the model does worse than a uniform guess on its own training "
+                          f"images; a lower --lr (now {run.config.lr:g}) or more epochs or images may help",
+                          stacklevel=2)
 
 
 class ReportWriter(Listener):
