@@ -37,7 +37,7 @@ def test_same_seed_same_numbers(dataset, tmp_path):
 def test_a_run_that_ends_worse_than_guessing_says_so_and_a_healthy_one_does_not(dataset, tmp_path):
     import warnings
 
-    from fmnist.training.listeners import CHANCE_LOSS  # the console's listener warns; it follows every run
+    from fmnist.training.listeners import CHANCE_LOSS, DIVERGED_LOSS  # the console's listener warns; it follows every run
 
     def warned(config, out):
         with warnings.catch_warnings(record=True) as caught:
@@ -46,7 +46,7 @@ def test_a_run_that_ends_worse_than_guessing_says_so_and_a_healthy_one_does_not(
         return result.history[-1]["train_loss"], [str(w.message) for w in caught if "chance level" in str(w.message)]
 
     loss, said = warned(TrainConfig(model="fast", epochs=1, limit_train=1000, lr=5.0), tmp_path / "diverged")
-    assert loss > CHANCE_LOSS and len(said) == 1 and "--lr (now 5)" in said[0]
+    assert loss > DIVERGED_LOSS and len(said) == 1 and "--lr (now 5)" in said[0]
     loss, said = warned(TrainConfig(epochs=1, limit_train=1000), tmp_path / "healthy")
     assert loss < CHANCE_LOSS and said == []
 

@@ -8,6 +8,8 @@ import warnings
 from .events import Listener
 
 CHANCE_LOSS = math.log(10)  # cross-entropy of the uniform guess over 10 classes, whatever the targets' smoothing
+# A tenth above it: an epoch of a few steps from a fresh start averages about ln 10 itself.
+DIVERGED_LOSS = 1.1 * CHANCE_LOSS
 
 
 class ConsoleLog(Listener):
@@ -22,7 +24,7 @@ class ConsoleLog(Listener):
         self.log(f"epoch {row['epoch']:>2}/{run.config.epochs}  train loss {row['train_loss']:.4f} "
                  f"acc {row['train_accuracy']:.4f}  {validation}  {row['seconds']:.1f}s  "
                  f"{row['images_per_second']:,.0f} img/s" + ("  *best" if run.validating and best else ""))
-        if row["epoch"] == run.config.epochs and row["train_loss"] > CHANCE_LOSS:
+        if row["epoch"] == run.config.epochs and row["train_loss"] > DIVERGED_LOSS:
             warnings.warn(f"the training loss ended above chance level ({row['train_loss']:.2f} > ln 10 = "
                           f"{CHANCE_LOSS:.2f}): the model does worse than a uniform guess on its own training "
                           f"images; a lower --lr (now {run.config.lr:g}) or more epochs or images may help",
