@@ -37,16 +37,22 @@ def test_same_seed_same_numbers(dataset, tmp_path):
 def test_a_run_that_ends_worse_than_guessing_says_so_and_a_healthy_one_does_not(dataset, tmp_path):
     import warnings
 
-    from fmnist.training.listeners import CHANCE_LOSS, DIVERGED_LOSS  # the console's listener warns; it follows every run
+    from fmnist.training.listeners import CHANCE_LOSS  # the console's listener warns; it follows every run
 
     def warned(config, out):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             result = train(config, data=dataset, out=out, test=False, listeners=(), **_quiet())
-        return result.history[-1]["train_loss"], [str(w.message) for w in caught if "chance level" in str(w.message)]
+        kept = next(row for row in result.history if row["epoch"] == result.metrics["best_epoch"])
+        return kept["val_loss"], [str(w.message) for w in caught if "uniform guess" in str(w.message)]
 
     loss, said = warned(TrainConfig(model="fast", epochs=1, limit_train=1000, lr=5.0), tmp_path / "diverged")
-    assert loss > DIVERGED_LOSS and len(said) == 1 and "--lr (now 5)" in said[0]
+    assert loss > CHANCE_LOSS and len(said) == 1 and "validation loss" in said[0] and "--lr (now 5)" in said[0]
+    _, said = warned(TrainConfig(model="fast", epochs=1, limit_train=1000, lr=5.0, val_fraction=0), tmp_path / "blind")
+    assert len(said) == 1 and "training loss" in said[0]
+    # a slow start whose averaged training loss is still above ln 10, but whose kept model learned
+    loss, said = warned(TrainConfig(model="fast", epochs=1, limit_train=3000), tmp_path / "slow")
+    assert loss < CHANCE_LOSS and said == []
     loss, said = warned(TrainConfig(epochs=1, limit_train=1000), tmp_path / "healthy")
     assert loss < CHANCE_LOSS and said == []
 

@@ -7,9 +7,7 @@ import warnings
 
 from .events import Listener
 
-CHANCE_LOSS = math.log(10)  # cross-entropy of the uniform guess over 10 classes, whatever the targets' smoothing
-# A tenth above it: an epoch of a few steps from a fresh start averages about ln 10 itself.
-DIVERGED_LOSS = 1.1 * CHANCE_LOSS
+CHANCE_LOSS = math.log(10)  # cross-entropy of a uniform guess over the 10 classes
 
 
 class ConsoleLog(Listener):
@@ -24,11 +22,24 @@ class ConsoleLog(Listener):
         self.log(f"epoch {row['epoch']:>2}/{run.config.epochs}  train loss {row['train_loss']:.4f} "
                  f"acc {row['train_accuracy']:.4f}  {validation}  {row['seconds']:.1f}s  "
                  f"{row['images_per_second']:,.0f} img/s" + ("  *best" if run.validating and best else ""))
-        if row["epoch"] == run.config.epochs and row["train_loss"] > DIVERGED_LOSS:
-            warnings.warn(f"the training loss ended above chance level ({row['train_loss']:.2f} > ln 10 = "
-                          f"{CHANCE_LOSS:.2f}): the model does worse than a uniform guess on its own training "
-                          f"images; a lower --lr (now {run.config.lr:g}) or more epochs or images may help",
-                          stacklevel=2)
+        if row["epoch"] == run.config.epochs:
+            _warn_if_worse_than_guessing(run)
+
+
+def _warn_if_worse_than_guessing(run) -> None:
+    """One warning when the kept model's validation loss (without validation: the last epoch's
+    training loss) is above a uniform guess's: it learned nothing usable, most often because
+    the learning rate is too high for the data and steps it got."""
+    history = run.progress.history
+    if run.validating:
+        kept = next(row for row in history if row["epoch"] == run.progress.best_epoch)
+        loss, what = kept["val_loss"], f"the kept epoch's validation loss (epoch {kept['epoch']})"
+    else:
+        loss, what = history[-1]["train_loss"], "the last epoch's training loss"
+    if loss > CHANCE_LOSS:  # NaN never reaches here: the loop stops on a non-finite loss
+        warnings.warn(f"{what} is above a uniform guess's ({loss:.2f} > ln 10 = {CHANCE_LOSS:.2f}): the model "
+                      f"learned nothing usable; a lower --lr (now {run.config.lr:g}), more epochs or more "
+                      f"images may help", stacklevel=3)
 
 
 class ReportWriter(Listener):
