@@ -129,6 +129,8 @@ def main() -> None:
         for name, (_, _, what) in TRIALS.items():
             print(f"{name:<14} {what}")
         return
+    if args.jobs < 1:
+        parser.error("--jobs must be at least 1")
     unknown = [t for t in args.trials if t not in TRIALS]
     if unknown:
         parser.error(f"unknown trial {unknown[0]!r}; --list names them")
@@ -138,13 +140,16 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     results = args.out / "results.jsonl"
     done = {(r["trial"], r["seed"]) for r in _read(results)}
-    todo = [(t, s) for t in dict.fromkeys(["base", *args.trials]) for s in args.seeds if (t, s) not in done]
+    seeds = list(dict.fromkeys(args.seeds))  # a seed named twice runs once
+    todo = [(t, s) for t in dict.fromkeys(["base", *args.trials]) for s in seeds if (t, s) not in done]
     environment = {**os.environ, "OMP_NUM_THREADS": "1", "NUMBA_NUM_THREADS": "1"}
 
     def launch(job):
-        output = subprocess.run([sys.executable, __file__, "--one", job[0], str(job[1])], env=environment,
-                                check=True, capture_output=True, text=True).stdout
-        line = output.strip().splitlines()[-1]
+        done = subprocess.run([sys.executable, __file__, "--one", job[0], str(job[1])], env=environment,
+                              capture_output=True, text=True)
+        if done.returncode:
+            raise SystemExit(f"{job[0]} seed {job[1]} failed:\n{done.stderr[-2000:]}")
+        line = done.stdout.strip().splitlines()[-1]
         with results.open("a") as file:
             file.write(line + "\n")
         print(line, flush=True)

@@ -104,7 +104,7 @@ def conv_against_gemm(convs: list, precision: str, repeats: int) -> None:
               f"{gflop / a / rate:4.0%} of GEMM), im2col + GEMM {b * 1e3:5.2f} ms ({a / b:.2f}x oneDNN's speed)")
 
 
-def whitening_as_one_against_two(name: str, rounds: int = 6, steps: int = 30) -> None:
+def whitening_as_one_against_two(name: str, steps: int, rounds: int = 6) -> None:
     import statistics
 
     def apart(layer, x):  # the layer as it was: two convolutions, their outputs concatenated
@@ -139,13 +139,19 @@ def whitening_as_one_against_two(name: str, rounds: int = 6, steps: int = 30) ->
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("preset", nargs="?", default="fast")
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per measurement (at least 1)")
     args = parser.parse_args()
+    from fmnist.models.registry import list_models
+
+    if args.preset not in list_models():
+        parser.error(f"unknown preset {args.preset!r}; one of {', '.join(list_models())}")
+    if args.steps < 1:
+        parser.error("--steps must be at least 1")
     print(f"machine: {cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
     precision, convs = step_profile(args.preset, args.steps)
     conv_against_gemm([(m, s) for m, s in convs if s[1] > 1], precision, args.steps)
     if any(isinstance(m, PatchWhitening) for m in create_model(args.preset).modules()):
-        whitening_as_one_against_two(args.preset)
+        whitening_as_one_against_two(args.preset, args.steps)
 
 
 if __name__ == "__main__":

@@ -215,3 +215,21 @@ def test_int8_export_that_misses_its_gate_writes_nothing(trained_run, tmp_path, 
     assert line.startswith("error: int8 model refused: top-1 agreement with the float model ")
     assert "on 1000 test images (at least 101%), test accuracy drop " in line and "nothing written" in line
     assert not (tmp_path / "model.int8.onnx").exists() and not list(tmp_path.glob("*MODEL_CARD.md"))
+
+
+def test_every_exported_name_gets_a_card_of_its_own():
+    from fmnist.evaluation.card import beside_export
+
+    names = ["model.onnx", "model.int8.onnx", "model.v1.onnx", "model.v2.onnx", "out/shirts.onnx"]
+    cards = [beside_export(name) for name in names]
+    assert len(set(cards)) == len(cards)  # no two exports share (and overwrite) a card
+    assert [str(c) for c in cards[:2]] == ["model.MODEL_CARD.md", "model.int8.MODEL_CARD.md"]
+    assert all(card.parent == __import__("pathlib").Path(name).parent for card, name in zip(cards, names))
+
+
+@pytest.mark.slow
+def test_an_export_must_be_a_onnx_file(trained_run, tmp_path, cli):
+    for name in ("model", "model.v1", "model.onnx.bak"):
+        result = cli("export", trained_run[0], "--out", tmp_path / name)
+        assert result.returncode == 2 and "--out must name a .onnx file" in result.stderr, result.stderr
+    assert list(tmp_path.iterdir()) == []

@@ -191,3 +191,17 @@ def test_a_batch_goes_past_each_unreadable_input_and_says_which(trained_run, tes
     result = cli("predict", out, *bad)
     assert result.returncode == 2 and result.stdout == ""
     assert "none of the 3 inputs could be read" in result.stderr.strip().splitlines()[-1]
+
+
+def test_readable_takes_what_classify_takes_and_empty_arrays_get_no_answers(trained_run, test_pngs, tmp_path):
+    from fmnist.deploy.explain import explain
+
+    classifier = Classifier.load(trained_run[0])
+    answers, skipped = classifier.classify_readable(test_pngs[0])  # one path, as classify takes it
+    assert [a.source for a in answers] == [str(test_pngs[0])] and skipped == []
+    answers, skipped = classifier.classify_readable(tmp_path / "missing.png")
+    assert answers == [] and len(skipped) == 1 and "no such file" in skipped[0][1]
+    with pytest.raises(UserError, match="the list is empty"):
+        classifier.classify_readable([])
+    empty = np.zeros((0, 28, 28), np.uint8)
+    assert classifier.classify(empty) == [] and explain(classifier, empty) == []

@@ -348,7 +348,7 @@ def _report_unreadable(skipped: list, total: int) -> None:
 
 def _status_after(skipped: list, total: int) -> int:
     if skipped:
-        _log(f"error: {len(skipped)} of {total} inputs could not be read; the others are answered above")
+        _log(f"error: {len(skipped)} of {total} inputs could not be read; the rest were answered")
         return 2  # a script sees that something was left out
     return 0
 

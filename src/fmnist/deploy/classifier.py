@@ -335,6 +335,8 @@ class Classifier:
         """Top-k classes with probabilities and an uncertain flag for each image; each answer
         keeps the 28x28 image the model saw (``Prediction.image``)."""
         batch, sources = self.prepare(images)
+        if not len(batch):  # an empty array: no answers
+            return []
         seen = np.rint(batch[:, 0] * 255).astype(np.uint8)
         return self.answers(self.outputs(batch), sources, top_k, seen)
 
@@ -342,6 +344,9 @@ class Classifier:
         """``prepare`` for a list of inputs that goes past the ones it cannot read: the model
         inputs and source names of the rest, those inputs themselves, and (input, error
         message) for each one skipped. One corrupt photo in a folder costs that photo, not the batch."""
+        items = [items] if _is_image_source(items) else items
+        if isinstance(items, (list, tuple)) and not items:
+            raise UserError("no images in the input: the list is empty")
         batches, sources, kept, skipped = [], [], [], []
         for item in items:
             try:

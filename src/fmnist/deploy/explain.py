@@ -87,6 +87,8 @@ def explain(model: str | os.PathLike | Classifier, images, method: str = "auto",
     classifier = model if isinstance(model, Classifier) else Classifier.load(model, preprocess=preprocess)
     method = _method_for(classifier, method)
     batch, sources = classifier.prepare(images)
+    if not len(batch):  # an empty array: nothing to explain
+        return []
     seen = np.rint(batch[:, 0] * 255).astype(np.uint8)
     answers = classifier.answers(classifier.outputs(batch), sources, 1, seen)  # the prediction's label and doubt
     targets = np.array([classifier.class_names.index(answer.label) for answer in answers], dtype=np.int64)

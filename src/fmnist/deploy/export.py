@@ -99,6 +99,8 @@ def export_onnx(run_dir: str | os.PathLike, out: str | os.PathLike | None = None
     out = Path(out) if out is not None else run_dir / ("model.onnx" if quantize is None else f"model.{quantize}.onnx")
     if out.is_dir():
         raise UserError(f"--out is a folder; give a file name such as {out / 'model.onnx'}")
+    if out.suffix != ".onnx":  # what predict, serve and Classifier.load recognise as an exported model
+        raise UserError(f"--out must name a .onnx file, got {out.name}", hint=f"--out {out.with_name(out.name + '.onnx')}")
     from ..evaluation.ood import OODHead
     from ..evaluation.saved import load_run_model
 

@@ -131,7 +131,7 @@ def model_card(config: dict, metrics: dict, ood: dict | None = None, photo: dict
 
 def beside_export(model_file: str | os.PathLike) -> Path:
     """Where the card of an exported file goes: beside it, named after it (model.onnx ->
-    model.MODEL_CARD.md), so that exports side by side (fp32 and int8) and the run folder's
+    model.MODEL_CARD.md; exports are always .onnx files), so that exports side by side (fp32 and int8) and the run folder's
     own card each keep theirs."""
     model_file = Path(model_file)
     return model_file.with_name(f"{model_file.stem}.{FILE}")
