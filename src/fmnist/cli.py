@@ -355,14 +355,16 @@ def _status_after(skipped: list, total: int) -> int:
 
 def cmd_explain(args) -> int:
     from .deploy.classifier import Classifier
-    from .deploy.explain import explain
+    from .deploy.explain import explain_prepared, resolve_method
 
     classifier = Classifier.load(args.model, preprocess=_preprocess_changes(args))
-    images, skipped = args.images, []
-    if len(args.images) > 1:  # several: an unreadable one is reported and the others are still explained
-        _, _, images, skipped = classifier.prepare_readable(args.images)
+    method = resolve_method(classifier, args.method)  # a method the model cannot do is refused before any reading
+    if len(args.images) == 1:  # one input: its error is the command's error
+        (batch, sources), skipped = classifier.prepare(args.images), []
+    else:  # several: an unreadable one is reported and the others are still explained
+        batch, sources, skipped = classifier.prepare_readable(args.images)
         _report_unreadable(skipped, len(args.images))
-    found = explain(classifier, images, method=args.method, progress=True)
+    found = explain_prepared(classifier, batch, sources, method=method, progress=True)
     if args.out:
         from .core.runs import atomic_write_bytes
         from .evaluation.figures import png_bytes

@@ -334,20 +334,22 @@ class Classifier:
     def classify(self, images, top_k: int = 3) -> list[Prediction]:
         """Top-k classes with probabilities and an uncertain flag for each image; each answer
         keeps the 28x28 image the model saw (``Prediction.image``)."""
-        batch, sources = self.prepare(images)
+        return self.classify_prepared(*self.prepare(images), top_k=top_k)
+
+    def classify_prepared(self, batch: np.ndarray, sources: list, top_k: int = 3) -> list[Prediction]:
+        """``classify`` for inputs ``prepare`` (or ``prepare_readable``) already made."""
         if not len(batch):  # an empty array: no answers
             return []
         seen = np.rint(batch[:, 0] * 255).astype(np.uint8)
         return self.answers(self.outputs(batch), sources, top_k, seen)
 
-    def prepare_readable(self, items) -> tuple[np.ndarray, list[str | None], list, list[tuple[object, str]]]:
+    def prepare_readable(self, items) -> tuple[np.ndarray, list[str | None], list[tuple[object, str]]]:
         """``prepare`` for a list of inputs that goes past the ones it cannot read: the model
-        inputs and source names of the rest, those inputs themselves, and (input, error
-        message) for each one skipped. One corrupt photo in a folder costs that photo, not the batch."""
+        inputs and source names of the rest, and (input, error message) for each one skipped. One corrupt photo in a folder costs that photo, not the batch."""
         items = [items] if _is_image_source(items) else items
         if isinstance(items, (list, tuple)) and not items:
             raise UserError("no images in the input: the list is empty")
-        batches, sources, kept, skipped = [], [], [], []
+        batches, sources, skipped = [], [], []
         for item in items:
             try:
                 batch, names = self.prepare([item])
@@ -356,18 +358,14 @@ class Classifier:
                 continue
             batches.append(batch)
             sources += names
-            kept.append(item)
         batch = np.concatenate(batches) if batches else np.empty((0, 1, 28, 28), np.float32)
-        return batch, sources, kept, skipped
+        return batch, sources, skipped
 
     def classify_readable(self, items, top_k: int = 3) -> tuple[list[Prediction], list[tuple[object, str]]]:
         """``classify`` for a list of inputs, past the ones it cannot read (``prepare_readable``):
         the answers for the rest, in order (the model runs once), and what was skipped."""
-        batch, sources, _, skipped = self.prepare_readable(items)
-        if not len(batch):
-            return [], skipped
-        seen = np.rint(batch[:, 0] * 255).astype(np.uint8)
-        return self.answers(self.outputs(batch), sources, top_k, seen), skipped
+        batch, sources, skipped = self.prepare_readable(items)
+        return self.classify_prepared(batch, sources, top_k), skipped
 
     def describe(self) -> dict:
         """What ``GET /v1/model`` answers: classes, backend, preprocessing, run metadata."""

@@ -66,7 +66,8 @@ class Explanation:
         return f"{self.label} {self.probability:.0%} ({self.method.replace('-', ' ')}{doubt})"
 
 
-def _method_for(classifier: Classifier, method: str) -> str:
+def resolve_method(classifier: Classifier, method: str) -> str:
+    """The method ``classifier`` explains with ("auto" resolved), or a UserError naming why not."""
     if method not in METHODS:
         raise UserError(f"unknown explanation method '{method}' (choose {', '.join(METHODS)})")
     if method == "integrated-gradients" and classifier.model is None:
@@ -85,8 +86,14 @@ def explain(model: str | os.PathLike | Classifier, images, method: str = "auto",
     exported model too), or "auto". ``progress``: a bar on stderr (on a terminal) as the
     images are explained, ``CHUNK`` at a time."""
     classifier = model if isinstance(model, Classifier) else Classifier.load(model, preprocess=preprocess)
-    method = _method_for(classifier, method)
-    batch, sources = classifier.prepare(images)
+    method = resolve_method(classifier, method)
+    return explain_prepared(classifier, *classifier.prepare(images), method=method, progress=progress)
+
+
+def explain_prepared(classifier: Classifier, batch: np.ndarray, sources: list, method: str = "auto", *,
+                     progress: bool = False) -> list[Explanation]:
+    """``explain`` for inputs ``Classifier.prepare`` (or ``prepare_readable``) already made."""
+    method = resolve_method(classifier, method)
     if not len(batch):  # an empty array: nothing to explain
         return []
     seen = np.rint(batch[:, 0] * 255).astype(np.uint8)
