@@ -11,6 +11,9 @@ the pixels), then prints:
     convolution's forward and backward milliseconds and GFLOP/s, and what is not convolution;
   * each convolution of the net timed alone, forward + backward, by oneDNN and written as
     nine shifted slices and one GEMM (im2col), against the GEMM rate ``fmnist bench`` measures;
+  * the step with the 3x3 convolutions' weight gradient on the smallest maps computed as a
+    forward convolution (fmnist.speed.convolution, which ``make_step`` uses on CPUs with AMX)
+    against oneDNN's own, on any CPU, interleaved round by round;
   * for a net with a whitening layer (``fast``), its step with the layer as one convolution of
     the stacked filters (as it is) against its two halves' outputs concatenated (as it was),
     interleaved round by round.
@@ -30,6 +33,7 @@ from fmnist.core.precision import resolve_precision
 from fmnist.models.convnet import PatchWhitening
 from fmnist.models.registry import create_model, model_entry
 from fmnist.speed import make_step
+from fmnist.speed.convolution import use_fast_convolutions, use_stock_convolutions
 
 BATCH = 128
 
@@ -104,9 +108,36 @@ def conv_against_gemm(convs: list, precision: str, repeats: int) -> None:
               f"{gflop / a / rate:4.0%} of GEMM), im2col + GEMM {b * 1e3:5.2f} ms ({a / b:.2f}x oneDNN's speed)")
 
 
-def whitening_as_one_against_two(name: str, steps: int, rounds: int = 6) -> None:
+def _print_interleaved(title: str, rates: dict, rounds: int, steps: int) -> None:
     import statistics
 
+    (first, one), (second, two) = rates.items()
+    print(f"\n{title}, {rounds} interleaved rounds of {steps} steps: {first} {statistics.median(one):,.0f} "
+          f"images/s, {second} {statistics.median(two):,.0f}; median ratio "
+          f"{statistics.median(a / b for a, b in zip(one, two)):.3f}x")
+
+
+def small_map_rewrite_against_stock(name: str, steps: int, rounds: int = 8) -> None:
+    recipe = model_entry(name).recipe
+    precision = resolve_precision(recipe.precision, torch.device("cpu"))
+    x = torch.randn(BATCH, 1, 28, 28).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (BATCH,))
+    steps_of = {}
+    for version, switch in (("rewritten", use_fast_convolutions), ("oneDNN's", use_stock_convolutions)):
+        torch.manual_seed(0)
+        model = create_model(name)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True)
+        steps_of[version] = make_step(model, optimizer, precision=precision, label_smoothing=recipe.label_smoothing)
+        switch(model)  # whatever make_step chose on this CPU
+    rates = {version: [] for version in steps_of}
+    for _ in range(rounds):
+        for version, step in steps_of.items():
+            with step.epoch():
+                rates[version].append(BATCH / _timed(lambda: step(x, y), steps))
+    _print_interleaved("weight gradient of the 3x3 convolutions on the smallest maps", rates, rounds, steps)
+
+
+def whitening_as_one_against_two(name: str, steps: int, rounds: int = 6) -> None:
     def apart(layer, x):  # the layer as it was: two convolutions, their outputs concatenated
         return torch.cat([layer.whitening(x), layer.learned(x)], 1)
 
@@ -130,10 +161,7 @@ def whitening_as_one_against_two(name: str, steps: int, rounds: int = 6) -> None
                     rates[version].append(BATCH / _timed(lambda: step(x, y), steps))
     finally:
         PatchWhitening.forward = stacked
-    one, two = rates.values()
-    print(f"\nwhitening layer, {rounds} interleaved rounds of {steps} steps: one convolution "
-          f"{statistics.median(one):,.0f} images/s, two concatenated {statistics.median(two):,.0f}; "
-          f"median ratio {statistics.median(a / b for a, b in zip(one, two)):.3f}x")
+    _print_interleaved("whitening layer", rates, rounds, steps)
 
 
 def main() -> None:
@@ -150,6 +178,7 @@ def main() -> None:
     print(f"machine: {cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
     precision, convs = step_profile(args.preset, args.steps)
     conv_against_gemm([(m, s) for m, s in convs if s[1] > 1], precision, args.steps)
+    small_map_rewrite_against_stock(args.preset, args.steps)
     if any(isinstance(m, PatchWhitening) for m in create_model(args.preset).modules()):
         whitening_as_one_against_two(args.preset, args.steps)
 

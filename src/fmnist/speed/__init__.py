@@ -9,6 +9,8 @@ result:
     notebook.py   the notebook CNN's training step written out without autograd, and its
                   inference through the same forward kernels
     pooling.py    a 2x2 max-pool kernel for every other model (the same results as PyTorch's)
+    convolution.py  3x3 convolutions on the smallest maps, their weight gradient as a forward
+                  convolution (CPUs with AMX, where oneDNN's own is slow there)
     adam.py       the fused Adam kernel called without ``Optimizer.step``'s Python
     denormals.py  flush-to-zero on every CPU thread while training
     _numba.py     Numba, configured on first use (never at import)
@@ -16,8 +18,10 @@ result:
 ``make_step`` is called once per run. It returns the notebook CNN's written-out step where
 that computes exactly what autograd would (``notebook.applies``), and the plain
 ``fmnist.speed.steps.AutogradStep`` everywhere else, with the model channels-last, its 2x2
-max-pools switched to ``pooling.FastMaxPool2d`` and denormals flushed on x86 CPUs (which
-changes no weight: the updates it drops are far below a weight's float resolution). How
+max-pools switched to ``pooling.FastMaxPool2d``, on CPUs with AMX its 3x3 convolutions to
+``convolution.FastConv2d`` (the weight gradient on 3x3 maps differs by bf16 rounding), and
+denormals flushed on x86 CPUs (which changes no weight: the updates it drops are far below a
+weight's float resolution). How
 fast each piece is, and what was tried and dropped: docs/history.md.
 """
 
@@ -27,6 +31,7 @@ import contextlib
 
 import torch
 
+from ..core.machine import cpu_flags
 from .steps import AutogradStep
 
 
@@ -35,9 +40,10 @@ def make_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, preci
     """The training step for this model, optimizer and settings (``speedups=False``: always
     the plain autograd step).
 
-    For the autograd step on a CPU it prepares ``model`` in place, which changes no value
-    and no state-dict entry: its memory becomes channels-last and its 2x2 max-pools take
-    fmnist's kernel. Pass a model you own; ``step.restore_model()`` undoes both.
+    For the autograd step on a CPU it prepares ``model`` in place, which changes no
+    state-dict entry: its memory becomes channels-last, its 2x2 max-pools take fmnist's
+    kernel and, with AMX, its 3x3 convolutions the small-map weight gradient. Pass a model
+    you own; ``step.restore_model()`` undoes all three.
     """
     on_cpu = torch.device(device).type == "cpu"
     if speedups and on_cpu:
@@ -54,6 +60,10 @@ def make_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, preci
         from .pooling import use_fast_max_pools
 
         use_fast_max_pools(model)  # bit-for-bit PyTorch's pooling, in a fraction of the time
+        if "amx_bf16" in cpu_flags():  # elsewhere oneDNN's own weight gradient was near the GEMM rate
+            from .convolution import use_fast_convolutions
+
+            use_fast_convolutions(model)
         return AutogradStep(model, optimizer, precision, label_smoothing, epoch_context=denormals_flushed)
     return AutogradStep(model, optimizer, precision, label_smoothing, epoch_context=contextlib.nullcontext)
 

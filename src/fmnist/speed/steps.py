@@ -30,10 +30,12 @@ class AutogradStep:
         return self._epoch_context()
 
     def restore_model(self) -> None:
-        """Undo what make_step did to the model: contiguous memory, PyTorch's max-pools."""
+        """Undo what make_step did to the model: contiguous memory, PyTorch's max-pools and convolutions."""
+        from .convolution import use_stock_convolutions
         from .pooling import use_stock_max_pools
 
         use_stock_max_pools(self.model)
+        use_stock_convolutions(self.model)
         if not isinstance(self.model, torch.nn.parallel.DistributedDataParallel):
             self.model.to(memory_format=torch.contiguous_format)
 

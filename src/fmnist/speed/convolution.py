@@ -1,0 +1,110 @@
+"""A 3x3 convolution whose weight gradient on small maps is computed as a forward convolution.
+
+Why: on CPUs with AMX, oneDNN's bf16 weight-gradient kernel is slow on the smallest maps.
+In the ConvNet presets' step on a 2-core Xeon with AMX, the 128 -> 128 convolution on the
+3x3 maps took about 2.7 ms for its weight gradient against 0.4 ms for its forward pass, the
+same arithmetic. That gradient is itself a convolution, with the batch as the channels to
+reduce over: dW[k, c] = conv(x[c, n], dY[k, n]) over the padded map. Written so, oneDNN runs
+it through its fast forward kernel: 0.4 ms. The whole ``fast`` step is about 1.08x faster.
+On 7x7 maps and larger the rewrite gained nothing or lost, so it is used on maps of at most
+3x3 only; on CPUs without AMX the stock kernels were already near the GEMM rate, so it is not
+used there (``make_step`` decides). ``benchmarks/preset_step.py`` measures it;
+docs/history.md has the figures.
+
+What changes: the forward pass and the input gradient are the stock ones (the same
+``convolution`` and ``convolution_backward`` calls, bit for bit); the weight gradient sums
+the same products in another order, so in bf16 it differs from the stock one by rounding
+(its relative error against an fp64 reference is of the same size; tests/test_fast_convolution.py).
+
+``use_fast_convolutions(model)`` switches a model's plain 3x3 ``nn.Conv2d`` layers (stride 1,
+padding 1, no bias, one group) to ``FastConv2d``, a subclass without new parameters (the state
+dict is unchanged), which takes the rewrite for bf16 CPU inputs of at most 3x3 while
+gradients are wanted and is ``nn.Conv2d`` for everything else.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.autograd.function import once_differentiable
+
+SMALLEST_SLOW_MAP = 3  # the largest map side where the rewrite was measured faster (7x7: it was not)
+_CHANNELS_LAST = torch.channels_last
+
+
+def _weight_gradient(x: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
+    """dW [K, C, 3, 3] of a padding-1 3x3 convolution, as one forward convolution: the batch
+    becomes the channel axis that is summed over, and the output's map the 3x3 kernel."""
+    inputs = x.transpose(0, 1).contiguous(memory_format=_CHANNELS_LAST)         # [C, N, H, W]
+    kernels = grad_out.transpose(0, 1).contiguous(memory_format=_CHANNELS_LAST)  # [K, N, H, W]
+    return F.conv2d(inputs, kernels, padding=1).transpose(0, 1)                  # [K, C, 3, 3]
+
+
+class Conv3x3SmallMap(torch.autograd.Function):
+    """``F.conv2d(x, weight, padding=1)`` in bf16, with the weight gradient above."""
+
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cpu", cast_inputs=torch.bfloat16)  # what autocast's conv2d does
+    def forward(ctx, x, weight):
+        ctx.save_for_backward(x, weight)
+        return F.conv2d(x, weight, padding=1)
+
+    @staticmethod
+    @once_differentiable  # the gradient is not differentiable again: say so rather than be wrong
+    def backward(ctx, grad_out):
+        x, weight = ctx.saved_tensors
+        grad_out = grad_out.contiguous(memory_format=_CHANNELS_LAST)
+        grad_x = grad_weight = None
+        if ctx.needs_input_grad[0]:  # the stock kernel: it is fast at every size
+            grad_x = torch.ops.aten.convolution_backward(
+                grad_out, x, weight, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [True, False, False])[0]
+        if ctx.needs_input_grad[1]:
+            grad_weight = _weight_gradient(x, grad_out)
+        return grad_x, grad_weight
+
+
+def _runs_in_bf16(x: torch.Tensor) -> bool:
+    return x.dtype == torch.bfloat16 or (torch.is_autocast_enabled("cpu")
+                                         and torch.get_autocast_dtype("cpu") == torch.bfloat16)
+
+
+def handles(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether the rewrite computes this call (else PyTorch's convolution does)."""
+    if torch.jit.is_tracing() or torch.compiler.is_compiling():  # exports see the stock layer
+        return False
+    return (x.device.type == "cpu" and x.dim() == 4 and x.shape[2] <= SMALLEST_SLOW_MAP
+            and x.shape[3] <= SMALLEST_SLOW_MAP and torch.is_grad_enabled() and weight.requires_grad
+            and _runs_in_bf16(x))
+
+
+class FastConv2d(nn.Conv2d):
+    """A plain 3x3 ``nn.Conv2d`` with the small-map weight gradient above where it applies."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return Conv3x3SmallMap.apply(x, self.weight) if handles(x, self.weight) else super().forward(x)
+
+
+def _is_plain_3x3(module: nn.Module) -> bool:
+    return (type(module) is nn.Conv2d and module.kernel_size == (3, 3) and module.stride == (1, 1)
+            and module.padding == (1, 1) and module.dilation == (1, 1) and module.groups == 1
+            and module.bias is None and module.padding_mode == "zeros")
+
+
+def use_fast_convolutions(model: nn.Module) -> int:
+    """Switch ``model``'s plain 3x3 convolutions to FastConv2d; returns how many."""
+    # A convolution inside another one (PatchWhitening's halves) holds weights; it is not called.
+    inner = {id(sub) for conv in model.modules() if isinstance(conv, nn.Conv2d) for sub in conv.modules() if sub is not conv}
+    switched = 0
+    for module in model.modules():
+        if _is_plain_3x3(module) and id(module) not in inner:
+            module.__class__ = FastConv2d
+            switched += 1
+    return switched
+
+
+def use_stock_convolutions(model: nn.Module) -> None:
+    """Undo ``use_fast_convolutions``."""
+    for module in model.modules():
+        if type(module) is FastConv2d:
+            module.__class__ = nn.Conv2d
