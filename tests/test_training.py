@@ -76,6 +76,27 @@ def test_resume_after_interrupt_matches_uninterrupted(dataset, tmp_path):
 
 
 @pytest.mark.slow
+def test_a_resumed_whitened_run_takes_its_filters_from_the_checkpoint(dataset, tmp_path, monkeypatch):
+    config = TrainConfig(model="fast", model_args={"widths": [24, 32, 32]}, epochs=2, limit_train=600,
+                         batch_size=64, seed=1)
+    straight = train(config, data=dataset, out=tmp_path / "straight", **_quiet())
+
+    def interrupt_after_first_epoch(line):
+        if line.startswith("epoch  1/2"):
+            raise KeyboardInterrupt
+
+    with pytest.raises(Interrupted):
+        train(config, data=dataset, out=tmp_path / "cut", progress=False, log=interrupt_after_first_epoch)
+    from fmnist.models.convnet import ConvNet
+
+    def refit(model, images):
+        raise AssertionError("a resumed run fitted its whitening filters again")
+    monkeypatch.setattr(ConvNet, "fit_to_data", refit)
+    resumed = train(resume=tmp_path / "cut", data=dataset, **_quiet())
+    assert _numbers(resumed.history) == _numbers(straight.history)
+
+
+@pytest.mark.slow
 def test_never_overwrites_a_run(dataset, tmp_path):
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "keep.txt").write_text("mine")

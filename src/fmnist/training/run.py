@@ -91,7 +91,7 @@ class Run:
                 raise UserError(f"batch_size {config.batch_size} does not divide among {world.size} ranks "
                                 f"(--batch-size is the global batch)")
         self._set_up_data()
-        self._set_up_training()
+        self._set_up_training(fit=resumed is None)  # a resumed run's checkpoint holds what the fit gave
         self.events = Events(listeners if self.main else [])
         self.progress, self.start_epoch, self.resumed_from = Progress(), 1, None
         if resumed is not None:
@@ -118,10 +118,10 @@ class Run:
         self.validating = len(val_idx) > 0  # without a hold-out the last epoch is kept
         self.split = {"train": len(train_idx), "validation": len(val_idx), "test": len(data.test_labels)}
 
-    def _set_up_training(self) -> None:
+    def _set_up_training(self, fit: bool = True) -> None:
         config, world = self.config, self.world
         model = create_model(config.model, **config.model_args)
-        if hasattr(model, "fit_to_data"):  # what it takes from the training split (whitening), before DDP's broadcast
+        if fit and hasattr(model, "fit_to_data"):  # what it takes from the training split (whitening), before DDP's broadcast
             model.fit_to_data(self.x_train)
         model = model.to(self.device)
         self.model, trained, self.parallel = distributed.wrap(model, world, self.device)  # trained: DDP or it
