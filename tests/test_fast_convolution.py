@@ -76,26 +76,57 @@ def _fast_layer(c=16, k=16):
     return layer
 
 
-@pytest.mark.parametrize("case", ["fp32 without autocast", "7x7 map", "no_grad", "inference_mode",
-                                  "frozen weight", "jit trace"])
+@pytest.mark.parametrize("case", ["fp32 without autocast", "float16 autocast of bf16 inputs", "7x7 map",
+                                  "4x3 map", "3x4 map", "empty batch", "meta device", "no_grad", "inference_mode",
+                                  "frozen weight", "jit trace", "compiling", "fx trace"])
 def test_everything_else_is_pytorchs_own_convolution(case, monkeypatch):
     layer = _fast_layer()
-    size = 7 if case == "7x7 map" else 3
-    x = torch.randn(4, 16, size, size)
+    size = {"7x7 map": (7, 7), "4x3 map": (4, 3), "3x4 map": (3, 4)}.get(case, (3, 3))
+    x = torch.randn(0 if case == "empty batch" else 4, 16, *size, device="meta" if case == "meta device" else "cpu")
+    if case == "meta device":
+        layer = layer.to("meta")
     if case == "frozen weight":
         layer.weight.requires_grad_(False)
+    if case == "compiling":
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     calls = []
     monkeypatch.setattr(Conv3x3SmallMap, "apply", lambda *args: calls.append(args))
-    if case == "jit trace":  # in bf16 itself: tracing under autocast is not supported
+    bf16_itself = case in ("jit trace", "fx trace", "float16 autocast of bf16 inputs")
+    if bf16_itself:  # tracing under autocast is not supported
         layer, x = layer.to(torch.bfloat16), x.to(torch.bfloat16)
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=case not in ("fp32 without autocast", "jit trace"))
+    autocast = torch.autocast("cpu", dtype=torch.float16 if case.startswith("float16") else torch.bfloat16,
+                              enabled=case not in ("fp32 without autocast", "jit trace", "fx trace"))
     grad_mode = {"no_grad": torch.no_grad(), "inference_mode": torch.inference_mode()}.get(case, torch.enable_grad())
     with autocast, grad_mode:
         if case == "jit trace":
             torch.jit.trace(layer, x)
+        elif case == "fx trace":
+            torch.fx.symbolic_trace(layer)
         else:
             layer(x)
     assert calls == []
+
+
+def test_second_derivatives_and_torch_func_grad_match_the_stock_ones():
+    x, weight, _ = _inputs(16, 8, 3)
+    x = x.float()
+
+    def penalty(conv, x, weight):  # a gradient penalty: differentiates the weight gradient again
+        x, weight = x.clone().requires_grad_(), weight.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = conv(x, weight).float().square().sum()
+        (grad_weight,) = torch.autograd.grad(out, weight, create_graph=True)
+        grad_weight.square().sum().backward()
+        return weight.grad
+
+    ours, stock = penalty(Conv3x3SmallMap.apply, x, weight), penalty(_stock, x, weight)
+    assert (ours - stock).norm() <= 0.02 * stock.norm()
+
+    def loss(conv):
+        return lambda w: conv(x.to(torch.bfloat16), w.to(torch.bfloat16)).float().square().sum()
+
+    ours, stock = torch.func.grad(loss(Conv3x3SmallMap.apply))(weight), torch.func.grad(loss(_stock))(weight)
+    assert (ours - stock).norm() <= 0.02 * stock.norm()
 
 
 def test_applies_to_bf16_small_maps_under_autocast_and_in_bf16(monkeypatch):
@@ -110,14 +141,19 @@ def test_applies_to_bf16_small_maps_under_autocast_and_in_bf16(monkeypatch):
 
 
 def test_only_plain_3x3_convolutions_are_switched_and_the_state_dict_is_unchanged():
-    model = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.Conv2d(8, 8, 3, padding=1),  # bias
-                          nn.Conv2d(8, 8, 3, stride=2, padding=1, bias=False), nn.Conv2d(8, 8, 1, bias=False),
-                          nn.Conv2d(8, 8, 3, padding=1, groups=2, bias=False),
-                          nn.Conv2d(8, 8, 3, padding=1, bias=False, padding_mode="reflect"), PatchWhitening(32))
+    others = [nn.Conv2d(8, 8, 3, padding=1),  # a bias
+              nn.Conv2d(8, 8, 3, stride=2, padding=1, bias=False), nn.Conv2d(8, 8, 1, bias=False),
+              nn.Conv2d(8, 8, 5, padding=1, bias=False), nn.Conv2d(8, 8, 3, padding=1, dilation=2, bias=False),
+              nn.Conv2d(8, 8, 3, padding=0, bias=False), nn.Conv2d(8, 8, 3, padding=1, groups=2, bias=False),
+              nn.Conv2d(8, 8, 3, padding=1, bias=False, padding_mode="reflect"), nn.Conv1d(8, 8, 3, padding=1),
+              PatchWhitening(32)]
+    kinds = [type(m) for m in others]
+    model = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, bias=False), *others)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     assert convolution.use_fast_convolutions(model) == 1
-    assert [type(m).__name__ for m in model] == ["FastConv2d", "Conv2d", "Conv2d", "Conv2d", "Conv2d", "Conv2d",
-                                                 "PatchWhitening"]
+    assert type(model[0]) is FastConv2d
+    assert [type(m) for m in model[1:]] == kinds  # unchanged, PatchWhitening's halves too
+    assert not any(type(m) is FastConv2d for m in model[1:].modules())
     assert before.keys() == model.state_dict().keys()
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     convolution.use_stock_convolutions(model)
@@ -137,9 +173,12 @@ def test_make_step_switches_them_on_cpus_with_amx_only_and_restore_model_undoes_
     assert not any(type(m) is FastConv2d for m in model.modules())
 
 
-def test_a_training_step_of_fast_matches_the_stock_one_within_rounding(monkeypatch):
-    """The whole preset step, stock against rewritten, from the same weights and batch."""
-    x = torch.rand(32, 1, 28, 28).contiguous(memory_format=CL)
+def test_a_training_step_of_fast_differs_from_the_stock_one_only_by_rounding_of_one_weight_gradient(monkeypatch):
+    """The whole preset step, stock against rewritten, from the same weights and batch: the
+    loss and every gradient are the same bit for bit but the 3x3 map's convolution's weight
+    gradient, which is within bf16 rounding."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.rand(32, 1, 28, 28, generator=generator).contiguous(memory_format=CL)
     y = torch.arange(32) % 10
     results = []
     for amx in (False, True):
@@ -149,10 +188,15 @@ def test_a_training_step_of_fast_matches_the_stock_one_within_rounding(monkeypat
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True)
         step = speed.make_step(model, optimizer, precision="bf16", label_smoothing=0.1)
         with step.epoch():
-            losses = [step(x, y)[1].item() for _ in range(3)]
-        results.append((losses, {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}))
-    (stock_losses, stock_grads), (ours_losses, ours_grads) = results
-    assert stock_losses[0] == ours_losses[0]  # the forward pass is the stock one
-    assert ours_losses == pytest.approx(stock_losses, rel=1e-2)
+            loss = step(x, y)[1].item()
+        rewritten = {f"{name}.weight" for name, m in model.named_modules() if type(m) is FastConv2d}
+        results.append((loss, rewritten, {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}))
+    (stock_loss, _, stock_grads), (ours_loss, switched, ours_grads) = results
+    assert stock_loss == ours_loss
+    small_map = {"groups.2.4.weight"}  # group 3's second convolution, after its pool: the 3x3 map
+    assert small_map <= switched
     for name, grad in stock_grads.items():
-        assert (ours_grads[name] - grad).norm() <= 0.05 * grad.norm() + 1e-6, name
+        if name in small_map:
+            assert (ours_grads[name] - grad).norm() <= 2 ** -7 * grad.norm(), name
+        else:
+            assert torch.equal(ours_grads[name], grad), name

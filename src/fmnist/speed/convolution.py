@@ -19,7 +19,12 @@ the same products in another order, so in bf16 it differs from the stock one by 
 ``use_fast_convolutions(model)`` switches a model's plain 3x3 ``nn.Conv2d`` layers (stride 1,
 padding 1, no bias, one group) to ``FastConv2d``, a subclass without new parameters (the state
 dict is unchanged), which takes the rewrite for bf16 CPU inputs of at most 3x3 while
-gradients are wanted and is ``nn.Conv2d`` for everything else.
+gradients are wanted and is ``nn.Conv2d`` for everything else: other precisions and sizes,
+an empty batch, and whatever traces or compiles the model (jit, fx, torch.compile and
+export). Second derivatives and ``torch.func.grad`` work; ``torch.jit.script`` of a switched
+layer, forward-mode AD and ``vmap`` do not (``step.restore_model()`` gives the stock layers
+back). Where the incoming gradient already holds infinities or NaNs, the weight gradient's
+NaNs sit in other places than the stock one's (training has diverged by then, and stops).
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.autograd.function import once_differentiable
+from torch.fx._symbolic_trace import is_fx_tracing
 
 SMALLEST_SLOW_MAP = 3  # the largest map side where the rewrite was measured faster (7x7: it was not)
 _CHANNELS_LAST = torch.channels_last
@@ -42,18 +47,21 @@ def _weight_gradient(x: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
 
 
 class Conv3x3SmallMap(torch.autograd.Function):
-    """``F.conv2d(x, weight, padding=1)`` in bf16, with the weight gradient above."""
+    """``F.conv2d(x, weight, padding=1)`` in bf16, with the weight gradient above. Its backward
+    pass is made of differentiable operations, so a second derivative works as the stock one
+    does; ``setup_context`` lets torch.func's ``grad`` see it."""
 
     @staticmethod
-    @torch.amp.custom_fwd(device_type="cpu", cast_inputs=torch.bfloat16)  # what autocast's conv2d does
-    def forward(ctx, x, weight):
-        ctx.save_for_backward(x, weight)
-        return F.conv2d(x, weight, padding=1)
+    def forward(x, weight):
+        return F.conv2d(x, weight, padding=1)  # under bf16 autocast, its casts: the stock call
 
     @staticmethod
-    @once_differentiable  # the gradient is not differentiable again: say so rather than be wrong
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    @staticmethod
     def backward(ctx, grad_out):
-        x, weight = ctx.saved_tensors
+        x, weight = (t.to(torch.bfloat16) for t in ctx.saved_tensors)  # autocast's casts, again
         grad_out = grad_out.contiguous(memory_format=_CHANNELS_LAST)
         grad_x = grad_weight = None
         if ctx.needs_input_grad[0]:  # the stock kernel: it is fast at every size
@@ -65,15 +73,16 @@ class Conv3x3SmallMap(torch.autograd.Function):
 
 
 def _runs_in_bf16(x: torch.Tensor) -> bool:
-    return x.dtype == torch.bfloat16 or (torch.is_autocast_enabled("cpu")
-                                         and torch.get_autocast_dtype("cpu") == torch.bfloat16)
+    if torch.is_autocast_enabled("cpu"):  # autocast decides (float16 autocast: not this kernel)
+        return torch.get_autocast_dtype("cpu") == torch.bfloat16
+    return x.dtype == torch.bfloat16
 
 
 def handles(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether the rewrite computes this call (else PyTorch's convolution does)."""
-    if torch.jit.is_tracing() or torch.compiler.is_compiling():  # exports see the stock layer
+    if torch.jit.is_tracing() or torch.compiler.is_compiling() or is_fx_tracing():  # exports see the stock layer
         return False
-    return (x.device.type == "cpu" and x.dim() == 4 and x.shape[2] <= SMALLEST_SLOW_MAP
+    return (x.device.type == "cpu" and x.dim() == 4 and x.shape[0] > 0 and x.shape[2] <= SMALLEST_SLOW_MAP
             and x.shape[3] <= SMALLEST_SLOW_MAP and torch.is_grad_enabled() and weight.requires_grad
             and _runs_in_bf16(x))
 
