@@ -129,6 +129,19 @@ def test_second_derivatives_and_torch_func_grad_match_the_stock_ones():
     assert (ours - stock).norm() <= 0.02 * stock.norm()
 
 
+def test_a_switched_layer_writes_nothing_to_stderr():
+    # In a fresh process: a warning logged once per process would hide here after the first time.
+    import subprocess
+    import sys
+
+    code = ("import torch; from torch import nn; from fmnist.speed import convolution\n"
+            "layer = nn.Conv2d(16, 16, 3, padding=1, bias=False); convolution.use_fast_convolutions(layer)\n"
+            "with torch.autocast('cpu', dtype=torch.bfloat16):\n    layer(torch.randn(4, 16, 3, 3)).float().sum().backward()\n"
+            "layer(torch.randn(4, 16, 7, 7))\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0 and done.stderr == "" and done.stdout == "", done.stderr
+
+
 def test_applies_to_bf16_small_maps_under_autocast_and_in_bf16(monkeypatch):
     layer = _fast_layer()
     calls = []

@@ -32,7 +32,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.fx._symbolic_trace import is_fx_tracing
 
 SMALLEST_SLOW_MAP = 3  # the largest map side where the rewrite was measured faster (7x7: it was not)
 _CHANNELS_LAST = torch.channels_last
@@ -72,6 +71,13 @@ class Conv3x3SmallMap(torch.autograd.Function):
         return grad_x, grad_weight
 
 
+def _fx_tracing() -> bool:
+    # Not torch.fx's is_fx_tracing: it logs a warning on stderr, once per process, when called.
+    from torch.fx._symbolic_trace import is_fx_symbolic_tracing
+
+    return is_fx_symbolic_tracing()
+
+
 def _runs_in_bf16(x: torch.Tensor) -> bool:
     if torch.is_autocast_enabled("cpu"):  # autocast decides (float16 autocast: not this kernel)
         return torch.get_autocast_dtype("cpu") == torch.bfloat16
@@ -80,7 +86,7 @@ def _runs_in_bf16(x: torch.Tensor) -> bool:
 
 def handles(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether the rewrite computes this call (else PyTorch's convolution does)."""
-    if torch.jit.is_tracing() or torch.compiler.is_compiling() or is_fx_tracing():  # exports see the stock layer
+    if torch.jit.is_tracing() or torch.compiler.is_compiling() or _fx_tracing():  # exports see the stock layer
         return False
     return (x.device.type == "cpu" and x.dim() == 4 and x.shape[0] > 0 and x.shape[2] <= SMALLEST_SLOW_MAP
             and x.shape[3] <= SMALLEST_SLOW_MAP and torch.is_grad_enabled() and weight.requires_grad
