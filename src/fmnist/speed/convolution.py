@@ -1,15 +1,14 @@
 """A 3x3 convolution whose weight gradient on small maps is computed as a forward convolution.
 
-Why: on CPUs with AMX, oneDNN's bf16 weight-gradient kernel is slow on the smallest maps.
-In the ConvNet presets' step on a 2-core Xeon with AMX, the 128 -> 128 convolution on the
-3x3 maps took about 2.7 ms for its weight gradient against 0.4 ms for its forward pass, the
-same arithmetic. That gradient is itself a convolution, with the batch as the channels to
-reduce over: dW[k, c] = conv(x[c, n], dY[k, n]) over the padded map. Written so, oneDNN runs
-it through its fast forward kernel: 0.4 ms. The whole ``fast`` step is about 1.08x faster.
-On 7x7 maps and larger the rewrite gained nothing or lost, so it is used on maps of at most
-3x3 only; on CPUs without AMX the stock kernels were already near the GEMM rate, so it is not
-used there (``make_step`` decides). ``benchmarks/preset_step.py`` measures it;
-docs/history.md has the figures.
+Why: on CPUs with AMX, oneDNN's bf16 weight-gradient kernel is slow on the smallest maps:
+in the ConvNet presets' step, the 128 -> 128 convolution on the 3x3 maps spent several times
+longer on its weight gradient than on its forward pass, the same arithmetic. That gradient
+is itself a convolution, with the batch as the channels to reduce over: dW[k, c] =
+conv(x[c, n], dY[k, n]) over the padded map, and written so oneDNN runs it through its fast
+forward kernel. On 7x7 maps and larger the rewrite gained nothing or lost, so it is used on
+maps of at most 3x3 only; on CPUs without AMX the stock kernels were already near the GEMM
+rate, so it is not used there (``make_step`` decides). ``benchmarks/preset_step.py``
+measures it on any CPU; docs/history.md (#13) has the figures.
 
 What changes: the forward pass and the input gradient are the stock ones (the same
 ``convolution`` and ``convolution_backward`` calls, bit for bit); the weight gradient sums
@@ -33,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-SMALLEST_SLOW_MAP = 3  # the largest map side where the rewrite was measured faster (7x7: it was not)
+LARGEST_MAP_SIDE = 3  # the largest map where the rewrite was measured faster (7x7: it was not)
 _CHANNELS_LAST = torch.channels_last
 
 
@@ -88,8 +87,8 @@ def handles(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether the rewrite computes this call (else PyTorch's convolution does)."""
     if torch.jit.is_tracing() or torch.compiler.is_compiling() or _fx_tracing():  # exports see the stock layer
         return False
-    return (x.device.type == "cpu" and x.dim() == 4 and x.shape[0] > 0 and x.shape[2] <= SMALLEST_SLOW_MAP
-            and x.shape[3] <= SMALLEST_SLOW_MAP and torch.is_grad_enabled() and weight.requires_grad
+    return (x.device.type == "cpu" and x.dim() == 4 and x.shape[0] > 0 and x.shape[2] <= LARGEST_MAP_SIDE
+            and x.shape[3] <= LARGEST_MAP_SIDE and torch.is_grad_enabled() and weight.requires_grad
             and _runs_in_bf16(x))
 
 
