@@ -117,23 +117,36 @@ def _print_interleaved(title: str, rates: dict, rounds: int, steps: int) -> None
           f"{statistics.median(a / b for a, b in zip(one, two)):.3f}x")
 
 
-def small_map_rewrite_against_stock(name: str, steps: int, rounds: int = 8) -> None:
+def _preset_step(name: str):
+    """The preset's step as ``fmnist train`` builds it, from seeded weights."""
     recipe = model_entry(name).recipe
-    precision = resolve_precision(recipe.precision, torch.device("cpu"))
+    torch.manual_seed(0)
+    model = create_model(name)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True)
+    return make_step(model, optimizer, precision=resolve_precision(recipe.precision, torch.device("cpu")),
+                     label_smoothing=recipe.label_smoothing)
+
+
+def _interleaved(steps_of: dict, steps: int, rounds: int, before=lambda version: None) -> dict:
+    """images/s of each version's step, the versions taking turns round by round (the shared
+    VM's speed drifts within a minute); ``before(version)`` runs before each turn."""
     x = torch.randn(BATCH, 1, 28, 28).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (BATCH,))
-    steps_of = {}
-    for version, switch in (("rewritten", use_fast_convolutions), ("oneDNN's", use_stock_convolutions)):
-        torch.manual_seed(0)
-        model = create_model(name)
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True)
-        steps_of[version] = make_step(model, optimizer, precision=precision, label_smoothing=recipe.label_smoothing)
-        switch(model)  # whatever make_step chose on this CPU
     rates = {version: [] for version in steps_of}
     for _ in range(rounds):
         for version, step in steps_of.items():
+            before(version)
             with step.epoch():
                 rates[version].append(BATCH / _timed(lambda: step(x, y), steps))
+    return rates
+
+
+def small_map_rewrite_against_stock(name: str, steps: int, rounds: int = 8) -> None:
+    steps_of = {}
+    for version, switch in (("rewritten", use_fast_convolutions), ("oneDNN's", use_stock_convolutions)):
+        steps_of[version] = _preset_step(name)
+        switch(steps_of[version].model)  # whatever make_step chose on this CPU
+    rates = _interleaved(steps_of, steps, rounds)
     _print_interleaved("weight gradient of the 3x3 convolutions on the smallest maps", rates, rounds, steps)
 
 
@@ -141,24 +154,13 @@ def whitening_as_one_against_two(name: str, steps: int, rounds: int = 6) -> None
     def apart(layer, x):  # the layer as it was: two convolutions, their outputs concatenated
         return torch.cat([layer.whitening(x), layer.learned(x)], 1)
 
-    recipe = model_entry(name).recipe
-    precision = resolve_precision(recipe.precision, torch.device("cpu"))
-    x = torch.randn(BATCH, 1, 28, 28).contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, 10, (BATCH,))
-    steps_of = {}
-    for version in ("one convolution", "two, concatenated"):
-        torch.manual_seed(0)
-        model = create_model(name)
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True)
-        steps_of[version] = make_step(model, optimizer, precision=precision, label_smoothing=recipe.label_smoothing)
-    rates = {version: [] for version in steps_of}
     stacked = PatchWhitening.forward
+    steps_of = {version: _preset_step(name) for version in ("one convolution", "two, concatenated")}
+
+    def use(version):
+        PatchWhitening.forward = stacked if version == "one convolution" else apart
     try:
-        for _ in range(rounds):
-            for version, step in steps_of.items():
-                PatchWhitening.forward = stacked if version == "one convolution" else apart
-                with step.epoch():
-                    rates[version].append(BATCH / _timed(lambda: step(x, y), steps))
+        rates = _interleaved(steps_of, steps, rounds, before=use)
     finally:
         PatchWhitening.forward = stacked
     _print_interleaved("whitening layer", rates, rounds, steps)
