@@ -14,6 +14,14 @@ import torch
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
+# Under pytest-xdist (`make test` runs two workers), each worker and every process it starts
+# gets its share of the cores, as sweep workers do: two workers that each spun OpenMP threads
+# on every core would both crawl, and each training they start would warn about the other.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    from fmnist.core.runtime import share_cores
+
+    share_cores(int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+
 # Tests of the CUDA path: skipped where there is no GPU (CI has none); on a GPU machine
 # `pytest -m cuda` (benchmarks/gpu_check.sh) runs exactly these.
 NEEDS_CUDA = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(),

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -171,11 +176,23 @@ def test_empty_batches_and_a_missing_bias():
         torch.testing.assert_close(got, expected, atol=0, rtol=0)
 
 
+ROOT = Path(__file__).resolve().parents[1]
 X86_WITH_NUMBA = pytest.mark.skipif(not (kernels.available() and _numba.X86), reason="needs x86 and Numba")
 
 
+@pytest.mark.slow  # a new process
 @X86_WITH_NUMBA
 def test_denormals_are_flushed_on_every_thread_then_restored():
+    """In a fresh process with two threads: a pytest-xdist worker has one (its share of the
+    cores), and Numba's pool cannot grow past the count it started with."""
+    env = {**os.environ, "OMP_NUM_THREADS": "2", "NUMBA_NUM_THREADS": "2"}
+    check = f"from {__name__} import flushing_on_every_thread; flushing_on_every_thread()"
+    result = subprocess.run([sys.executable, "-c", check], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def flushing_on_every_thread():
+    assert torch.get_num_threads() == 2
     denormal = torch.full((2_000_000,), 1e-39)  # big enough for PyTorch to split it over all threads
 
     def flushed_fraction():
