@@ -1,5 +1,6 @@
 """Recipe trials for the `fast` preset, each over several seeds on the 10% validation split,
-against the preset as registered, with Welch's t-test (docs/results.md lists the outcomes).
+against the preset as registered, with the paired t-test over the seeds (docs/results.md lists the
+outcomes).
 
     python benchmarks/fast_trials.py base dirac bn-lr --seeds 0 1 2 3 4 5   # ~6 min a trial on 2 cores
     python benchmarks/fast_trials.py --list
@@ -79,7 +80,27 @@ def _one_cycle(**options):
     return scheduler
 
 
-# name: (recipe overrides, {"model": change(model), "optimizer": ..., "scheduler": ...}, what it is)
+def _shift_averaged(model):
+    """Test-time augmentation by shifts: the image's logits, twice, averaged with those of its four
+    one-pixel shifts (the CIFAR-10 speed runs' multi-crop evaluation, on a net trained without
+    shifts)."""
+    import torch
+    import torch.nn.functional as F
+
+    class ShiftAveraged(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, x):
+            padded = F.pad(x, (1, 1, 1, 1))
+            shifted = [padded[:, :, 1 + dy:29 + dy, 1 + dx:29 + dx] for dx, dy in ((1, 0), (-1, 0), (0, 1), (0, -1))]
+            return (2 * self.model(x) + sum(self.model(image) for image in shifted) / 2) / 4
+    return ShiftAveraged()
+
+
+# name: (recipe overrides, {"model": change(model), "optimizer": ..., "scheduler": ...,
+#        "evaluated": wrap(model)}, what it is)
 TRIALS = {
     "base": ({}, {}, "the preset as registered"),
     "flip": ({"hflip": True, "tta_flip": True}, {}, "random flips, and the mirror image averaged at test time"),
@@ -96,6 +117,9 @@ TRIALS = {
                      "pool before the first convolution of group 3 only, 5 epochs"),
     "smoothing-0.2": ({"label_smoothing": 0.2}, {}, "label smoothing 0.2 (airbench's) instead of 0.1"),
     "bn-momentum": ({}, {"model": _bn_momentum(0.4)}, "batch norm's running statistics at momentum 0.4 instead of 0.1"),
+    "crop-1": ({"crop_padding": 1}, {}, "random shifts of up to one pixel"),
+    "shift-tta": ({}, {"evaluated": _shift_averaged}, "the preset's training; evaluated on each image and its "
+                  "four one-pixel shifts"),
 }
 
 
@@ -120,6 +144,13 @@ def run_one(trial: str, seed: int) -> dict:
         training_run.make_optimizer = changes["optimizer"]
     if "scheduler" in changes:
         training_run.make_scheduler = changes["scheduler"]
+    if "evaluated" in changes:
+        set_up = training_run.Run._set_up_training
+
+        def set_up_with_test_time_change(run, *args, **kwargs):
+            set_up(run, *args, **kwargs)
+            run.evaluated = changes["evaluated"](run.evaluated)
+        training_run.Run._set_up_training = set_up_with_test_time_change
     import tempfile
 
     with tempfile.TemporaryDirectory() as folder:
@@ -162,7 +193,7 @@ def main() -> None:
     def launch(job):
         done = subprocess.run([sys.executable, __file__, "--one", job[0], str(job[1])], env=environment,
                               capture_output=True, text=True)
-        if done.returncode:
+        if done.returncode or not done.stdout.strip():
             raise SystemExit(f"{job[0]} seed {job[1]} failed:\n{done.stderr[-2000:]}")
         line = done.stdout.strip().splitlines()[-1]
         with results.open("a") as file:
@@ -179,23 +210,30 @@ def _read(path: Path) -> list[dict]:
 
 
 def _summarise(rows: list[dict], seeds: list[int]) -> None:
-    from fmnist.evaluation.stats import spread, welch
+    """One table row a trial: its validation accuracies, their mean, and the difference from base
+    by the paired t-test over the seeds both ran (a seed fixes the validation split, the initial
+    weights and the batches' order for both, so pairing removes most of the spread), with
+    Welch's p beside it for the unpaired view."""
+    from fmnist.evaluation.stats import paired, spread, welch
 
     by_trial: dict[str, dict[int, float]] = {}
     for row in rows:
         if row["seed"] in seeds:
             by_trial.setdefault(row["trial"], {})[row["seed"]] = 100 * row["val_accuracy"]
-    base = [by_trial["base"][s] for s in sorted(by_trial.get("base", {}))]
-    print("\n| trial | validation, seeds " + "/".join(map(str, seeds)) + " | mean | vs base (95% CI) | p |")
-    print("|---|---|---|---|---|")
+    base = by_trial.get("base", {})
+    print("\n| trial | validation, seeds " + "/".join(map(str, seeds)) + " | mean | vs base, paired (95% CI) | p | "
+          "Welch's p |")
+    print("|---|---|---|---|---|---|")
     for trial, values in by_trial.items():
         accuracies = [values[s] for s in sorted(values)]
         mean = spread(accuracies)["mean"]
-        test = welch(base, accuracies) if trial != "base" else None
-        versus = (f"{test['difference']:+.2f} ({test['ci_low']:+.2f} to {test['ci_high']:+.2f})"
-                  if test and test.get("p_value") is not None else "")
-        p = f"{test['p_value']:.2f}" if test and test.get("p_value") is not None else ""
-        print(f"| {trial} | {' / '.join(f'{a:.2f}' for a in accuracies)} | {mean:.2f}% | {versus} | {p} |")
+        pair = paired(base, values) if trial != "base" else {}
+        unpaired = welch(list(base.values()), accuracies) if trial != "base" else {}
+        versus = (f"{pair['difference']:+.2f} ({pair['ci_low']:+.2f} to {pair['ci_high']:+.2f})"
+                  if pair.get("p_value") is not None else "")
+        p = f"{pair['p_value']:.2f}" if pair.get("p_value") is not None else ""
+        p_welch = f"{unpaired['p_value']:.2f}" if unpaired.get("p_value") is not None else ""
+        print(f"| {trial} | {' / '.join(f'{a:.2f}' for a in accuracies)} | {mean:.2f}% | {versus} | {p} | {p_welch} |")
 
 
 if __name__ == "__main__":

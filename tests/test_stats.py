@@ -13,7 +13,7 @@ from scipy import stats as scipy_stats
 from fmnist.cli import main
 from fmnist.data.dataset import DataSource, FashionMNIST
 from fmnist.evaluation.metrics import metrics_on_test_set
-from fmnist.evaluation.stats import spread, welch
+from fmnist.evaluation.stats import paired, spread, welch
 from fmnist.training.seeds import format_seeds, summarise
 
 FAST = [0.9411, 0.9425, 0.9380, 0.9355, 0.9420]
@@ -37,6 +37,25 @@ def test_welch_is_scipys_unequal_variance_t_test():
     same = welch(FAST, [a + 1e-5 for a in FAST])
     assert not same["significant"] and same["ci_low"] < 0 < same["ci_high"]
     assert welch([0.9], BEST)["p_value"] is None  # one run on a side: nothing to test
+    constant = welch([0.99] * 5, [0.99] * 3)  # the means differ by rounding only
+    assert constant["difference"] == 0.0 and constant["p_value"] == 1.0 and not constant["significant"]
+
+
+def test_the_paired_test_is_scipys_over_the_seeds_both_sides_have():
+    base = dict(enumerate(FAST))
+    changed = {seed: value + 0.001 * (1 + seed % 2) for seed, value in base.items()}
+    changed[9] = 0.5  # a seed only one side has is not a pair
+    result = paired(base, changed)
+    expected = scipy_stats.ttest_rel([changed[s] for s in base], FAST)
+    assert result["t"] == pytest.approx(expected.statistic) and result["p_value"] == pytest.approx(expected.pvalue)
+    assert result["n"] == 5 and result["df"] == 4 and result["significant"]
+    assert result["ci_low"] < result["difference"] < result["ci_high"] and result["difference"] == pytest.approx(0.0014)
+    assert not welch(FAST, [changed[s] for s in base])["significant"]  # what pairing buys: the seeds' spread is gone
+    assert paired(base, {0: 0.95})["p_value"] is None  # one pair: nothing to test
+    shifted = paired(base, {seed: value + 0.002 for seed, value in base.items()})
+    assert shifted["p_value"] == 0.0 and shifted["difference"] == pytest.approx(0.002)
+    constant = paired({0: 0.99, 1: 0.97, 2: 0.93}, {0: 0.99, 1: 0.97, 2: 0.93})
+    assert constant["difference"] == 0.0 and constant["p_value"] == 1.0 and not constant["significant"]
 
 
 def test_compare_reads_two_seed_folders_and_says_whether_the_difference_is_real(tmp_path, capsys):
@@ -48,11 +67,25 @@ def test_compare_reads_two_seed_folders_and_says_whether_the_difference_is_real(
     assert main(["compare", str(tmp_path / "fast"), str(tmp_path / "best")]) == 0
     out = capsys.readouterr().out
     assert "accuracy" in out and "significant, Welch's t-test" in out and "+1." in out
+    assert "paired t-test over the 3 seeds both ran" in out  # seeds 0-2 are on both sides
     assert main(["compare", str(tmp_path / "fast"), str(tmp_path / "best"), "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["tests"]["accuracy"]["significant"] is True
+    pairs = scipy_stats.ttest_rel(BEST, FAST[:3])
+    assert result["paired"]["accuracy"]["p_value"] == pytest.approx(pairs.pvalue)
+    assert result["paired"]["seconds"]["difference"] == 0.0
     assert main(["compare", str(tmp_path / "fast"), str(tmp_path / "nothing")]) == 2
     assert "no summary.json" in capsys.readouterr().err
+
+
+def test_runs_that_do_not_name_their_seed_are_not_paired(tmp_path, capsys):
+    for name, accuracies in (("a", FAST), ("b", BEST)):
+        rows = [{"accuracy": a} for a in accuracies]
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "summary.json").write_text(json.dumps({"model": name, "runs": rows}))
+    assert main(["compare", str(tmp_path / "a"), str(tmp_path / "b")]) == 0
+    out = capsys.readouterr().out
+    assert "Welch's t-test" in out and "paired" not in out
 
 
 def test_a_seed_summary_holds_each_mean_with_its_interval():

@@ -72,7 +72,7 @@ EXAMPLES = {
     "compare": """examples:
   fmnist train --model fast --seeds 0,1,2,3,4 --out runs/fast
   fmnist train --model fast --seeds 0,1,2,3,4 --lr 0.3 --out runs/fast-lr03
-  fmnist compare runs/fast runs/fast-lr03          # difference, 95% CI, Welch's t-test
+  fmnist compare runs/fast runs/fast-lr03          # difference, 95% CI, Welch's and the paired t-test
   fmnist compare runs/notebook-20261127-120000 runs/fast-20261127-130000 --out compare/
                                                    # run folders: curves, settings, per-class accuracy""",
     "runs": """examples:

@@ -4,7 +4,9 @@
 
 Each side is a folder holding summary.json (``fmnist train --seeds``) or that file itself.
 For each measure both have, the difference of the means (second minus first), its 95%
-confidence interval and Welch's t-test; "significant" means p < 0.05.
+confidence interval and Welch's t-test; "significant" means p < 0.05. Where the two share at
+least two seeds, the paired t-test over those seeds too: runs with the same seed share their
+initial weights, batch order and validation split, so pairing removes that part of the spread.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from pathlib import Path
 
 from ..core import runs
 from ..core.errors import UserError
-from .stats import welch
+from .stats import paired, welch
 
 MEASURES = ("accuracy", "deduplicated_accuracy", "top2_accuracy", "test_ece", "seconds")
 
@@ -31,17 +33,28 @@ def read_summary(path: str | os.PathLike) -> tuple[Path, dict]:
 
 
 def compare_summaries(first: str | os.PathLike, second: str | os.PathLike) -> dict:
-    """The two summaries and, per measure, Welch's test of second minus first."""
+    """The two summaries and, per measure, Welch's test of second minus first (``tests``) and,
+    where they share at least two seeds, the paired test over those (``paired``)."""
     (file_a, a), (file_b, b) = read_summary(first), read_summary(second)
-    tests = {}
+    tests, paired_tests = {}, {}
     for measure in MEASURES:
         values_a = [r[measure] for r in a["runs"] if r.get(measure) is not None]
         values_b = [r[measure] for r in b["runs"] if r.get(measure) is not None]
         if values_a and values_b:
             tests[measure] = welch(values_a, values_b)
+        by_seed_a, by_seed_b = _by_seed(a, measure), _by_seed(b, measure)
+        if len(by_seed_a.keys() & by_seed_b.keys()) >= 2:
+            paired_tests[measure] = paired(by_seed_a, by_seed_b)
     return {"first": {"summary": str(file_a), "model": a.get("model"), "seeds": a.get("seeds")},
             "second": {"summary": str(file_b), "model": b.get("model"), "seeds": b.get("seeds")},
-            "tests": tests, "data_release": sorted({a.get("data_release"), b.get("data_release")} - {None})}
+            "tests": tests, "paired": paired_tests,
+            "data_release": sorted({a.get("data_release"), b.get("data_release")} - {None})}
+
+
+def _by_seed(summary: dict, measure: str) -> dict:
+    """{seed: value} of the runs that name their seed and have the measure."""
+    return {run["seed"]: run[measure] for run in summary["runs"]
+            if isinstance(run.get("seed"), int) and run.get(measure) is not None}
 
 
 def format_comparison(result: dict) -> str:
@@ -49,14 +62,22 @@ def format_comparison(result: dict) -> str:
     lines = [f"second minus first: {second['summary']} ({second['model']}, seeds {second['seeds']}) "
              f"- {first['summary']} ({first['model']}, seeds {first['seeds']})"]
     for measure, test in result["tests"].items():
-        scale, unit = (100, " points") if measure != "seconds" else (1, " s")
-        difference = f"{scale * test['difference']:+.3f}{unit}"
-        if test.get("p_value") is None:
-            lines.append(f"  {measure:<22} {difference}  ({test.get('note', 'no test')})")
-            continue
-        verdict = "significant" if test["significant"] else "not significant"
-        lines.append(f"  {measure:<22} {difference}  95% CI {scale * test['ci_low']:+.3f} to "
-                     f"{scale * test['ci_high']:+.3f}  p = {test['p_value']:.3g}  ({verdict}, Welch's t-test)")
+        lines.append(_test_line(measure, test, "Welch's t-test"))
+        if measure in result.get("paired", {}):
+            pair = result["paired"][measure]
+            lines.append(_test_line(measure, pair, f"paired t-test over the {pair['n']} seeds both ran", label=""))
     if len(result["data_release"]) > 1:
         lines.append(f"warning: the two were measured on different data ({', '.join(result['data_release'])})")
     return "\n".join(lines)
+
+
+def _test_line(measure: str, test: dict, name: str, label: str | None = None) -> str:
+    """One line: the measure (or ``label``), the difference, its interval, p and the verdict."""
+    scale, unit = (1, " s") if measure == "seconds" else (100, " points")
+    difference = f"{scale * test['difference']:+.3f}{unit}"
+    label = measure if label is None else label
+    if test.get("p_value") is None:
+        return f"  {label:<22} {difference}  ({test.get('note', 'no test')})"
+    verdict = "significant" if test["significant"] else "not significant"
+    return (f"  {label:<22} {difference}  95% CI {scale * test['ci_low']:+.3f} to "
+            f"{scale * test['ci_high']:+.3f}  p = {test['p_value']:.3g}  ({verdict}, {name})")
