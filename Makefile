@@ -29,7 +29,7 @@ test: install    ## the import layers, then the whole suite (needs the data: FMN
 
 test-fast: install  ## the import layers and the quick tier: no data, no training, no new process (under 30 s)
 	$(BIN)/lint-imports
-	$(BIN)/pytest -q -m "not slow" $(ARGS)
+	$(BIN)/pytest -q -n $(WORKERS) -m "not slow" $(ARGS)
 
 bench: install   ## speed benchmark: fmnist against the textbook loop and the machine's GEMM rate
 	$(BIN)/fmnist bench $(ARGS)
