@@ -3,8 +3,9 @@ VENV   ?= .venv
 PYTHON ?= python3
 BIN    := $(VENV)/bin
 ARGS   ?=
-# make test's pytest-xdist workers: one a core (WORKERS=0 runs the suite in this one process)
-WORKERS ?= $(shell nproc 2>/dev/null || echo 1)
+# make test's pytest-xdist workers: one a core, at most 4 (each builds its own trained-run
+# fixtures, and a container's CPU quota can be below nproc); WORKERS=0: one process
+WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); echo $$(( n < 4 ? n : 4 )))
 
 .PHONY: help install train test test-fast bench clean
 .DEFAULT_GOAL := help
@@ -25,7 +26,7 @@ train: install   ## the original notebook's experiment: its CNN, 10 epochs, batc
 
 test: install    ## the import layers, then the whole suite (needs the data: FMNIST_DATA, the cache, or a download)
 	$(BIN)/lint-imports
-	$(BIN)/pytest -q -n $(WORKERS) --dist loadfile $(ARGS)  # each test file on one worker
+	$(BIN)/pytest -q -n $(WORKERS) --dist loadfile $(ARGS)
 
 test-fast: install  ## the import layers and the quick tier: no data, no training, no new process (under 30 s)
 	$(BIN)/lint-imports

@@ -15,6 +15,8 @@ from fmnist.speed import _numba, kernels
 from fmnist.speed.denormals import denormals_flushed
 from fmnist.models.registry import create_model
 
+ROOT = Path(__file__).resolve().parents[1]
+
 pytestmark = pytest.mark.skipif(not kernels.available(), reason="numba not installed")
 
 
@@ -100,21 +102,37 @@ def test_routed_block_matches_stock_layers_exactly(batch, size):
     assert ours_grads[1].stride() == weight.stride()
 
 
+@pytest.mark.slow  # a new process
 def test_routed_gradients_do_not_depend_on_the_thread_count():
-    numba = pytest.importorskip("numba")
+    _with_two_threads("routed_gradients_on_one_and_two_threads")
+
+
+def routed_gradients_on_one_and_two_threads():
+    import numba
+
+    assert numba.get_num_threads() == 2
     x, weight, bias = _conv2_inputs(9)
     x = (x.detach() + torch.rand(x.shape)).requires_grad_()  # real-valued: summation order shows
     grads = []
-    threads = numba.get_num_threads()
-    for count in (1, threads):
+    for count in (1, 2):
         numba.set_num_threads(count)
         try:
             out = kernels.conv_pool_relu_routed(x, weight, bias)
             grads.append(torch.autograd.grad(out.sum(), (x, weight, bias)))
         finally:
-            numba.set_num_threads(threads)
+            numba.set_num_threads(2)
     for one, many in zip(*grads):
         torch.testing.assert_close(one, many, atol=1e-3, rtol=1e-5)
+
+
+def _with_two_threads(check: str) -> None:
+    """Run this module's function ``check`` in a fresh process with two threads: a pytest-xdist
+    worker has one (its share of the cores), and Numba's pool cannot grow past the count it
+    started with."""
+    env = {**os.environ, "OMP_NUM_THREADS": "2", "NUMBA_NUM_THREADS": "2"}
+    code = f"from {__name__} import {check}; {check}()"
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
 
 
 def test_under_bf16_autocast_only_the_convolution_is_bf16():
@@ -176,19 +194,13 @@ def test_empty_batches_and_a_missing_bias():
         torch.testing.assert_close(got, expected, atol=0, rtol=0)
 
 
-ROOT = Path(__file__).resolve().parents[1]
 X86_WITH_NUMBA = pytest.mark.skipif(not (kernels.available() and _numba.X86), reason="needs x86 and Numba")
 
 
 @pytest.mark.slow  # a new process
 @X86_WITH_NUMBA
 def test_denormals_are_flushed_on_every_thread_then_restored():
-    """In a fresh process with two threads: a pytest-xdist worker has one (its share of the
-    cores), and Numba's pool cannot grow past the count it started with."""
-    env = {**os.environ, "OMP_NUM_THREADS": "2", "NUMBA_NUM_THREADS": "2"}
-    check = f"from {__name__} import flushing_on_every_thread; flushing_on_every_thread()"
-    result = subprocess.run([sys.executable, "-c", check], cwd=ROOT, env=env, capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr[-3000:]
+    _with_two_threads("flushing_on_every_thread")
 
 
 def flushing_on_every_thread():

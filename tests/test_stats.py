@@ -52,10 +52,10 @@ def test_the_paired_test_is_scipys_over_the_seeds_both_sides_have():
     assert result["ci_low"] < result["difference"] < result["ci_high"] and result["difference"] == pytest.approx(0.0014)
     assert not welch(FAST, [changed[s] for s in base])["significant"]  # what pairing buys: the seeds' spread is gone
     assert paired(base, {0: 0.95})["p_value"] is None  # one pair: nothing to test
-    shifted = paired(base, {seed: value + 0.002 for seed, value in base.items()})
-    assert shifted["p_value"] == 0.0 and shifted["difference"] == pytest.approx(0.002)
+    shifted = paired(base, {seed: value + 0.002 for seed, value in base.items()})  # no spread: no test
+    assert shifted["p_value"] is None and shifted["difference"] == pytest.approx(0.002) and "same amount" in shifted["note"]
     constant = paired({0: 0.99, 1: 0.97, 2: 0.93}, {0: 0.99, 1: 0.97, 2: 0.93})
-    assert constant["difference"] == 0.0 and constant["p_value"] == 1.0 and not constant["significant"]
+    assert constant["difference"] == 0.0 and constant["p_value"] is None
 
 
 def test_compare_reads_two_seed_folders_and_says_whether_the_difference_is_real(tmp_path, capsys):
@@ -76,6 +76,26 @@ def test_compare_reads_two_seed_folders_and_says_whether_the_difference_is_real(
     assert result["paired"]["seconds"]["difference"] == 0.0
     assert main(["compare", str(tmp_path / "fast"), str(tmp_path / "nothing")]) == 2
     assert "no summary.json" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("runs, message", [
+    ([1, 2], "run 0 is not a record"),
+    ([{"seed": 0, "accuracy": float("nan")}], "accuracy nan, not a finite number"),
+    ([{"seed": 0, "accuracy": float("inf")}], "accuracy inf, not a finite number"),
+    ([{"seed": 0, "accuracy": "0.9"}], "accuracy '0.9', not a finite number"),
+    ([{"seed": 0, "accuracy": True}], "accuracy True, not a finite number"),
+    ([{"seed": 0, "accuracy": 10 ** 400}], "not a finite number"),
+    ([{"seed": 0, "accuracy": 0.9}, {"seed": 0, "accuracy": 0.8}], "seed 0 appears in two runs"),
+])
+def test_a_summary_compare_cannot_use_is_one_error_line(tmp_path, capsys, runs, message):
+    good, bad = tmp_path / "good", tmp_path / "bad"
+    good.mkdir(), bad.mkdir()
+    (good / "summary.json").write_text(json.dumps({"runs": [{"seed": s, "accuracy": a} for s, a in enumerate(FAST)]}))
+    (bad / "summary.json").write_text(json.dumps({"runs": runs}))
+    for order in ((good, bad), (bad, good)):
+        assert main(["compare", *map(str, order)]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
 
 
 def test_runs_that_do_not_name_their_seed_are_not_paired(tmp_path, capsys):

@@ -29,7 +29,42 @@ def read_summary(path: str | os.PathLike) -> tuple[Path, dict]:
     summary = runs.read_json(file)
     if not isinstance(summary, dict) or not isinstance(summary.get("runs"), list) or not summary["runs"]:
         raise UserError(f"not a summary of seeds: {file}")
+    _check_runs(file, summary)
     return file, summary
+
+
+def _check_runs(file: Path, summary: dict) -> None:
+    """One error line for what the tests below cannot use: a run that is not a record, a measure
+    that is not a finite number, a seed named twice, a data release that is not text."""
+    seeds = set()
+    for place, run in enumerate(summary["runs"]):
+        if not isinstance(run, dict):
+            raise UserError(f"{file}: run {place} is not a record of a run")
+        for measure in MEASURES:
+            value = run.get(measure)
+            if value is not None and not _finite_number(value):
+                raise UserError(f"{file}: run {place} has {measure} {value!r:.40}, not a finite number")
+        seed = run.get("seed")
+        if _is_seed(seed) and seed in seeds:
+            raise UserError(f"{file}: seed {seed} appears in two runs")
+        seeds.add(seed)
+    if not isinstance(summary.get("data_release", ""), (str, type(None))):
+        raise UserError(f"{file}: data_release is {summary['data_release']!r}, not text")
+
+
+def _finite_number(value) -> bool:
+    import math
+
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an integer too large for a float
+        return False
+
+
+def _is_seed(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def compare_summaries(first: str | os.PathLike, second: str | os.PathLike) -> dict:
@@ -54,7 +89,7 @@ def compare_summaries(first: str | os.PathLike, second: str | os.PathLike) -> di
 def _by_seed(summary: dict, measure: str) -> dict:
     """{seed: value} of the runs that name their seed and have the measure."""
     return {run["seed"]: run[measure] for run in summary["runs"]
-            if isinstance(run.get("seed"), int) and run.get(measure) is not None}
+            if _is_seed(run.get("seed")) and run.get(measure) is not None}
 
 
 def format_comparison(result: dict) -> str:

@@ -44,7 +44,7 @@ def welch(a: list[float], b: list[float], confidence: float = CONFIDENCE) -> dic
     if va + vb == 0:  # identical runs on both sides: no spread to test against
         difference = _rounding_is_zero(difference, a + b)
         return {"difference": difference, "p_value": 0.0 if difference else 1.0, "significant": difference != 0,
-                "ci_low": difference, "ci_high": difference, "t": math.inf if difference else 0.0, "df": None,
+                "ci_low": difference, "ci_high": difference, "t": None, "df": None,
                 "confidence": confidence}
     df = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))
     t = difference / math.sqrt(va + vb)
@@ -66,11 +66,10 @@ def paired(a: dict, b: dict, confidence: float = CONFIDENCE) -> dict:
                 "significant": None, "n": len(differences), "note": "needs at least two seeds on both sides"}
     summary = spread(differences, confidence)
     difference, std, n = summary["mean"], summary["std"], len(differences)
-    if std == 0:  # every seed moved by the same amount
-        difference = _rounding_is_zero(difference, [*a.values(), *b.values()])
-        return {"difference": difference, "ci_low": difference, "ci_high": difference, "n": n,
-                "t": math.inf if difference else 0.0, "df": n - 1, "p_value": 0.0 if difference else 1.0,
-                "significant": difference != 0, "confidence": confidence}
+    if std == 0:  # every seed moved by the same amount (a few seeds, accuracy in steps of one image)
+        return {"difference": _rounding_is_zero(difference, [*a.values(), *b.values()]), "p_value": None,
+                "significant": None, "n": n,
+                "note": f"every one of the {n} seeds moved by the same amount: no spread to test against"}
     t = difference / (std / math.sqrt(n))
     p = 2 * stats.t.sf(abs(t), n - 1)
     return {"difference": difference, "ci_low": summary["ci_low"], "ci_high": summary["ci_high"], "n": n,
