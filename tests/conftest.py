@@ -14,7 +14,7 @@ import torch
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
-# Under pytest-xdist (`make test` runs two workers), each worker and every process it starts
+# Under pytest-xdist (`make test` runs one worker a core), each worker and every process it starts
 # gets its share of the cores, as sweep workers do: two workers that each spun OpenMP threads
 # on every core would both crawl, and each training they start would warn about the other.
 if os.environ.get("PYTEST_XDIST_WORKER"):

@@ -11,6 +11,7 @@ initial weights, batch order and validation split, so pairing removes that part 
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -45,16 +46,15 @@ def _check_runs(file: Path, summary: dict) -> None:
             if value is not None and not _finite_number(value):
                 raise UserError(f"{file}: run {place} has {measure} {value!r:.40}, not a finite number")
         seed = run.get("seed")
-        if _is_seed(seed) and seed in seeds:
-            raise UserError(f"{file}: seed {seed} appears in two runs")
-        seeds.add(seed)
+        if _is_seed(seed):
+            if seed in seeds:
+                raise UserError(f"{file}: seed {seed} appears in two runs")
+            seeds.add(seed)
     if not isinstance(summary.get("data_release", ""), (str, type(None))):
         raise UserError(f"{file}: data_release is {summary['data_release']!r}, not text")
 
 
 def _finite_number(value) -> bool:
-    import math
-
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return False
     try:
