@@ -118,6 +118,8 @@ TRIALS = {
     "smoothing-0.2": ({"label_smoothing": 0.2}, {}, "label smoothing 0.2 (airbench's) instead of 0.1"),
     "bn-momentum": ({}, {"model": _bn_momentum(0.4)}, "batch norm's running statistics at momentum 0.4 instead of 0.1"),
     "crop-1": ({"crop_padding": 1}, {}, "random shifts of up to one pixel"),
+    "ema-0.99": ({"ema_decay": 0.99}, {}, "evaluated with an exponential moving average of the weights, decay 0.99"),
+    "ema-0.995": ({"ema_decay": 0.995}, {}, "evaluated with an exponential moving average of the weights, decay 0.995"),
     "shift-tta": ({}, {"evaluated": _shift_averaged}, "the preset's training; evaluated on each image and its "
                   "four one-pixel shifts"),
 }
