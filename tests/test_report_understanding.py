@@ -8,6 +8,8 @@ import base64
 import io
 import math
 import re
+from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -74,3 +76,61 @@ def test_the_report_says_when_the_temperature_made_the_test_ece_worse():
     base = {"temperature": 1.2, "fitted_on": "validation split (600 images)"}
     assert "worse" in _calibration_note({**base, "test_ece_before": 0.010, "test_ece_after": 0.014})
     assert "worse" not in _calibration_note({**base, "test_ece_before": 0.014, "test_ece_after": 0.010})
+
+
+def _clustered_features(count: int = 200, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(0, 5, (10, 64))
+    return (centres[rng.integers(0, 10, count)] + rng.normal(0, 1, (count, 64))).astype(np.float32)
+
+
+def test_the_background_projection_gives_the_points_t_sne_gives_here():
+    from fmnist.evaluation import embedding
+
+    features = _clustered_features()
+    with embedding.Projection(features, seed=3) as projection:
+        points, seconds = projection.result()
+    assert np.array_equal(points, embedding.project(features, seed=3))
+    assert points.shape == (200, 2) and seconds > 0
+
+
+def test_a_failed_background_projection_is_redone_here_with_a_warning(monkeypatch):
+    from fmnist.evaluation import embedding
+
+    features = _clustered_features()
+    monkeypatch.setattr(embedding.sys, "executable", "/nonexistent/python")  # the child cannot start
+    with pytest.warns(RuntimeWarning, match="projecting here instead"):
+        points, _ = embedding.Projection(features).result()
+    assert np.array_equal(points, embedding.project(features))
+    monkeypatch.setattr(embedding.sys, "executable", "false")  # the child starts and fails
+    with pytest.warns(RuntimeWarning, match="exit status 1"):
+        assert np.array_equal(embedding.Projection(features).result()[0], points)
+
+
+def test_a_report_that_fails_midway_leaves_no_t_sne_running(monkeypatch, tmp_path):
+    import torch
+
+    from fmnist.evaluation import embedding, report
+
+    started = []
+
+    class Recorded(embedding.Projection):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            started.append(self)
+
+    def broken(*args):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(embedding, "Projection", Recorded)
+    monkeypatch.setattr(report.draw, "confusion_matrix", broken)  # fails while t-SNE has just started
+    monkeypatch.setattr(report.runs, "read_config", lambda run_dir: {"train": {"model": "?"}})
+    monkeypatch.setattr(report.runs, "read_history", lambda run_dir: [])
+    data = SimpleNamespace(test_images=torch.zeros(50, 28, 28, dtype=torch.uint8), test_labels=torch.arange(50) % 10,
+                           train_labels=torch.zeros(100))
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 10))
+    with pytest.raises(OSError, match="disk full"):
+        report.build_report(tmp_path, data, torch.zeros(50, 10),
+                            {"confusion_matrix": np.eye(10, dtype=int).tolist()}, model)
+    assert len(started) == 1 and started[0]._process.returncode < 0  # killed, not left running
+    assert not Path(started[0]._folder.name).exists()

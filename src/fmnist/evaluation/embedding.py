@@ -4,6 +4,7 @@ projected to 2-D with t-SNE, drawn as an inline SVG map whose points show their 
     sample_indices(labels, count, seed)        a seeded subsample of the test set
     penultimate_features(model, images)        the input of the model's last linear layer
     project(features, seed)                    scikit-learn's t-SNE, 2-D
+    Projection(features, seed)                 the same, in a process of its own meanwhile
     embedding_html(points, labels, predictions, images)   the report's interactive map
     figure(points, labels, predictions)        the same map as a matplotlib Figure
 """
@@ -13,6 +14,13 @@ from __future__ import annotations
 import base64
 import html
 import io
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
 
 import numpy as np
 
@@ -80,6 +88,69 @@ def project(features: np.ndarray, seed: int = 0) -> np.ndarray:
         perplexity = min(10.0, max(2.0, (len(features) - 1) / 3))
         return TSNE(2, perplexity=perplexity, init="pca", random_state=seed, max_iter=300, angle=0.8,
                     n_jobs=1).fit_transform(features).astype(np.float32)
+
+
+class Projection:
+    """``project(features, seed)`` started in a Python process of its own, so that the caller
+    draws the rest of a report meanwhile; ``result()`` waits for the points. The child runs on
+    one thread with the same code, so its points are the ones ``project`` gives here. It is a
+    plain subprocess rather than multiprocessing: spawning would re-run a user's unguarded
+    script. Should the child fail, ``result()`` projects in this process instead."""
+
+    def __init__(self, features: np.ndarray, seed: int = 0):
+        self.features, self.seed = np.asarray(features, dtype=np.float32), seed
+        self._folder = tempfile.TemporaryDirectory(prefix="fmnist-tsne-")
+        folder = Path(self._folder.name)
+        np.save(folder / "features.npy", self.features)
+        self._output, self._log = folder / "points.npz", folder / "stderr.txt"
+        package_parent = str(Path(__file__).resolve().parents[2])  # where `import fmnist` finds this copy
+        env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(
+            [package_parent] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])}
+        try:
+            with self._log.open("wb") as log:
+                self._process = subprocess.Popen(
+                    [sys.executable, "-c", "import sys; from fmnist.evaluation.embedding import _project_files; "
+                     "_project_files(*sys.argv[1:])", str(folder / "features.npy"), str(self._output), str(seed)],
+                    env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log)
+        except OSError as error:  # no interpreter to start (an embedded Python): project here later
+            self._process, self._failure = None, str(error)
+
+    def result(self) -> tuple[np.ndarray, float]:
+        """The 2-D points and the seconds t-SNE took."""
+        try:
+            if self._process is not None:
+                if self._process.wait() == 0:
+                    with np.load(self._output) as saved:
+                        return saved["points"], float(saved["seconds"])
+                lines = self._log.read_text(errors="replace").strip().splitlines()
+                self._failure = lines[-1] if lines else f"exit status {self._process.returncode}"
+        finally:
+            self.close()
+        warnings.warn(f"t-SNE in a process of its own failed ({self._failure}); projecting here instead",
+                      RuntimeWarning, stacklevel=2)
+        started = time.perf_counter()
+        return project(self.features, self.seed), time.perf_counter() - started
+
+    def close(self) -> None:
+        """Stop the child if it still runs (the caller failed first) and delete its files."""
+        if self._process is not None and self._process.poll() is None:
+            self._process.kill()
+            self._process.wait()
+        self._folder.cleanup()
+
+    def __enter__(self) -> Projection:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _project_files(features_path: str, output_path: str, seed: str) -> None:
+    """The child's side of Projection: features .npy in, points and seconds .npz out."""
+    started = time.perf_counter()
+    points = project(np.load(features_path), int(seed))
+    with open(output_path, "wb") as output:
+        np.savez(output, points=points, seconds=time.perf_counter() - started)
 
 
 def _thumbnail(image: np.ndarray) -> str:

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import html
 import os
 from pathlib import Path
@@ -152,11 +153,11 @@ def _layers_table(config: dict) -> str | None:
     return _table(rows, list(table.HEADER))
 
 
-def _understanding(model, data: FashionMNIST, probs, drawn: dict, extra: dict) -> None:
-    """The evidence maps of the top losses and the embedding map (both need the model; a
-    module setting of 0, EXPLAINED or embedding.MAP_IMAGES, leaves its part out)."""
+def _explanations(model, data: FashionMNIST, probs, drawn: dict) -> None:
+    """Evidence maps of the top losses, for the answer and for the truth (EXPLAINED of them; 0
+    leaves them out)."""
     from ..data.dataset import to_float
-    from . import embedding, explain
+    from . import explain
 
     images, labels = data.test_images.numpy(), data.test_labels.numpy()
     worst = draw.top_losses(labels, probs, EXPLAINED)
@@ -170,21 +171,25 @@ def _understanding(model, data: FashionMNIST, probs, drawn: dict, extra: dict) -
             images[worst], for_answer, for_truth, [f"{draw.SHORT_NAMES[a]} {probs[i, a]:.0%}"
                                                    for i, a in zip(worst, answers)],
             [f"true: {draw.SHORT_NAMES[t]} {probs[i, t]:.1%}" for i, t in zip(worst, truths)])
-    if embedding.MAP_IMAGES > 0:
-        _embedding_map(model, data, probs, drawn, extra)
 
 
-def _embedding_map(model, data: FashionMNIST, probs, drawn: dict, extra: dict) -> None:
-    import time
-
+def _start_embedding_map(model, data: FashionMNIST):
+    """The sampled test images and their features' t-SNE, started in the background (None when
+    embedding.MAP_IMAGES is 0): t-SNE is the report's longest part, so the rest is drawn meanwhile."""
     from ..data.dataset import to_float
     from . import embedding
 
+    if embedding.MAP_IMAGES <= 0:
+        return None
+    picked = embedding.sample_indices(data.test_labels.numpy())
+    return picked, embedding.Projection(embedding.penultimate_features(model, to_float(data.test_images[picked])))
+
+
+def _embedding_map(picked, projection, data: FashionMNIST, probs, drawn: dict, extra: dict) -> None:
+    from . import embedding
+
     images, labels = data.test_images.numpy(), data.test_labels.numpy()
-    picked = embedding.sample_indices(labels)
-    started = time.perf_counter()
-    points = embedding.project(embedding.penultimate_features(model, to_float(data.test_images[picked])))
-    seconds = time.perf_counter() - started
+    points, seconds = projection.result()
     predictions = probs[picked].argmax(axis=1)
     drawn["embedding"] = embedding.figure(points, labels[picked], predictions)
     extra["embedding"] = embedding.embedding_html(points, labels[picked], predictions, images[picked], picked)
@@ -192,6 +197,14 @@ def _embedding_map(model, data: FashionMNIST, probs, drawn: dict, extra: dict) -
         f"What the model's last layer receives for {len(picked):,} test images (a seeded sample), projected to "
         f"2-D with t-SNE ({seconds:.1f} s here): colour is the true class, a black ring marks a wrong answer. "
         f"Point at a dot to see its image. Near means similar to the model; distances between islands mean little.")
+
+
+def _save(drawn: dict, figures: dict[str, Path], run_dir: Path) -> None:
+    """Write the figures not yet written (PNG files, atomically)."""
+    for name, fig in drawn.items():
+        if name not in figures:
+            figures[name] = run_dir / runs.FIGURES / f"{name}.png"
+            runs.atomic_write_bytes(figures[name], draw.png_bytes(fig))
 
 
 def build_report(run_dir: str | os.PathLike, data: FashionMNIST, test_logits: torch.Tensor, metrics: dict,
@@ -204,24 +217,29 @@ def build_report(run_dir: str | os.PathLike, data: FashionMNIST, test_logits: to
     history = runs.read_history(run_dir)
     images, labels = data.test_images.numpy(), data.test_labels.numpy()
     probs = test_logits.float().softmax(dim=1).numpy()
-    drawn = {}
-    if history:  # a run folder without history (never finished an epoch) has no curves
-        drawn["curves"] = draw.curves(history)
-    drawn["confusion_matrix"] = draw.confusion_matrix(metrics["confusion_matrix"])
-    drawn["samples"] = draw.samples(images, labels, probs)
-    drawn["misclassified"] = draw.misclassified(images, labels, probs)
-    if metrics.get("calibration"):
-        drawn["reliability"] = draw.reliability(metrics["calibration"])
-    validation = config.get("split", {}).get("validation")
-    extra: dict = {"pool": len(data.train_labels) - validation if validation is not None else None}
-    if model is not None:
-        _understanding(model, data, probs, drawn, extra)
-    layers = _layers_table(config)
-    if layers:
-        extra["layers"] = layers
-    figures = {name: run_dir / runs.FIGURES / f"{name}.png" for name in drawn}
-    for name, fig in drawn.items():
-        runs.atomic_write_bytes(figures[name], draw.png_bytes(fig))
+    started = _start_embedding_map(model, data) if model is not None else None
+    with contextlib.ExitStack() as cleanup:
+        if started:
+            cleanup.enter_context(started[1])  # a failure below must not leave t-SNE running
+        drawn, figures = {}, {}
+        if history:  # a run folder without history (never finished an epoch) has no curves
+            drawn["curves"] = draw.curves(history)
+        drawn["confusion_matrix"] = draw.confusion_matrix(metrics["confusion_matrix"])
+        drawn["samples"] = draw.samples(images, labels, probs)
+        drawn["misclassified"] = draw.misclassified(images, labels, probs)
+        if metrics.get("calibration"):
+            drawn["reliability"] = draw.reliability(metrics["calibration"])
+        validation = config.get("split", {}).get("validation")
+        extra: dict = {"pool": len(data.train_labels) - validation if validation is not None else None}
+        if model is not None:
+            _explanations(model, data, probs, drawn)
+        layers = _layers_table(config)
+        if layers:
+            extra["layers"] = layers
+        _save(drawn, figures, run_dir)
+        if started:
+            _embedding_map(*started, data, probs, drawn, extra)
+            _save(drawn, figures, run_dir)
     report = run_dir / runs.REPORT
     runs.atomic_write_text(report, _html(run_dir, config, history, metrics, figures, extra))
     return report
