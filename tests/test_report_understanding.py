@@ -134,3 +134,15 @@ def test_a_report_that_fails_midway_leaves_no_t_sne_running(monkeypatch, tmp_pat
                             {"confusion_matrix": np.eye(10, dtype=int).tolist()}, model)
     assert len(started) == 1 and started[0]._process.returncode < 0  # killed, not left running
     assert not Path(started[0]._folder.name).exists()
+
+
+def test_the_embedding_legend_marks_a_wrong_answer_with_a_ring_of_no_class_colour():
+    from matplotlib.colors import to_rgba
+
+    from fmnist.evaluation import embedding
+
+    labels = np.arange(20) % 10
+    fig = embedding.figure(np.random.default_rng(0).normal(size=(20, 2)), labels, (labels + (labels == 6)) % 10)
+    legend = fig.axes[0].get_legend()
+    ring = legend.legend_handles[[t.get_text() for t in legend.get_texts()].index("misclassified (2)")]
+    assert tuple(ring.get_facecolor()[0]) == to_rgba("white") and tuple(ring.get_edgecolor()[0]) == to_rgba("black")

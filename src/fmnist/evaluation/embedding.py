@@ -213,7 +213,10 @@ def figure(points: np.ndarray, labels: np.ndarray, predictions: np.ndarray):
     ax.scatter(points[:, 0], points[:, 1], c=colours, s=6, linewidths=0)
     wrong = labels != predictions
     ax.scatter(points[wrong, 0], points[wrong, 1], facecolors=colours[wrong], edgecolors="black", s=22,
-               linewidths=0.8, label=f"misclassified ({int(wrong.sum())})")
+               linewidths=0.8)
+    # the legend's ring is white inside: the ring, not any one class's colour, marks a wrong answer
+    ax.scatter([], [], facecolors="white", edgecolors="black", s=22, linewidths=0.8,
+               label=f"misclassified ({int(wrong.sum())})")
     for c, name in enumerate(CLASS_NAMES):
         ax.scatter([], [], c=PALETTE[c], s=20, label=name)
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
