@@ -109,6 +109,7 @@ TRIALS = {
     "schedule": ({}, {"scheduler": _one_cycle(pct_start=0.2, cycle_momentum=False)},
                  "warm-up over 20% instead of 30%, momentum fixed at 0.9"),
     "epochs-5": ({"epochs": 5}, {}, "5 epochs instead of 4"),
+    "epochs-6": ({"epochs": 6}, {}, "6 epochs instead of 4"),
     "depth-1-2-2": ({"epochs": 5, "model_args": {"depth": [1, 2, 2]}}, {},
                     "one convolution in the first group, 5 epochs"),
     "pool-first": ({"epochs": 6}, {"model": _pool_first(1)},
