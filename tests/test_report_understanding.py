@@ -105,6 +105,9 @@ def test_a_failed_background_projection_is_redone_here_with_a_warning(monkeypatc
     monkeypatch.setattr(embedding.sys, "executable", "false")  # the child starts and fails
     with pytest.warns(RuntimeWarning, match="exit status 1"):
         assert np.array_equal(embedding.Projection(features).result()[0], points)
+    monkeypatch.setattr(embedding.sys, "executable", "true")  # the child succeeds but writes nothing
+    with pytest.warns(RuntimeWarning, match="could not be read"):
+        assert np.array_equal(embedding.Projection(features).result()[0], points)
 
 
 def test_a_report_that_fails_midway_leaves_no_t_sne_running(monkeypatch, tmp_path):

@@ -120,10 +120,14 @@ class Projection:
         try:
             if self._process is not None:
                 if self._process.wait() == 0:
-                    with np.load(self._output) as saved:
-                        return saved["points"], float(saved["seconds"])
-                lines = self._log.read_text(errors="replace").strip().splitlines()
-                self._failure = lines[-1] if lines else f"exit status {self._process.returncode}"
+                    try:
+                        with np.load(self._output) as saved:
+                            return saved["points"], float(saved["seconds"])
+                    except (OSError, ValueError, KeyError) as error:  # a child killed while writing
+                        self._failure = f"its points could not be read: {error}"
+                else:
+                    lines = self._log.read_text(errors="replace").strip().splitlines()
+                    self._failure = lines[-1] if lines else f"exit status {self._process.returncode}"
         finally:
             self.close()
         warnings.warn(f"t-SNE in a process of its own failed ({self._failure}); projecting here instead",
