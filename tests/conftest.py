@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -59,6 +60,19 @@ def run_cli(*args, env=None, check=False, replace_env=False) -> subprocess.Compl
     if check and result.returncode != 0:
         raise AssertionError(f"fmnist {' '.join(map(str, args))} failed:\n{result.stderr}")
     return result
+
+
+def start_cli(*args, env=None) -> subprocess.Popen:
+    """Start ``fmnist ARGS`` as a terminal user would: with Ctrl-C (SIGINT) in its default
+    disposition, even when pytest itself was started in the background by a shell, which
+    ignores SIGINT for its background jobs and so for everything they start."""
+    exe = Path(sys.executable).with_name("fmnist")
+    return subprocess.Popen([str(exe), *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, **(env or {})}, preexec_fn=_default_ctrl_c)
+
+
+def _default_ctrl_c() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 @pytest.fixture

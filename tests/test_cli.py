@@ -10,7 +10,7 @@ import pytest
 from fmnist.core import runs
 from fmnist.deploy.classifier import Classifier
 
-from .conftest import run_cli
+from .conftest import run_cli, start_cli
 
 pytestmark = pytest.mark.slow  # end to end: each test starts the fmnist command, some train
 
@@ -169,15 +169,12 @@ def ctrl_c_after_first_epoch(*args) -> tuple[int, str]:
     """Run ``fmnist ARGS`` and send SIGINT, as a user's Ctrl-C, once the first epoch is on disk
     (``--out`` must be among the arguments); returns (exit status, stderr)."""
     import signal
-    import subprocess
-    import sys
     import time
     from pathlib import Path
 
     args = [str(a) for a in args]
     out = Path(args[args.index("--out") + 1])
-    process = subprocess.Popen([str(Path(sys.executable).with_name("fmnist")), *args], stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
+    process = start_cli(*args)
     deadline = time.monotonic() + 120
     while not (out / runs.HISTORY).exists() and time.monotonic() < deadline and process.poll() is None:
         time.sleep(0.05)

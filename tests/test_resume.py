@@ -22,15 +22,9 @@ from fmnist.core import runs
 from fmnist.core.errors import UserError
 from fmnist.core.runtime import other_trainers
 
-from .conftest import run_cli
+from .conftest import run_cli, start_cli
 
 QUICK = ("--epochs", "3", "--quiet")  # on run_data: 2,700 training images, 94 steps an epoch
-FMNIST = str(Path(sys.executable).with_name("fmnist"))
-
-
-def _start(*args, env=None) -> subprocess.Popen:
-    return subprocess.Popen([FMNIST, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, **(env or {})})
 
 
 def _wait_for(condition, process, timeout=120) -> None:
@@ -85,7 +79,7 @@ def _checkpoint_inside_first_epoch(out: Path) -> bool:
                                        (signal.SIGINT, 130)], ids=["SIGKILL", "SIGTERM", "SIGINT"])
 def test_a_signal_inside_the_first_epoch_resumes_to_the_same_run(run_data, tmp_path, uninterrupted, stop, code):
     out = tmp_path / "run"
-    process = _start("train", *QUICK, "--data", run_data, "--out", out, "--checkpoint-every", "0.05")
+    process = start_cli("train", *QUICK, "--data", run_data, "--out", out, "--checkpoint-every", "0.05")
     _wait_for(lambda: _checkpoint_inside_first_epoch(out), process)
     process.send_signal(stop)
     _, stderr = process.communicate(timeout=120)
@@ -172,7 +166,7 @@ def test_history_and_weights_are_rewritten_from_the_checkpoint(finished, uninter
 @pytest.mark.slow
 def test_a_second_trainer_in_the_same_folder_is_refused(run_data, tmp_path):
     out = tmp_path / "run"
-    first = _start("train", "--epochs", "30", "--quiet", "--data", run_data, "--out", out)
+    first = start_cli("train", "--epochs", "30", "--quiet", "--data", run_data, "--out", out)
     try:
         _wait_for(lambda: _epochs_on_disk(out) >= 1, first)
         second = run_cli("train", "--resume", out, "--quiet", "--data", run_data)
@@ -181,7 +175,7 @@ def test_a_second_trainer_in_the_same_folder_is_refused(run_data, tmp_path):
         first.kill()
         first.wait()
     # The kernel released the lock with the process: now the folder resumes.
-    resumed = _start("train", "--resume", out, "--quiet", "--data", run_data)
+    resumed = start_cli("train", "--resume", out, "--quiet", "--data", run_data)
     _wait_for(lambda: _epochs_on_disk(out) >= 2, resumed)
     resumed.kill()
     resumed.wait()
