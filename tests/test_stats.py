@@ -133,4 +133,9 @@ def test_test_images_also_in_training_are_left_out_of_the_deduplicated_accuracy(
 
 @pytest.mark.slow
 def test_the_real_test_set_holds_ten_images_of_the_training_set(dataset):
-    assert int(dataset.test_seen_in_training().sum()) == 10
+    from fmnist.data.dataset import find_duplicates
+
+    seen = dataset.test_seen_in_training()
+    assert int(seen.sum()) == 10
+    overlaps = find_duplicates(dataset)["overlaps"]  # another method: sorted keys, not hashes
+    assert sorted(o["test_index"] for o in overlaps) == seen.nonzero().flatten().tolist()
