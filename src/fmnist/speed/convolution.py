@@ -95,6 +95,8 @@ def handles(x: torch.Tensor, weight: torch.Tensor) -> bool:
 class FastConv2d(nn.Conv2d):
     """A plain 3x3 ``nn.Conv2d`` with the small-map weight gradient above where it applies."""
 
+    stands_in_for = nn.Conv2d  # what a model summary shows: the layer the user built
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return Conv3x3SmallMap.apply(x, self.weight) if handles(x, self.weight) else super().forward(x)
 
