@@ -148,3 +148,40 @@ def test_compare_puts_run_folders_side_by_side_in_a_figure_and_a_page(trained_ru
     mixed = cli("compare", a, tmp_path / "nothing")
     assert mixed.returncode == 2 and "not a run folder" in mixed.stderr
     assert "<img" in fmnist.compare_runs(a, b)._repr_html_()
+
+
+def _damage_json(file, key, value):
+    content = json.loads(file.read_text())
+    content[key] = value
+    file.write_text(json.dumps(content))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("damage, message", [
+    (lambda d: _damage_json(d / runs.CONFIG, "environment", [1]), "'environment' must be a JSON object"),
+    (lambda d: _damage_json(d / runs.CONFIG, "split", "x"), "'split' must be a JSON object"),
+    (lambda d: _damage_json(d / runs.METRICS, "per_class", 5), "'per_class' has an unusable value"),
+    (lambda d: _damage_json(d / runs.METRICS, "per_class", {"Shirt": "x"}), "'per_class' has an unusable value"),
+    (lambda d: _damage_json(d / runs.METRICS, "per_class", {"Shirt": {"recall": "high"}}), "'per_class'"),
+    (lambda d: (d / runs.HISTORY).write_text("a,b\n1,2\n"), "no column epoch, train_loss"),
+], ids=["environment-list", "split-text", "per-class-number", "per-class-row-text",
+        "recall-text", "history-columns"])
+def test_compare_refuses_a_damaged_run_folder_in_one_line(trained_run, tmp_path, cli, damage, message):
+    out, _ = trained_run
+    good, bad = _copy_run(out, tmp_path / "good"), _copy_run(out, tmp_path / "bad")
+    damage(bad)
+    for args in ((good, bad), (bad, good), (good, bad, "--json")):
+        result = cli("compare", *args)
+        assert result.returncode == 2 and message in result.stderr, result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_compare_reads_a_run_folder_without_its_optional_records(trained_run, tmp_path, cli):
+    out, _ = trained_run
+    good, bare = _copy_run(out, tmp_path / "good"), _copy_run(out, tmp_path / "bare")
+    for key in ("environment", "split"):
+        _damage_json(bare / runs.CONFIG, key, None)
+    result = cli("compare", good, bare, "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["runs"][1]["train_images"] is None

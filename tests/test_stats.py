@@ -80,12 +80,17 @@ def test_compare_reads_two_seed_folders_and_says_whether_the_difference_is_real(
 
 @pytest.mark.parametrize("runs, message", [
     ([1, 2], "run 0 is not a record"),
-    ([{"seed": 0, "accuracy": float("nan")}], "accuracy nan, not a finite number"),
-    ([{"seed": 0, "accuracy": float("inf")}], "accuracy inf, not a finite number"),
-    ([{"seed": 0, "accuracy": "0.9"}], "accuracy '0.9', not a finite number"),
-    ([{"seed": 0, "accuracy": True}], "accuracy True, not a finite number"),
-    ([{"seed": 0, "accuracy": 10 ** 400}], "not a finite number"),
+    ([{"seed": 0, "accuracy": float("nan")}], "accuracy nan, not a number from 0 to 1"),
+    ([{"seed": 0, "accuracy": float("inf")}], "accuracy inf, not a number from 0 to 1"),
+    ([{"seed": 0, "accuracy": "0.9"}], "accuracy '0.9', not a number from 0 to 1"),
+    ([{"seed": 0, "accuracy": True}], "accuracy True, not a number from 0 to 1"),
+    ([{"seed": 0, "accuracy": 10 ** 400}], "accuracy an integer of 401 digits, not a number"),
+    ([{"seed": 0, "accuracy": 1e100}, {"seed": 1, "accuracy": 0.5}], "accuracy 1e+100, not a number from 0 to 1"),
+    ([{"seed": 0, "accuracy": -0.1}], "accuracy -0.1, not a number from 0 to 1"),
+    ([{"seed": 0, "seconds": 1e308}], "seconds 1e+308, not a number from 0 to 31536000"),
     ([{"seed": 0, "accuracy": 0.9}, {"seed": 0, "accuracy": 0.8}], "seed 0 appears in two runs"),
+    ([{"seed": 0.0, "accuracy": 0.9}], "seed 0.0, not a whole number"),
+    ([{"seed": "0", "accuracy": 0.9}], "seed '0', not a whole number"),
 ])
 def test_a_summary_compare_cannot_use_is_one_error_line(tmp_path, capsys, runs, message):
     good, bad = tmp_path / "good", tmp_path / "bad"
@@ -96,6 +101,57 @@ def test_a_summary_compare_cannot_use_is_one_error_line(tmp_path, capsys, runs, 
         assert main(["compare", *map(str, order)]) == 2
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("summary, message", [
+    ({"model": float("nan")}, "model is nan, not one line of text"),
+    ({"model": "fast\nsecond minus first: FAKE"}, "not one line of text"),
+    ({"data_release": "\x1b[31mred"}, "data_release is '\\x1b[31mred', not one line of text"),
+    ({"data_release": ["a"]}, "data_release is ['a'], not one line of text"),
+])
+def test_a_summary_whose_labels_are_not_one_line_of_text_is_refused(tmp_path, capsys, summary, message):
+    (tmp_path / "summary.json").write_text(json.dumps({**summary, "runs": [{"seed": 0, "accuracy": 0.9}]}))
+    assert main(["compare", str(tmp_path), str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_compare_of_summaries_at_the_edges(tmp_path, capsys):
+    def summary(name, runs, **top):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "summary.json").write_text(json.dumps({"runs": runs, **top}))
+        return str(tmp_path / name)
+
+    # Values so close that the squared variances underflow: still a test, not a crash.
+    tiny = summary("tiny", [{"seed": 0, "accuracy": 0.0}, {"seed": 1, "accuracy": 2e-85}])
+    assert main(["compare", tiny, tiny]) == 0
+    capsys.readouterr()
+    # The same +1 point on every seed, whatever the float rounding of the differences.
+    base = [0.8261, 0.812, 0.8507]
+    a = summary("a", [{"seed": s, "accuracy": v} for s, v in enumerate(base)], seeds=[0, 1, 2, 3])
+    b = summary("b", [{"seed": s, "accuracy": v + 0.01} for s, v in enumerate(base)])
+    assert main(["compare", a, b, "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["paired"]["accuracy"]["p_value"] is None and "same amount" in result["paired"]["accuracy"]["note"]
+    assert result["first"]["seeds"] == [0, 1, 2]  # the runs' seeds, not the header's claim
+    # Nothing in common to test: said, not a bare header.
+    only_seconds = summary("seconds", [{"seed": 0, "seconds": 1.0}, {"seed": 1, "seconds": 2.0}])
+    assert main(["compare", a, only_seconds]) == 0
+    assert "no measure in common" in capsys.readouterr().out
+    # --out draws run folders only: asking it of summaries is a mistake, said.
+    assert main(["compare", a, b, "--out", str(tmp_path / "drawn")]) == 2
+    assert "--out" in capsys.readouterr().err and not (tmp_path / "drawn").exists()
+    # An integer longer than Python converts (4,300 digits): one line, without Python's advice.
+    (tmp_path / "long").mkdir()
+    (tmp_path / "long" / "summary.json").write_text('{"runs": [{"seed": 0, "accuracy": 1' + "0" * 5000 + "}]}")
+    assert main(["compare", a, str(tmp_path / "long")]) == 2
+    err = capsys.readouterr().err
+    assert "more than 4,300 digits" in err and "sys." not in err and len(err.strip().splitlines()) == 1
+    # JSON nested thousands deep: one error line.
+    (tmp_path / "deep").mkdir()
+    (tmp_path / "deep" / "summary.json").write_text("[" * 100_000 + "]" * 100_000)
+    assert main(["compare", a, str(tmp_path / "deep")]) == 2
+    assert "nested too deeply" in capsys.readouterr().err
 
 
 def test_runs_that_do_not_name_their_seed_are_not_paired(tmp_path, capsys):

@@ -266,6 +266,9 @@ def cmd_compare(args) -> int:
     if len(args.folders) != 2:
         raise UserError(f"compare takes two folders of seeds, or run folders; got {len(args.folders)} folders "
                         f"that are not all run folders")
+    if args.out:
+        raise UserError("--out draws run folders side by side; two folders of seeds are compared in text",
+                        hint="drop --out (--json gives the comparison as data)")
     result = compare_summaries(*args.folders)
     print(json.dumps(result, indent=2) if args.json else format_comparison(result))
     return 0

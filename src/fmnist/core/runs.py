@@ -143,7 +143,11 @@ def read_json(path: Path):
     try:
         return json.loads(raw.decode("utf-8"))
     except ValueError as exc:  # invalid JSON or invalid UTF-8
+        if "integer string conversion" in str(exc):  # Python's advice to raise its limit is not ours
+            raise UserError(f"cannot read JSON: it holds an integer of more than 4,300 digits ({path})") from None
         raise UserError(f"cannot read JSON: {exc} ({path})") from None
+    except RecursionError:  # brackets nested thousands deep: nothing fmnist writes
+        raise UserError(f"cannot read JSON: nested too deeply ({path})") from None
 
 
 def _short_reason(exc: Exception) -> str:
@@ -245,6 +249,9 @@ def read_config(run_dir: Path) -> dict:
                             f"{entry[wrong[0]]!r} ({path})")
     if not isinstance(config["train"].get("model_args") or {}, dict):
         raise UserError(f"config.json: 'train.model_args' must be a JSON object ({path})")
+    for section in ("split", "environment"):  # optional, but read as records where present
+        if config.get(section) is not None and not isinstance(config[section], dict):
+            raise UserError(f"config.json: '{section}' must be a JSON object ({path})")
     return config
 
 
@@ -252,7 +259,10 @@ def read_config(run_dir: Path) -> dict:
 METRIC_CHECKS = {"accuracy": lambda v: _is_number(v) and 0 <= v <= 1,
                  "best_epoch": lambda v: _is_whole(v) and v >= 0,
                  "calibration": lambda v: isinstance(v, dict) and _is_number(v.get("temperature"))
-                 and v["temperature"] > 0}
+                 and v["temperature"] > 0,
+                 "per_class": lambda v: isinstance(v, dict) and all(
+                     isinstance(row, dict) and (row.get("recall") is None or _is_number(row["recall"]))
+                     for row in v.values())}
 
 
 def read_metrics(run_dir: Path) -> dict | None:
@@ -282,10 +292,14 @@ def read_history(run_dir: Path) -> list[dict]:
         return []
     text = read_bytes(path, HISTORY)
     try:
-        return [{k: int(float(v)) if k == "epoch" else float(v) for k, v in row.items()}
-                for row in csv.DictReader(io.StringIO(text.decode("utf-8")))]
+        reader = csv.DictReader(io.StringIO(text.decode("utf-8")))
+        rows = [{k: int(float(v)) if k == "epoch" else float(v) for k, v in row.items()} for row in reader]
     except (ValueError, TypeError, AttributeError) as exc:  # non-numeric cells, ragged rows, not UTF-8
         raise UserError(f"cannot read history: {exc} ({path})") from None
+    missing = [column for column in HISTORY_COLUMNS if column not in (reader.fieldnames or [])]
+    if rows and missing:
+        raise UserError(f"cannot read history: no column {', '.join(missing)} ({path})")
+    return rows
 
 
 def load_weights(path: Path) -> dict[str, torch.Tensor]:

@@ -20,38 +20,62 @@ from ..core.errors import UserError
 from .stats import paired, welch
 
 MEASURES = ("accuracy", "deduplicated_accuracy", "top2_accuracy", "test_ece", "seconds")
+# What each measure can be: shares of the test set, and a run's seconds (a year at most).
+RANGES = {"accuracy": (0, 1), "deduplicated_accuracy": (0, 1), "top2_accuracy": (0, 1), "test_ece": (0, 1),
+          "seconds": (0, 365 * 24 * 3600)}
 
 
 def read_summary(path: str | os.PathLike) -> tuple[Path, dict]:
     path = Path(path)
     file = path / "summary.json" if path.is_dir() else path
-    if not file.exists():
-        raise UserError(f"no summary.json in {path}", hint="compare folders written by 'fmnist train --seeds'")
+    if not file.is_file():
+        raise UserError(f"no summary.json in {path}" + (" (a broken link)" if file.is_symlink() else ""),
+                        hint="compare folders written by 'fmnist train --seeds'")
     summary = runs.read_json(file)
     if not isinstance(summary, dict) or not isinstance(summary.get("runs"), list) or not summary["runs"]:
         raise UserError(f"not a summary of seeds: {file}")
     _check_runs(file, summary)
+    _check_labels(file, summary)
     return file, summary
 
 
 def _check_runs(file: Path, summary: dict) -> None:
     """One error line for what the tests below cannot use: a run that is not a record, a measure
-    that is not a finite number, a seed named twice, a data release that is not text."""
+    that is not a number in its range, a seed that is not a whole number or is named twice."""
     seeds = set()
     for place, run in enumerate(summary["runs"]):
         if not isinstance(run, dict):
             raise UserError(f"{file}: run {place} is not a record of a run")
         for measure in MEASURES:
             value = run.get(measure)
-            if value is not None and not _finite_number(value):
-                raise UserError(f"{file}: run {place} has {measure} {value!r:.40}, not a finite number")
+            low, high = RANGES[measure]
+            if value is not None and not (_finite_number(value) and low <= value <= high):
+                raise UserError(f"{file}: run {place} has {measure} {_shown(value)}, not a number from {low} "
+                                f"to {high}")
         seed = run.get("seed")
-        if _is_seed(seed):
-            if seed in seeds:
-                raise UserError(f"{file}: seed {seed} appears in two runs")
-            seeds.add(seed)
-    if not isinstance(summary.get("data_release", ""), (str, type(None))):
-        raise UserError(f"{file}: data_release is {summary['data_release']!r}, not text")
+        if seed is None:
+            continue
+        if not _is_seed(seed):
+            raise UserError(f"{file}: run {place} has seed {_shown(seed)}, not a whole number")
+        if seed in seeds:
+            raise UserError(f"{file}: seed {seed} appears in two runs")
+        seeds.add(seed)
+
+
+def _check_labels(file: Path, summary: dict) -> None:
+    """The texts a comparison prints: the model's name and the data release, one printable line each."""
+    for key in ("model", "data_release"):
+        value = summary.get(key)
+        if value is not None and not (isinstance(value, str) and value.isprintable()):
+            raise UserError(f"{file}: {key} is {_shown(value)}, not one line of text")
+
+
+def _shown(value) -> str:
+    """A value for an error line: short, and a huge integer by its size."""
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > 10 ** 15:
+        return f"an integer of {len(str(abs(value)))} digits"  # read from JSON: 4,300 digits at most
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _finite_number(value) -> bool:
@@ -80,10 +104,14 @@ def compare_summaries(first: str | os.PathLike, second: str | os.PathLike) -> di
         by_seed_a, by_seed_b = _by_seed(a, measure), _by_seed(b, measure)
         if len(by_seed_a.keys() & by_seed_b.keys()) >= 2:
             paired_tests[measure] = paired(by_seed_a, by_seed_b)
-    return {"first": {"summary": str(file_a), "model": a.get("model"), "seeds": a.get("seeds")},
-            "second": {"summary": str(file_b), "model": b.get("model"), "seeds": b.get("seeds")},
-            "tests": tests, "paired": paired_tests,
-            "data_release": sorted({a.get("data_release"), b.get("data_release")} - {None})}
+    return {"first": _side(file_a, a), "second": _side(file_b, b), "tests": tests, "paired": paired_tests,
+            "data_release": sorted({a.get("data_release"), b.get("data_release")} - {None, ""})}
+
+
+def _side(file: Path, summary: dict) -> dict:
+    """Which summary, model and seeds: the seeds of its runs, not what its header claims."""
+    return {"summary": str(file), "model": summary.get("model"),
+            "seeds": [run["seed"] for run in summary["runs"] if _is_seed(run.get("seed"))]}
 
 
 def _by_seed(summary: dict, measure: str) -> dict:
@@ -96,6 +124,8 @@ def format_comparison(result: dict) -> str:
     first, second = result["first"], result["second"]
     lines = [f"second minus first: {second['summary']} ({second['model']}, seeds {second['seeds']}) "
              f"- {first['summary']} ({first['model']}, seeds {first['seeds']})"]
+    if not result["tests"]:
+        lines.append("  no measure in common to test")
     for measure, test in result["tests"].items():
         lines.append(_test_line(measure, test, "Welch's t-test"))
         if measure in result.get("paired", {}):

@@ -33,7 +33,7 @@ def is_run_dir(path) -> bool:
 def _settings(config: dict) -> dict:
     """The flat settings of a run that a comparison shows: recipe, model, data, machine."""
     flat = {f"train.{k}": v for k, v in config["train"].items() if k not in NOT_SETTINGS}
-    model, env, data = config.get("model", {}), config.get("environment", {}), config["data"]
+    model, env, data = config["model"], config.get("environment") or {}, config["data"]
     flat.update({"model.parameters": model.get("parameters"), "model.training_step": model.get("training_step"),
                  "data.release": data.get("release"), "data.content_sha256": (data.get("content_sha256") or "")[:12],
                  "split.train": (config.get("split") or {}).get("train"),

@@ -46,7 +46,8 @@ def welch(a: list[float], b: list[float], confidence: float = CONFIDENCE) -> dic
         return {"difference": difference, "p_value": 0.0 if difference else 1.0, "significant": difference != 0,
                 "ci_low": difference, "ci_high": difference, "t": None, "df": None,
                 "confidence": confidence}
-    df = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))
+    share_a, share_b = va / (va + vb), vb / (va + vb)  # the Welch-Satterthwaite df from shares:
+    df = 1 / (share_a ** 2 / (len(a) - 1) + share_b ** 2 / (len(b) - 1))  # no square over- or underflows
     t = difference / math.sqrt(va + vb)
     p = 2 * stats.t.sf(abs(t), df)
     half = stats.t.ppf((1 + confidence) / 2, df) * math.sqrt(va + vb)
@@ -66,7 +67,9 @@ def paired(a: dict, b: dict, confidence: float = CONFIDENCE) -> dict:
                 "significant": None, "n": len(differences), "note": "needs at least two seeds on both sides"}
     summary = spread(differences, confidence)
     difference, std, n = summary["mean"], summary["std"], len(differences)
-    if std == 0:  # every seed moved by the same amount (a few seeds, accuracy in steps of one image)
+    # Every seed moved by the same amount (a few seeds, accuracy in steps of one image): the
+    # spread left is float rounding of the differences, which must not decide the verdict.
+    if _rounding_is_zero(std, differences + [*a.values(), *b.values()]) == 0:
         return {"difference": _rounding_is_zero(difference, [*a.values(), *b.values()]), "p_value": None,
                 "significant": None, "n": n,
                 "note": f"every one of the {n} seeds moved by the same amount: no spread to test against"}
