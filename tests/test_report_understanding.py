@@ -149,3 +149,45 @@ def test_the_embedding_legend_marks_a_wrong_answer_with_a_ring_of_no_class_colou
     legend = fig.axes[0].get_legend()
     ring = legend.legend_handles[[t.get_text() for t in legend.get_texts()].index("misclassified (2)")]
     assert tuple(ring.get_facecolor()[0]) == to_rgba("white") and tuple(ring.get_edgecolor()[0]) == to_rgba("black")
+
+
+def test_features_that_t_sne_cannot_map_are_named_not_projected():
+    from fmnist.evaluation.embedding import why_not_projected
+
+    assert why_not_projected(_clustered_features()) is None
+    assert "only 1 test image" in why_not_projected(_clustered_features()[:1])
+    assert "the same features" in why_not_projected(np.zeros((200, 64), np.float32))
+    broken = _clustered_features()
+    broken[3, 5] = np.nan
+    assert "NaN or infinity" in why_not_projected(broken)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("weights, reason", [(lambda w: torch_zeros_like(w), "the same features"),
+                                             (lambda w: w * float("nan"), "NaN or infinity")],
+                         ids=["all-zero", "nan"])
+def test_a_report_of_a_broken_model_says_why_it_has_no_embedding_map(trained_run, tmp_path, data_dir, cli,
+                                                                      weights, reason):
+    # Zero weights made t-SNE crash the process (exit 139) and NaN weights made it raise (exit 1).
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    out, _ = trained_run
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for name in ("config.json", "history.csv"):
+        shutil.copy(out / name, broken / name)
+    tensors = load_file(str(out / "model.safetensors"))
+    save_file({k: weights(v) if v.is_floating_point() else v for k, v in tensors.items()},
+              str(broken / "model.safetensors"))
+    result = cli("report", broken, "--data", data_dir)
+    assert result.returncode == 0, result.stderr
+    page = (broken / "report.html").read_text(encoding="utf-8")
+    assert "No embedding map: " in page and reason in page
+
+
+def torch_zeros_like(tensor):
+    import torch
+
+    return torch.zeros_like(tensor)

@@ -70,6 +70,22 @@ def penultimate_features(model, images, batch_size: int = 500) -> np.ndarray:
     return torch.cat(captured).flatten(1).numpy()
 
 
+MIN_POINTS = 5  # t-SNE needs more points than its perplexity (2 at least); a map of fewer says nothing
+
+
+def why_not_projected(features: np.ndarray) -> str | None:
+    """Why these features cannot be mapped (None: they can). t-SNE divides by their spread:
+    a model whose features are all alike (zero weights) or not finite (a diverged run) made
+    scikit-learn fail or crash the process."""
+    if len(features) < MIN_POINTS:
+        return f"only {len(features)} test image(s); the map needs {MIN_POINTS}"
+    if not np.isfinite(features).all():
+        return "the model's features hold NaN or infinity (did the run diverge?)"
+    if np.ptp(features, axis=0).max() == 0:
+        return "every image gives the model the same features (are its weights all alike?)"
+    return None
+
+
 def project(features: np.ndarray, seed: int = 0) -> np.ndarray:
     """2-D t-SNE of the features (PCA to 50 dimensions first, as its authors advise)."""
     from sklearn.decomposition import PCA

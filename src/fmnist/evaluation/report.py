@@ -122,6 +122,8 @@ def _html(run_dir: Path, config: dict, history: list[dict], metrics: dict, figur
           if "explanations" in figures else []),
         *(["<h2 id=embedding>Embedding map</h2><p>" + html.escape(extra["embedding_caption"]) + "</p>"
            + extra["embedding"]] if "embedding" in extra else []),
+        *(["<h2 id=embedding>Embedding map</h2><p>" + html.escape(extra["embedding_missing"]) + "</p>"]
+          if "embedding_missing" in extra else []),
         *(["<h2 id=calibration>Calibration</h2><p>" + html.escape(_calibration_note(metrics["calibration"]))
            + "</p>" + _embedded_png(figures["reliability"], "reliability diagram")]
           if "reliability" in figures else []),
@@ -173,16 +175,22 @@ def _explanations(model, data: FashionMNIST, probs, drawn: dict) -> None:
             [f"true: {draw.SHORT_NAMES[t]} {probs[i, t]:.1%}" for i, t in zip(worst, truths)])
 
 
-def _start_embedding_map(model, data: FashionMNIST):
+def _start_embedding_map(model, data: FashionMNIST, extra: dict):
     """The sampled test images and their features' t-SNE, started in the background (None when
-    embedding.MAP_IMAGES is 0): t-SNE is the report's longest part, so the rest is drawn meanwhile."""
+    embedding.MAP_IMAGES is 0 or the features cannot be mapped, which ``extra`` then says): t-SNE
+    is the report's longest part, so the rest is drawn meanwhile."""
     from ..data.dataset import to_float
     from . import embedding
 
     if embedding.MAP_IMAGES <= 0:
         return None
     picked = embedding.sample_indices(data.test_labels.numpy())
-    return picked, embedding.Projection(embedding.penultimate_features(model, to_float(data.test_images[picked])))
+    features = embedding.penultimate_features(model, to_float(data.test_images[picked]))
+    reason = embedding.why_not_projected(features)
+    if reason:
+        extra["embedding_missing"] = f"No embedding map: {reason}."
+        return None
+    return picked, embedding.Projection(features)
 
 
 def _embedding_map(picked, projection, data: FashionMNIST, probs, drawn: dict, extra: dict) -> None:
@@ -217,7 +225,8 @@ def build_report(run_dir: str | os.PathLike, data: FashionMNIST, test_logits: to
     history = runs.read_history(run_dir)
     images, labels = data.test_images.numpy(), data.test_labels.numpy()
     probs = test_logits.float().softmax(dim=1).numpy()
-    started = _start_embedding_map(model, data) if model is not None else None
+    extra: dict = {}
+    started = _start_embedding_map(model, data, extra) if model is not None else None
     with contextlib.ExitStack() as cleanup:
         if started:
             cleanup.enter_context(started[1])  # a failure below must not leave t-SNE running
@@ -230,7 +239,7 @@ def build_report(run_dir: str | os.PathLike, data: FashionMNIST, test_logits: to
         if metrics.get("calibration"):
             drawn["reliability"] = draw.reliability(metrics["calibration"])
         validation = config.get("split", {}).get("validation")
-        extra: dict = {"pool": len(data.train_labels) - validation if validation is not None else None}
+        extra["pool"] = len(data.train_labels) - validation if validation is not None else None
         if model is not None:
             _explanations(model, data, probs, drawn)
         layers = _layers_table(config)
