@@ -130,6 +130,45 @@ def test_runs_lists_every_run_folder_sorted_with_unfinished_and_damaged_ones_sho
     assert cli("runs", tmp_path / "nowhere").returncode == 2
 
 
+def _damage_calibration(run_dir, value):
+    metrics = json.loads((run_dir / runs.METRICS).read_text())
+    metrics["calibration"]["test_ece_after"] = value
+    (run_dir / runs.METRICS).write_text(json.dumps(metrics))
+
+
+RUN_DAMAGE = {  # each made one `fmnist runs` exit 1 (and so list nothing) or print wrong values
+    "created-number": lambda d: _damage_json(d / runs.CONFIG, "created", 5),
+    "created-list": lambda d: _damage_json(d / runs.CONFIG, "created", ["2026"]),
+    "created-not-a-date": lambda d: _damage_json(d / runs.CONFIG, "created", "yesterday"),
+    "created-year-one": lambda d: _damage_json(d / runs.CONFIG, "created", "0001-01-01T00:00:00"),
+    "train-images-text": lambda d: _damage_json(d / runs.CONFIG, "split", {"train": "many"}),
+    "train-images-negative": lambda d: _damage_json(d / runs.CONFIG, "split", {"train": -5}),
+    "ece-text": lambda d: _damage_calibration(d, "low"),
+    "ece-nan": lambda d: _damage_calibration(d, float("nan")),
+    "ece-negative": lambda d: _damage_calibration(d, -5.0),
+    "history-epoch-inf": lambda d: (d / runs.HISTORY).write_text(
+        (d / runs.HISTORY).read_text().replace("\n1,", "\ninf,", 1)),
+    "history-cr-only": lambda d: (d / runs.HISTORY).write_text("epoch,train_loss\r1,\"2\n")
+}
+
+
+@pytest.mark.slow
+def test_runs_lists_the_good_folders_once_and_names_each_damaged_one(trained_run, tmp_path, cli):
+    out, _ = trained_run
+    _copy_run(out, tmp_path / "good")
+    _copy_run(out, tmp_path / "other", finished=False)
+    for name, damage in RUN_DAMAGE.items():
+        damage(_copy_run(out, tmp_path / "damaged" / name))
+    (tmp_path / "loop").symlink_to(tmp_path)  # a link back up the tree
+    for sort in ("created", "train_images", "ece", "accuracy"):
+        done = cli("runs", tmp_path, "--sort", sort, "--json")
+        assert done.returncode == 0, done.stderr
+        table = json.loads(done.stdout, parse_constant=lambda name: pytest.fail(f"{name} is not JSON"))
+        assert sorted(row["run"] for row in table["runs"]) == ["good", "other"]  # each once, not via the loop
+        named = sorted(problem.split("/damaged/")[1].split(":")[0] for problem in table["problems"])
+        assert named == sorted(RUN_DAMAGE), table["problems"]
+
+
 @pytest.mark.slow
 def test_compare_puts_run_folders_side_by_side_in_a_figure_and_a_page(trained_run, tmp_path, cli):
     out, _ = trained_run

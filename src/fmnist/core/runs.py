@@ -294,8 +294,8 @@ def read_history(run_dir: Path) -> list[dict]:
     try:
         reader = csv.DictReader(io.StringIO(text.decode("utf-8")))
         rows = [{k: int(float(v)) if k == "epoch" else float(v) for k, v in row.items()} for row in reader]
-    except (ValueError, TypeError, AttributeError) as exc:  # non-numeric cells, ragged rows, not UTF-8
-        raise UserError(f"cannot read history: {exc} ({path})") from None
+    except (ValueError, TypeError, AttributeError, OverflowError, csv.Error) as exc:  # non-numeric or
+        raise UserError(f"cannot read history: {exc} ({path})") from None  # infinite cells, not CSV or UTF-8
     missing = [column for column in HISTORY_COLUMNS if column not in (reader.fieldnames or [])]
     if rows and missing:
         raise UserError(f"cannot read history: no column {', '.join(missing)} ({path})")
