@@ -337,3 +337,30 @@ def test_offline_the_download_gives_up_after_one_short_attempt_per_mirror(tmp_pa
     assert len(attempts) == len(fdata.MIRRORS)  # one file, each mirror once
     assert all(timeout[0] == fdata.CONNECT_TIMEOUT for _, timeout in attempts)
     assert len(attempts) * fdata.CONNECT_TIMEOUT <= 2  # seconds, at worst, before the hint
+
+
+def test_a_gzip_bomb_is_refused_without_inflating_it(tmp_path):
+    # A small file that inflates far past what its header announces (here 4 images, then
+    # 256 MB of zeros, from 250 KB on disk), or whose header announces more images than
+    # any release: refused, with the memory of a few chunks, not of what it inflates to.
+    import tracemalloc
+    import zlib
+
+    compressor = zlib.compressobj(9, zlib.DEFLATED, 31)  # gzip framing
+    parts = [compressor.compress(idx_bytes(np.zeros((4, 28, 28)), 0x803))]
+    zeros = bytes(1 << 20)
+    parts += [compressor.compress(zeros) for _ in range(256)] + [compressor.flush()]
+    bomb = tmp_path / "bomb.gz"
+    bomb.write_bytes(b"".join(parts))
+    assert bomb.stat().st_size < 1 << 20
+    tracemalloc.start()
+    try:
+        with pytest.raises(UserError, match="at least 67108864 unexpected bytes after 4 images"):
+            fdata.read_idx(bomb, "images")
+        assert tracemalloc.get_traced_memory()[1] < 16 << 20  # the peak: a few 1 MB chunks
+    finally:
+        tracemalloc.stop()
+    huge = tmp_path / "huge.gz"
+    huge.write_bytes(gzip.compress(b"\x00\x00\x08\x03" + (4_000_000_000).to_bytes(4, "big") + b"\x00\x00\x00\x1c" * 2))
+    with pytest.raises(UserError, match="announces 4,000,000,000 images, more than"):
+        fdata.read_idx(huge, "images")
