@@ -129,7 +129,8 @@ def test_a_report_that_fails_midway_leaves_no_t_sne_running(monkeypatch, tmp_pat
     monkeypatch.setattr(report.draw, "confusion_matrix", broken)  # fails while t-SNE has just started
     monkeypatch.setattr(report.runs, "read_config", lambda run_dir: {"train": {"model": "?"}})
     monkeypatch.setattr(report.runs, "read_history", lambda run_dir: [])
-    data = SimpleNamespace(test_images=torch.zeros(50, 28, 28, dtype=torch.uint8), test_labels=torch.arange(50) % 10,
+    images = torch.randint(0, 256, (50, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    data = SimpleNamespace(test_images=images, test_labels=torch.arange(50) % 10,  # features that vary
                            train_labels=torch.zeros(100))
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 10))
     with pytest.raises(OSError, match="disk full"):

@@ -81,6 +81,24 @@ def test_wrong_typed_metrics_are_a_user_error(run_copy, entry, value, cli):
     _one_line_error(cli("export", run_copy, "--out", run_copy / "m.onnx"), f"metrics.json: '{entry}'")
 
 
+CALIBRATION_DAMAGE = {  # each made `fmnist report` exit 1 (KeyError, TypeError) after reading the file
+    "no-ece-after": lambda c: c.pop("test_ece_after"),
+    "ece-text": lambda c: c.update(test_ece_before="low"),
+    "no-fitted-on": lambda c: c.pop("fitted_on"),
+    "no-bins": lambda c: c.pop("reliability_before"),
+    "bins-null": lambda c: c.update(reliability_after=None),
+    "bin-without-edges": lambda c: c["reliability_after"][0].pop("upper"),
+    "bin-count-text": lambda c: c["reliability_before"][0].update(count="many"),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("damage", sorted(CALIBRATION_DAMAGE))
+def test_a_damaged_calibration_record_is_a_user_error_before_the_report(run_copy, damage, cli, data_dir):
+    _edit_json(run_copy / runs.METRICS, lambda m: CALIBRATION_DAMAGE[damage](m["calibration"]))
+    _one_line_error(cli("report", run_copy, "--data", data_dir), "metrics.json: 'calibration' has an unusable value")
+
+
 @pytest.mark.slow
 def test_a_model_name_that_is_not_a_string_is_a_user_error(run_copy, cli):
     _edit_json(run_copy / runs.CONFIG, lambda c: c["train"].update(model=["notebook"]))

@@ -258,11 +258,30 @@ def read_config(run_dir: Path) -> dict:
 # The entries of metrics.json that other commands read, and what they must be.
 METRIC_CHECKS = {"accuracy": lambda v: _is_number(v) and 0 <= v <= 1,
                  "best_epoch": lambda v: _is_whole(v) and v >= 0,
-                 "calibration": lambda v: isinstance(v, dict) and _is_number(v.get("temperature"))
-                 and v["temperature"] > 0,
+                 "calibration": lambda v: _is_calibration(v),
                  "per_class": lambda v: isinstance(v, dict) and all(
                      isinstance(row, dict) and (row.get("recall") is None or _is_number(row["recall"]))
                      for row in v.values())}
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _is_calibration(value) -> bool:
+    """The temperature fit as training writes it: what the report, the card and the reliability
+    diagram read."""
+    def bins(rows) -> bool:
+        return isinstance(rows, list) and all(
+            isinstance(row, dict) and _is_number(row.get("lower")) and _is_number(row.get("upper"))
+            and _is_whole(row.get("count")) and (_is_number(row.get("accuracy")) or row["count"] == 0)
+            for row in rows)
+
+    return (isinstance(value, dict) and _is_number(value.get("temperature")) and value["temperature"] > 0
+            and all(_is_number(value.get(k)) for k in ("test_ece_before", "test_ece_after"))
+            and isinstance(value.get("fitted_on"), str)
+            and bins(value.get("reliability_before")) and bins(value.get("reliability_after")))
 
 
 def read_metrics(run_dir: Path) -> dict | None:
@@ -276,7 +295,7 @@ def read_metrics(run_dir: Path) -> dict | None:
         raise UserError(f"metrics.json is not a JSON object ({path})")
     for key, ok in METRIC_CHECKS.items():
         if metrics.get(key) is not None and not ok(metrics[key]):
-            raise UserError(f"metrics.json: '{key}' has an unusable value {metrics[key]!r} ({path})")
+            raise UserError(f"metrics.json: '{key}' has an unusable value {_short(metrics[key])} ({path})")
     return metrics
 
 
