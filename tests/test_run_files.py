@@ -92,6 +92,30 @@ CALIBRATION_DAMAGE = {  # each made `fmnist report` exit 1 (KeyError, TypeError)
 }
 
 
+CONFIG_DAMAGE = {  # each made `fmnist report` exit 1 (AttributeError, TypeError, ValueError)
+    "split-validation-text": (lambda c: c["split"].update(validation="x"), "'split.validation' must be a whole"),
+    "split-train-list": (lambda c: c["split"].update(train=[1]), "'split.train' must be a whole"),
+    "parameters-text": (lambda c: c["model"].update(parameters="many"), "'model.parameters' must be a whole"),
+    "files-list": (lambda c: c["data"].update(files=[1]), "'data.files' must map"),
+    "files-entry-number": (lambda c: c["data"].update(files={"train_images": 5}), "'data.files' must map"),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("damage", sorted(CONFIG_DAMAGE))
+def test_a_damaged_config_entry_the_report_prints_is_a_user_error(run_copy, damage, cli, data_dir):
+    change, message = CONFIG_DAMAGE[damage]
+    _edit_json(run_copy / runs.CONFIG, change)
+    _one_line_error(cli("report", run_copy, "--data", data_dir), f"config.json: {message}")
+
+
+@pytest.mark.slow
+def test_a_report_reads_a_config_without_its_optional_records(run_copy, cli, data_dir):
+    _edit_json(run_copy / runs.CONFIG, lambda c: c.update(split=None, environment=None))
+    result = cli("report", run_copy, "--data", data_dir)
+    assert result.returncode == 0, result.stderr
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("damage", sorted(CALIBRATION_DAMAGE))
 def test_a_damaged_calibration_record_is_a_user_error_before_the_report(run_copy, damage, cli, data_dir):

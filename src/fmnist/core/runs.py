@@ -252,6 +252,14 @@ def read_config(run_dir: Path) -> dict:
     for section in ("split", "environment"):  # optional, but read as records where present
         if config.get(section) is not None and not isinstance(config[section], dict):
             raise UserError(f"config.json: '{section}' must be a JSON object ({path})")
+    counts = [("split", key) for key in ("train", "validation")] + [("model", "parameters")]
+    for section, key in counts:  # what the report and the run table print as counts
+        value = (config.get(section) or {}).get(key)
+        if value is not None and not (_is_whole(value) and value >= 0):
+            raise UserError(f"config.json: '{section}.{key}' must be a whole number, got {_short(value)} ({path})")
+    files = config["data"].get("files")
+    if files is not None and not (isinstance(files, dict) and all(isinstance(f, dict) for f in files.values())):
+        raise UserError(f"config.json: 'data.files' must map each file to its record ({path})")
     return config
 
 

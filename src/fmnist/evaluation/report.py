@@ -55,7 +55,7 @@ def _shown_folder(directory: str) -> str:
 
 def _trained_on(config: dict, history: list[dict], pool: int | None) -> str:
     """'10,000 training images (of 54,000, --limit-train), 1 epoch': a small run must not read like a full one."""
-    split, train = config.get("split", {}), config["train"]
+    split, train = config.get("split") or {}, config["train"]
     images = split.get("train")
     limited = train.get("limit_train")
     epochs = len(history)
@@ -83,7 +83,7 @@ def _calibration_note(calibration: dict) -> str:
 def _html(run_dir: Path, config: dict, history: list[dict], metrics: dict, figures: dict[str, Path],
           extra: dict | None = None) -> str:
     extra = extra or {}
-    train, data, env = config["train"], config["data"], config.get("environment", {})
+    train, data, env = config["train"], config["data"], config.get("environment") or {}
     settings = [[k, v] for k, v in train.items() if k not in ("device", "precision")] + [
         ["parameters", f"{config['model'].get('parameters', 0):,}"],
         ["device", f"{train.get('device', '?')} -> {env.get('device', '?')} "
@@ -238,7 +238,7 @@ def build_report(run_dir: str | os.PathLike, data: FashionMNIST, test_logits: to
         drawn["misclassified"] = draw.misclassified(images, labels, probs)
         if metrics.get("calibration"):
             drawn["reliability"] = draw.reliability(metrics["calibration"])
-        validation = config.get("split", {}).get("validation")
+        validation = (config.get("split") or {}).get("validation")
         extra["pool"] = len(data.train_labels) - validation if validation is not None else None
         if model is not None:
             _explanations(model, data, probs, drawn)
