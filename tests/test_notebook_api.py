@@ -148,7 +148,9 @@ RUN_DAMAGE = {  # each made one `fmnist runs` exit 1 (and so list nothing) or pr
     "ece-negative": lambda d: _damage_calibration(d, -5.0),
     "history-epoch-inf": lambda d: (d / runs.HISTORY).write_text(
         (d / runs.HISTORY).read_text().replace("\n1,", "\ninf,", 1)),
-    "history-cr-only": lambda d: (d / runs.HISTORY).write_text("epoch,train_loss\r1,\"2\n")
+    "history-cr-only": lambda d: (d / runs.HISTORY).write_text("epoch,train_loss\r1,\"2\n"),
+    "history-epoch-huge": lambda d: (d / runs.HISTORY).write_text(
+        (d / runs.HISTORY).read_text().replace("\n1,", "\n1e300,", 1)),
 }
 
 

@@ -139,6 +139,16 @@ def test_export_refuses_weights_that_are_not_finite(run_copy, cli):
 
 
 @pytest.mark.slow
+def test_evaluate_warns_when_the_weights_give_nan_outputs(run_copy, cli, data_dir):
+    # It printed "loss nan" beside an accuracy of 10%, exit 0, and nothing else.
+    weights = runs.load_weights(run_copy / runs.WEIGHTS)
+    runs.atomic_write_bytes(run_copy / runs.WEIGHTS, runs.weights_bytes({k: v * float("nan") for k, v in weights.items()}))
+    result = cli("evaluate", run_copy, "--data", data_dir)
+    assert result.returncode == 0, result.stderr
+    assert "warning: 10,000 of 10,000 test images got NaN or infinite outputs" in result.stderr
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("name,command", [(runs.METRICS, "report"), (runs.CONFIG, "export"),
                                           (runs.WEIGHTS, "predict"), (runs.METRICS, "serve")])
 def test_a_fifo_in_place_of_a_run_file_is_refused_without_hanging(run_copy, name, command, cli):

@@ -313,6 +313,9 @@ def temperature_of(run_dir: Path) -> float:
     return float((metrics.get("calibration") or {}).get("temperature", 1.0))
 
 
+MAX_EPOCHS = 1_000_000  # far past any run; an epoch of 1e300 is damage, not history
+
+
 def read_history(run_dir: Path) -> list[dict]:
     path = Path(run_dir) / HISTORY
     if not path.exists():
@@ -326,6 +329,8 @@ def read_history(run_dir: Path) -> list[dict]:
     missing = [column for column in HISTORY_COLUMNS if column not in (reader.fieldnames or [])]
     if rows and missing:
         raise UserError(f"cannot read history: no column {', '.join(missing)} ({path})")
+    if any(not 1 <= row["epoch"] <= MAX_EPOCHS for row in rows):
+        raise UserError(f"cannot read history: an epoch outside 1..{MAX_EPOCHS:,} ({path})")
     return rows
 
 

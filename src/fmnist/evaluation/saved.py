@@ -46,10 +46,17 @@ def evaluate(run_dir: str | os.PathLike, data_dir: str | os.PathLike | None = No
     data = data or load_dataset(runs.data_dir_for(runs.read_config(run_dir), data_dir))
     logits, config = _test_logits(run_dir, data, device)
     metrics = metrics_on_test_set(logits, data)
+    warnings = []
     trained_on = config["data"].get("content_sha256")
     if trained_on and trained_on != data.source.content_sha256:
-        metrics["warning"] = (f"evaluated on different data than the run was trained on "
-                              f"('{data.source.release}' vs '{config['data']['release']}')")
+        warnings.append(f"evaluated on different data than the run was trained on "
+                        f"('{data.source.release}' vs '{config['data']['release']}')")
+    broken = int((~torch.isfinite(logits.float()).all(dim=1)).sum())
+    if broken:  # a NaN loss next to an accuracy would otherwise pass for a result
+        warnings.append(f"{broken:,} of {len(logits):,} test images got NaN or infinite outputs: the weights are "
+                        f"damaged or the run diverged")
+    if warnings:
+        metrics["warning"] = "; ".join(warnings)
     return metrics
 
 
