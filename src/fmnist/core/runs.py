@@ -25,6 +25,7 @@ metrics.json comes last of all. So at every instant (every prefix of the writes)
 from __future__ import annotations
 
 import csv
+import datetime
 import io
 import json
 import math
@@ -256,7 +257,9 @@ def read_config(run_dir: Path) -> dict:
     for section, key in counts:  # what the report and the run table print as counts
         value = (config.get(section) or {}).get(key)
         if value is not None and not (_is_whole(value) and value >= 0):
-            raise UserError(f"config.json: '{section}.{key}' must be a whole number, got {_short(value)} ({path})")
+            raise UserError(f"config.json: '{section}.{key}' must be a whole number, got {shown(value)} ({path})")
+    if config.get("created") is not None and not _is_date(config["created"]):  # the run table's date and wall time
+        raise UserError(f"config.json: 'created' must be a date and time, got {shown(config['created'])} ({path})")
     files = config["data"].get("files")
     if files is not None and not (isinstance(files, dict) and all(isinstance(f, dict) for f in files.values())):
         raise UserError(f"config.json: 'data.files' must map each file to its record ({path})")
@@ -272,9 +275,20 @@ METRIC_CHECKS = {"accuracy": lambda v: _is_number(v) and 0 <= v <= 1,
                      for row in v.values())}
 
 
-def _short(value) -> str:
+def shown(value) -> str:
+    """A value read from a file, for an error line: short, and a huge integer by its size."""
+    if _is_whole(value) and abs(value) > 10 ** 15:
+        return f"an integer of {len(str(abs(value)))} digits"  # read from JSON: 4,300 digits at most
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _is_date(value) -> bool:
+    try:
+        datetime.datetime.fromisoformat(value).timestamp()
+        return True
+    except (TypeError, ValueError, OverflowError, OSError):  # not text, not a date, out of range
+        return False
 
 
 def _is_calibration(value) -> bool:
@@ -287,7 +301,7 @@ def _is_calibration(value) -> bool:
             for row in rows)
 
     return (isinstance(value, dict) and _is_number(value.get("temperature")) and value["temperature"] > 0
-            and all(_is_number(value.get(k)) for k in ("test_ece_before", "test_ece_after"))
+            and all(_is_number(value.get(k)) and 0 <= value[k] <= 1 for k in ("test_ece_before", "test_ece_after"))
             and isinstance(value.get("fitted_on"), str)
             and bins(value.get("reliability_before")) and bins(value.get("reliability_after")))
 
@@ -303,7 +317,7 @@ def read_metrics(run_dir: Path) -> dict | None:
         raise UserError(f"metrics.json is not a JSON object ({path})")
     for key, ok in METRIC_CHECKS.items():
         if metrics.get(key) is not None and not ok(metrics[key]):
-            raise UserError(f"metrics.json: '{key}' has an unusable value {_short(metrics[key])} ({path})")
+            raise UserError(f"metrics.json: '{key}' has an unusable value {shown(metrics[key])} ({path})")
     return metrics
 
 
@@ -377,8 +391,6 @@ def new_run_dir(out: str | os.PathLike | None, model_name: str, config: dict, ro
     renamed once config.json is in it, so a stop at any instant leaves either no run folder
     or one that can be resumed. Refused before anything is made when the disk has less than
     ``needed_bytes`` free."""
-    import datetime
-
     if out is None:
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
         base = Path(root) / f"{model_name}-{stamp}"

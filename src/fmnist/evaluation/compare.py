@@ -50,13 +50,13 @@ def _check_runs(file: Path, summary: dict) -> None:
             value = run.get(measure)
             low, high = RANGES[measure]
             if value is not None and not (_finite_number(value) and low <= value <= high):
-                raise UserError(f"{file}: run {place} has {measure} {_shown(value)}, not a number from {low} "
+                raise UserError(f"{file}: run {place} has {measure} {runs.shown(value)}, not a number from {low} "
                                 f"to {high}")
         seed = run.get("seed")
         if seed is None:
             continue
         if not _is_seed(seed):
-            raise UserError(f"{file}: run {place} has seed {_shown(seed)}, not a whole number")
+            raise UserError(f"{file}: run {place} has seed {runs.shown(seed)}, not a whole number")
         if seed in seeds:
             raise UserError(f"{file}: seed {seed} appears in two runs")
         seeds.add(seed)
@@ -67,15 +67,7 @@ def _check_labels(file: Path, summary: dict) -> None:
     for key in ("model", "data_release"):
         value = summary.get(key)
         if value is not None and not (isinstance(value, str) and value.isprintable()):
-            raise UserError(f"{file}: {key} is {_shown(value)}, not one line of text")
-
-
-def _shown(value) -> str:
-    """A value for an error line: short, and a huge integer by its size."""
-    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > 10 ** 15:
-        return f"an integer of {len(str(abs(value)))} digits"  # read from JSON: 4,300 digits at most
-    text = repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."
+            raise UserError(f"{file}: {key} is {runs.shown(value)}, not one line of text")
 
 
 def _finite_number(value) -> bool:

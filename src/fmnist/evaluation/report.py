@@ -121,9 +121,7 @@ def _html(run_dir: Path, config: dict, history: list[dict], metrics: dict, figur
            + _embedded_png(figures["explanations"], "evidence maps of the top losses")]
           if "explanations" in figures else []),
         *(["<h2 id=embedding>Embedding map</h2><p>" + html.escape(extra["embedding_caption"]) + "</p>"
-           + extra["embedding"]] if "embedding" in extra else []),
-        *(["<h2 id=embedding>Embedding map</h2><p>" + html.escape(extra["embedding_missing"]) + "</p>"]
-          if "embedding_missing" in extra else []),
+           + extra.get("embedding", "")] if "embedding_caption" in extra else []),
         *(["<h2 id=calibration>Calibration</h2><p>" + html.escape(_calibration_note(metrics["calibration"]))
            + "</p>" + _embedded_png(figures["reliability"], "reliability diagram")]
           if "reliability" in figures else []),
@@ -188,7 +186,7 @@ def _start_embedding_map(model, data: FashionMNIST, extra: dict):
     features = embedding.penultimate_features(model, to_float(data.test_images[picked]))
     reason = embedding.why_not_projected(features)
     if reason:
-        extra["embedding_missing"] = f"No embedding map: {reason}."
+        extra["embedding_caption"] = f"No embedding map: {reason}."
         return None
     return picked, embedding.Projection(features)
 

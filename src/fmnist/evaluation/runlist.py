@@ -11,7 +11,6 @@ files cannot be read is listed with the problem instead of stopping the listing.
 from __future__ import annotations
 
 import datetime
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,43 +71,18 @@ def run_row(run_dir: Path, root: Path) -> dict:
     config = runs.read_config(run_dir)
     metrics = runs.read_metrics(run_dir) or {}
     history = runs.read_history(run_dir)
-    created = _checked(config.get("created"), _is_date, "config.json", "created", "a date and time")
+    created = config.get("created")
     wall = None
     if created and (run_dir / runs.METRICS).exists():  # from the folder's creation to metrics.json, written last
         started = datetime.datetime.fromisoformat(created).timestamp()
         wall = max(0.0, (run_dir / runs.METRICS).stat().st_mtime - started)
     name = str(run_dir.relative_to(root)) if run_dir != root else run_dir.name
-    images = _checked((config.get("split") or {}).get("train"), lambda v: _is_whole(v) and v >= 0, "config.json",
-                      "split.train", "a count of images")
-    ece = _checked((metrics.get("calibration") or {}).get("test_ece_after"),
-                   lambda v: _is_number(v) and 0 <= v <= 1, "metrics.json", "calibration.test_ece_after",
-                   "a number from 0 to 1")
-    return {"run": name, "path": str(run_dir), "model": config["train"]["model"], "train_images": images,
-            "epochs": len(history) if history else None, "wall_seconds": wall, "accuracy": metrics.get("accuracy"),
-            "ece": ece, "data_release": config["data"]["release"], "created": created}
-
-
-def _checked(value, ok, file: str, key: str, what: str):
-    """``value`` if it is None or passes ``ok``; else a UserError naming the file and key."""
-    if value is not None and not ok(value):
-        raise UserError(f"{file}: '{key}' is not {what}: {str(value)[:40]!r}")
-    return value
-
-
-def _is_whole(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _is_date(value) -> bool:
-    try:
-        datetime.datetime.fromisoformat(value).timestamp()
-        return True
-    except (TypeError, ValueError, OverflowError, OSError):  # not text, not a date, out of range
-        return False
+    return {"run": name, "path": str(run_dir), "model": config["train"]["model"],
+            "train_images": (config.get("split") or {}).get("train"),
+            "epochs": len(history) if history else None,
+            "wall_seconds": wall, "accuracy": metrics.get("accuracy"),
+            "ece": (metrics.get("calibration") or {}).get("test_ece_after"),
+            "data_release": config["data"]["release"], "created": created}
 
 
 @dataclass
