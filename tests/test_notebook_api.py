@@ -3,8 +3,10 @@ the run table (fmnist runs) and run folders side by side (fmnist compare)."""
 
 from __future__ import annotations
 
+import datetime
 import json
 import math
+import os
 import shutil
 
 import numpy as np
@@ -123,6 +125,10 @@ def test_runs_lists_every_run_folder_sorted_with_unfinished_and_damaged_ones_sho
     table = json.loads(done.stdout)
     assert [row["run"] for row in table["runs"]] == ["sweep/trial-0001", "a", "b"]  # best first, unfinished last
     assert table["runs"][2]["accuracy"] is None and table["runs"][1]["train_images"] == 10000
+    config, metrics = (json.loads((out / name).read_text()) for name in (runs.CONFIG, runs.METRICS))
+    trained = (datetime.datetime.fromisoformat(metrics["finished"])
+               - datetime.datetime.fromisoformat(config["created"])).total_seconds()
+    assert table["runs"][1]["wall_seconds"] == trained  # the training's, not the copy's
     assert len(table["problems"]) == 1 and "broken" in table["problems"][0]
     text = cli("runs", tmp_path)
     assert text.returncode == 0 and "test acc" in text.stdout and "broken" in text.stderr
@@ -151,6 +157,12 @@ RUN_DAMAGE = {  # each made one `fmnist runs` exit 1 (and so list nothing) or pr
     "history-cr-only": lambda d: (d / runs.HISTORY).write_text("epoch,train_loss\r1,\"2\n"),
     "history-epoch-huge": lambda d: (d / runs.HISTORY).write_text(
         (d / runs.HISTORY).read_text().replace("\n1,", "\n1e300,", 1)),
+    "finished-not-a-date": lambda d: _damage_json(d / runs.METRICS, "finished", "soon"),
+    # each was skipped without a word
+    "config-fifo": lambda d: ((d / runs.CONFIG).unlink(), os.mkfifo(d / runs.CONFIG)),
+    "config-broken-link": lambda d: ((d / runs.CONFIG).unlink(), (d / runs.CONFIG).symlink_to(d / "gone")),
+    "weights-folder": lambda d: ((d / runs.WEIGHTS).unlink(), (d / runs.WEIGHTS).mkdir()),
+    "weights-broken-link": lambda d: ((d / runs.WEIGHTS).unlink(), (d / runs.WEIGHTS).symlink_to(d / "gone")),
 }
 
 

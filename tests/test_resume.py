@@ -280,3 +280,25 @@ def test_a_second_training_on_the_same_cores_is_warned_about(small_data_dir, tmp
         assert str(other.pid) in warning
         if not set(other_trainers()) - {other.pid}:  # (a training started by someone else adds its threads)
             assert "other fmnist training" not in shared.stderr
+
+
+def test_a_wrapper_of_a_training_is_not_counted_as_a_second_one(tmp_path):
+    # `timeout 60 fmnist train`: both command lines name fmnist and train; one training runs.
+    wrapped = [sys.executable, "-c", "import time; time.sleep(60)", "fmnist", "train"]
+    wrapper = subprocess.Popen(["timeout", "60", *wrapped])
+    try:
+        deadline = time.monotonic() + 10
+        while len(set(other_trainers()) & _children_and(wrapper.pid)) < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        counted = set(other_trainers()) & _children_and(wrapper.pid)
+        assert len(counted) == 1 and wrapper.pid not in counted, counted
+    finally:
+        for pid in _children_and(wrapper.pid) - {wrapper.pid}:  # timeout does not pass SIGKILL on
+            os.kill(pid, signal.SIGKILL)
+        wrapper.kill()
+        wrapper.wait()
+
+
+def _children_and(pid: int) -> set[int]:
+    children = Path(f"/proc/{pid}/task/{pid}/children")
+    return {pid, *map(int, children.read_text().split())} if children.exists() else {pid}

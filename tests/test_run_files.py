@@ -98,6 +98,9 @@ CONFIG_DAMAGE = {  # each made `fmnist report` exit 1 (AttributeError, TypeError
     "parameters-text": (lambda c: c["model"].update(parameters="many"), "'model.parameters' must be a whole"),
     "files-list": (lambda c: c["data"].update(files=[1]), "'data.files' must map"),
     "files-entry-number": (lambda c: c["data"].update(files={"train_images": 5}), "'data.files' must map"),
+    # a number or a cut digest made 'fmnist evaluate' warn of "different data" naming one release twice
+    "digest-number": (lambda c: c["data"].update(content_sha256=5), "'data.content_sha256' must be 64 hex"),
+    "digest-short": (lambda c: c["data"].update(content_sha256="0" * 12), "'data.content_sha256' must be 64 hex"),
 }
 
 
@@ -107,6 +110,15 @@ def test_a_damaged_config_entry_the_report_prints_is_a_user_error(run_copy, dama
     change, message = CONFIG_DAMAGE[damage]
     _edit_json(run_copy / runs.CONFIG, change)
     _one_line_error(cli("report", run_copy, "--data", data_dir), f"config.json: {message}")
+
+
+def test_a_recorded_data_folder_that_is_gone_is_said_before_the_usual_search(tmp_path, monkeypatch):
+    monkeypatch.delenv("FMNIST_DATA", raising=False)
+    config = {"data": {"directory": str(tmp_path / "moved")}}
+    with pytest.warns(UserWarning, match="the data folder this run was trained on is gone"):
+        assert runs.data_dir_for(config) is None
+    (tmp_path / "moved").mkdir()
+    assert runs.data_dir_for(config) == str(tmp_path / "moved")
 
 
 @pytest.mark.slow

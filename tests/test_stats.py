@@ -38,7 +38,9 @@ def test_welch_is_scipys_unequal_variance_t_test():
     assert not same["significant"] and same["ci_low"] < 0 < same["ci_high"]
     assert welch([0.9], BEST)["p_value"] is None  # one run on a side: nothing to test
     constant = welch([0.99] * 5, [0.99] * 3)  # the means differ by rounding only
-    assert constant["difference"] == 0.0 and constant["p_value"] == 1.0 and not constant["significant"]
+    assert constant["difference"] == 0.0 and constant["p_value"] is None and "no spread" in constant["note"]
+    moved = welch([0.99] * 3, [0.995] * 3)  # was "p = 0, significant" beside the paired test's "no spread"
+    assert moved["difference"] == pytest.approx(0.005) and moved["p_value"] is None
 
 
 def test_the_paired_test_is_scipys_over_the_seeds_both_sides_have():

@@ -30,6 +30,7 @@ import io
 import json
 import math
 import os
+import re
 import stat
 import tempfile
 import zipfile
@@ -260,6 +261,9 @@ def read_config(run_dir: Path) -> dict:
             raise UserError(f"config.json: '{section}.{key}' must be a whole number, got {shown(value)} ({path})")
     if config.get("created") is not None and not _is_date(config["created"]):  # the run table's date and wall time
         raise UserError(f"config.json: 'created' must be a date and time, got {shown(config['created'])} ({path})")
+    digest = config["data"].get("content_sha256")
+    if digest is not None and not (isinstance(digest, str) and re.fullmatch("[0-9a-f]{64}", digest)):
+        raise UserError(f"config.json: 'data.content_sha256' must be 64 hex digits, got {shown(digest)} ({path})")
     files = config["data"].get("files")
     if files is not None and not (isinstance(files, dict) and all(isinstance(f, dict) for f in files.values())):
         raise UserError(f"config.json: 'data.files' must map each file to its record ({path})")
@@ -270,6 +274,7 @@ def read_config(run_dir: Path) -> dict:
 METRIC_CHECKS = {"accuracy": lambda v: _is_number(v) and 0 <= v <= 1,
                  "best_epoch": lambda v: _is_whole(v) and v >= 0,
                  "calibration": lambda v: _is_calibration(v),
+                 "finished": lambda v: _is_date(v),
                  "per_class": lambda v: isinstance(v, dict) and all(
                      isinstance(row, dict) and (row.get("recall") is None or _is_number(row["recall"]))
                      for row in v.values())}
@@ -426,11 +431,19 @@ def _remove_tree(path: Path) -> None:
 def data_dir_for(config: dict, data_dir: str | os.PathLike | None = None) -> str | os.PathLike | None:
     """Where a command that reads a run finds the data: ``data_dir`` (--data), else
     $FMNIST_DATA, else the folder the run was trained on if it still exists, else the usual
-    search (None), which may end in a download."""
+    search (None), which may end in a download: a warning says the recorded folder is gone."""
     if data_dir is not None or os.environ.get("FMNIST_DATA"):
         return data_dir
     directory = config.get("data", {}).get("directory")
-    return directory if isinstance(directory, str) and directory and Path(directory).is_dir() else None
+    if not (isinstance(directory, str) and directory):
+        return None
+    if Path(directory).is_dir():
+        return directory
+    import warnings
+
+    warnings.warn(f"the data folder this run was trained on is gone ({directory}); looking in the usual places "
+                  f"(--data, $FMNIST_DATA, the user cache, a download)", stacklevel=2)
+    return None
 
 
 @contextmanager

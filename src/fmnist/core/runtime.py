@@ -101,10 +101,12 @@ def set_threads(threads: int) -> int:
 
 def other_trainers() -> list[int]:
     """Process ids of other ``fmnist train`` / ``fmnist sweep`` processes on this machine
-    (Linux /proc; an empty list elsewhere)."""
-    found, me, parent = [], os.getpid(), os.getppid()
+    (Linux /proc; an empty list elsewhere). A wrapper whose command line names one (``timeout
+    600 fmnist train``, ``time fmnist train``, torchrun) is not counted beside it, and this
+    process's own wrappers are not counted at all."""
+    found = {}  # pid -> parent pid
     for entry in os.scandir("/proc") if os.path.isdir("/proc") else ():
-        if not entry.name.isdigit() or int(entry.name) in (me, parent):
+        if not entry.name.isdigit():
             continue
         try:
             with open(f"/proc/{entry.name}/cmdline", "rb") as handle:
@@ -113,8 +115,21 @@ def other_trainers() -> list[int]:
             continue
         names = [word.rsplit(b"/", 1)[-1] for word in words]
         if any(name in (b"fmnist", b"torchrun") for name in names) and (b"train" in words or b"sweep" in words):
-            found.append(int(entry.name))
-    return found
+            found[int(entry.name)] = _parent_of(int(entry.name))
+    mine, pid = set(), os.getpid()
+    while pid > 1 and pid not in mine:  # this process and its ancestors
+        mine.add(pid)
+        pid = _parent_of(pid) or 0
+    wrappers = set(found.values())
+    return sorted(pid for pid in found if pid not in mine and pid not in wrappers)
+
+
+def _parent_of(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            return int(handle.read().rsplit(b")", 1)[1].split()[1])  # after "(comm)": state, ppid
+    except (OSError, IndexError, ValueError):  # gone meanwhile
+        return None
 
 
 def warn_if_oversubscribed() -> None:

@@ -48,8 +48,8 @@ def find_run_dirs(folder: Path) -> list[Path]:
         if real in seen:  # a link back up the tree (or to a folder already listed): once is enough
             return
         seen.add(real)
-        if (path / runs.CONFIG).is_file() and (path / runs.WEIGHTS).is_file():
-            found.append(path)
+        if all(os.path.lexists(path / name) for name in (runs.CONFIG, runs.WEIGHTS)):  # a broken link or a
+            found.append(path)                                                        # FIFO too: a problem line
             return
         if depth >= MAX_DEPTH:
             return
@@ -68,14 +68,18 @@ def run_row(run_dir: Path, root: Path) -> dict:
     """One run's row (values None where the run does not say)."""
     from ..core import runs
 
-    config = runs.read_config(run_dir)
+    config = runs.read_config(run_dir)  # refuses a config.json that is not a regular file
+    weights = run_dir / runs.WEIGHTS
+    if not weights.is_file():
+        raise UserError(f"{runs.WEIGHTS} is {'not a regular file' if weights.exists() else 'a broken link'}")
     metrics = runs.read_metrics(run_dir) or {}
     history = runs.read_history(run_dir)
     created = config.get("created")
     wall = None
-    if created and (run_dir / runs.METRICS).exists():  # from the folder's creation to metrics.json, written last
-        started = datetime.datetime.fromisoformat(created).timestamp()
-        wall = max(0.0, (run_dir / runs.METRICS).stat().st_mtime - started)
+    if created and metrics:  # from the folder's creation to metrics.json, written last
+        ended = (datetime.datetime.fromisoformat(metrics["finished"]).timestamp() if metrics.get("finished")
+                 else (run_dir / runs.METRICS).stat().st_mtime)  # runs from before 'finished' was recorded
+        wall = max(0.0, ended - datetime.datetime.fromisoformat(created).timestamp())
     name = str(run_dir.relative_to(root)) if run_dir != root else run_dir.name
     return {"run": name, "path": str(run_dir), "model": config["train"]["model"],
             "train_images": (config.get("split") or {}).get("train"),

@@ -41,11 +41,9 @@ def welch(a: list[float], b: list[float], confidence: float = CONFIDENCE) -> dic
                 "note": "needs at least two runs on each side"}
     va, vb = statistics.variance(a) / len(a), statistics.variance(b) / len(b)
     difference = statistics.fmean(b) - statistics.fmean(a)
-    if va + vb == 0:  # identical runs on both sides: no spread to test against
-        difference = _rounding_is_zero(difference, a + b)
-        return {"difference": difference, "p_value": 0.0 if difference else 1.0, "significant": difference != 0,
-                "ci_low": difference, "ci_high": difference, "t": None, "df": None,
-                "confidence": confidence}
+    if va + vb == 0:  # every run alike on each side (as the paired test's "same amount"): no test
+        return {"difference": _rounding_is_zero(difference, a + b), "p_value": None, "significant": None,
+                "note": "every run on each side gave the same value: no spread to test against"}
     share_a, share_b = va / (va + vb), vb / (va + vb)  # the Welch-Satterthwaite df from shares:
     df = 1 / (share_a ** 2 / (len(a) - 1) + share_b ** 2 / (len(b) - 1))  # no square over- or underflows
     t = difference / math.sqrt(va + vb)

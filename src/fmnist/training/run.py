@@ -20,6 +20,7 @@ Ctrl-C and SIGTERM stop it at any of these points without losing what was saved.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import math
 import os
 import signal
@@ -156,7 +157,6 @@ class Run:
 
     def _config_record(self) -> dict:
         import dataclasses
-        import datetime
 
         record = {
             "train": dataclasses.asdict(self.config),
@@ -265,6 +265,8 @@ class Run:
         ood_summary = self._fit_ood(metrics)
         self.events.run_end(self, metrics, test_logits)
         self._write_card(metrics, ood_summary)
+        # the run table's wall time ends here, whatever a later copy does to the file's mtime
+        metrics["finished"] = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
         runs.write_json(self.run_dir / runs.METRICS, metrics)
         return metrics
 
