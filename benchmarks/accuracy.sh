@@ -4,7 +4,7 @@
 # CPU preset and the notebook, back to back on the same machine, one fresh `fmnist train`
 # process per seed, the machine otherwise idle.
 #
-#   bash benchmarks/accuracy.sh                  # Keras ~3 min, notebook 3 x 1 min, fast 5 x 1 min, best-cpu 3 x 20 min
+#   bash benchmarks/accuracy.sh                  # Keras ~3 min, notebook 3 x 1 min, fast 5 x 1 min, best-cpu 3 x 30 min
 #   MODELS="fast" SEEDS="0 1 2 3 4" bash benchmarks/accuracy.sh
 #
 # Runs land in $OUT (default results/), reused if a rerun finds them finished; the tables are

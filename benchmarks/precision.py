@@ -26,8 +26,9 @@ from fmnist.training.config import TrainConfig
 from fmnist.training.optim import make_optimizer
 
 NETS = {  # name: the ConvNet's arguments
-    "fast (32-64-128, 1 conv a group)": {"widths": (32, 64, 128), "depth": 1},
-    "best-cpu (32-64-128, 2 convs a group)": {"widths": (32, 64, 128), "depth": 2},
+    "32-64-128, 1 conv a group (an earlier fast)": {"widths": (32, 64, 128), "depth": 1},
+    "fast (32-64-128, 2 convs a group)": {"widths": (32, 64, 128), "depth": 2},
+    "best-cpu (48-96-192, 2 convs a group)": {"widths": (48, 96, 192), "depth": 2},
     "64-128-256, 2 convs a group": {"widths": (64, 128, 256), "depth": 2},
 }
 BATCH = 128

@@ -59,8 +59,8 @@ def test_bench_quick_json(quick_bench):
     presets = {row["preset"]: row for row in report["presets"]}
     assert set(presets) == {"fast", "best-cpu"}  # `best` is for GPUs
     assert presets["fast"]["step"] == presets["best-cpu"]["step"] == "autograd"
-    # fast is best-cpu's net with a whitening first layer: one convolution of the same size
-    assert presets["fast"]["executed_flops_per_image"] == presets["best-cpu"]["executed_flops_per_image"]
+    # fast is best-cpu's design, narrower: less work per image, more images per second
+    assert presets["fast"]["executed_flops_per_image"] < presets["best-cpu"]["executed_flops_per_image"]
     assert all(row["images_per_second"] > 0 and row["hardware_use"] > 0 for row in presets.values())
     quantized = {row["model"]: row for row in report["quantized"]}
     assert set(quantized) == {"fp32", "int8"} and quantized["int8"]["bytes"] < quantized["fp32"]["bytes"]

@@ -89,8 +89,9 @@ def test_only_plain_2x2_max_pools_are_switched_and_the_state_is_untouched():
 
 def _train_steps(precision: str, fast_pools: bool, steps: int = 3) -> dict:
     torch.manual_seed(0)
-    model = create_model("best-cpu", widths=(8, 16, 32), depth=(1, 2, 2))
-    config = TrainConfig(model="best-cpu", model_args={"widths": (8, 16, 32), "depth": (1, 2, 2)}).resolved()
+    model = create_model("best-cpu", widths=(8, 16, 32), depth=(1, 2, 2), whiten=False)
+    config = TrainConfig(model="best-cpu",
+                         model_args={"widths": (8, 16, 32), "depth": (1, 2, 2), "whiten": False}).resolved()
     step = make_step(model, make_optimizer(model, config), precision=precision, label_smoothing=0.1)
     if not fast_pools:  # the same step with PyTorch's pooling back
         pooling.use_stock_max_pools(model)
