@@ -156,12 +156,14 @@ def snapshot(run_dir: Path) -> dict:
     checkpoint = runs.load_checkpoint(run_dir / runs.CHECKPOINT)
     config = runs.read_json(run_dir / runs.CONFIG)
     config.pop("created")
+    metrics = runs.read_json(run_dir / runs.METRICS)
+    metrics.pop("finished")  # a clock reading, like config's "created"; present in every finished run
     return {
         "files": sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob("*")),
         "weights": {k: v.tolist() for k, v in weights.items()},
         "weights_metadata": runs.weights_metadata(run_dir / runs.WEIGHTS),
         "history": [{k: v for k, v in row.items() if k not in TIMINGS} for row in runs.read_history(run_dir)],
-        "metrics": runs.read_json(run_dir / runs.METRICS),
+        "metrics": metrics,
         "checkpoint_model": {k: v.tolist() for k, v in checkpoint["model"].items()},
         "checkpoint_epoch": checkpoint["epoch"],
         "config": config,
