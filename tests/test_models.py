@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
+from fmnist.core import runs
 from fmnist.core.errors import UserError
 from fmnist.models.notebook import NotebookCNN
 from fmnist.models.resnet import ResNet
@@ -230,3 +233,22 @@ def test_whitening_is_fitted_on_the_training_split_and_never_trained(data_subset
     expected = PatchWhitening(32)
     expected.fit(to_float(dataset.train_images[train_idx[:600]]))  # the training images only
     assert torch.equal(trained.groups[0][0].whitening.weight, expected.whitening.weight)  # fitted, never trained
+
+
+def test_a_run_folder_from_before_an_entry_gained_an_argument_loads_as_it_trained(tmp_path):
+    # best-cpu's config.json before `whiten` existed: every argument of the time, none of `whiten`
+    from fmnist.evaluation.saved import load_run_model
+    from fmnist.models.convnet import ConvNet, PatchWhitening
+    from fmnist.training.config import TrainConfig
+
+    old_args = {"widths": [8, 16, 32], "depth": 2}
+    trained = ConvNet(widths=(8, 16, 32), depth=2)  # the architecture's own default: no whitening
+    runs.save_weights(tmp_path / runs.WEIGHTS, trained)
+    config = {"train": {"model": "best-cpu", "epochs": 1, "model_args": old_args},
+              "data": {"release": "fashion-mnist 2017-08-26", "directory": "synthetic"},
+              "model": {"name": "best-cpu"}}
+    (tmp_path / runs.CONFIG).write_text(json.dumps(config))
+    model, _ = load_run_model(tmp_path)  # refused before: "groups.0.0.whitening.weight is missing"
+    assert not any(isinstance(m, PatchWhitening) for m in model.modules())
+    resumed = TrainConfig.from_record(config["train"], tmp_path / runs.CONFIG)
+    assert resumed.model_args == {**old_args, "whiten": False}

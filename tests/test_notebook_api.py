@@ -125,6 +125,9 @@ def test_runs_lists_every_run_folder_sorted_with_unfinished_and_damaged_ones_sho
     table = json.loads(done.stdout)
     assert [row["run"] for row in table["runs"]] == ["sweep/trial-0001", "a", "b"]  # best first, unfinished last
     assert table["runs"][2]["accuracy"] is None and table["runs"][1]["train_images"] == 10000
+    os.utime(tmp_path / "a" / runs.METRICS)  # a copy made now (copytree kept the original's time)
+    done = cli("runs", tmp_path, "--sort", "accuracy", "--json")
+    table = json.loads(done.stdout)
     config, metrics = (json.loads((out / name).read_text()) for name in (runs.CONFIG, runs.METRICS))
     trained = (datetime.datetime.fromisoformat(metrics["finished"])
                - datetime.datetime.fromisoformat(config["created"])).total_seconds()

@@ -544,7 +544,7 @@ def build_parser() -> argparse.ArgumentParser:
         group.add_argument("--model", metavar="NAME",
                            help="a registered model (default: notebook; 'fmnist models' lists them)")
         group.add_argument("--model-args", type=_json_object, metavar="JSON",
-                           help='arguments of the model\'s architecture to change, e.g. \'{"widths": [16, 32, 64]}\'')
+                           help='arguments of the model\'s architecture to change, e.g. \'{"widths": [24, 48, 96]}\'')
         group.add_argument("--seed", type=_whole_number(0), metavar="N",
                            help="seeds everything, the split included (default: 0)")
         group.add_argument("--limit-train", type=_positive_int, metavar="N", help="train on the first N images only")

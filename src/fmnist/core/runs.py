@@ -262,7 +262,7 @@ def read_config(run_dir: Path) -> dict:
     if config.get("created") is not None and not _is_date(config["created"]):  # the run table's date and wall time
         raise UserError(f"config.json: 'created' must be a date and time, got {shown(config['created'])} ({path})")
     digest = config["data"].get("content_sha256")
-    if digest is not None and not (isinstance(digest, str) and re.fullmatch("[0-9a-f]{64}", digest)):
+    if digest not in (None, "") and not (isinstance(digest, str) and re.fullmatch("[0-9a-f]{64}", digest)):
         raise UserError(f"config.json: 'data.content_sha256' must be 64 hex digits, got {shown(digest)} ({path})")
     files = config["data"].get("files")
     if files is not None and not (isinstance(files, dict) and all(isinstance(f, dict) for f in files.values())):
@@ -435,14 +435,14 @@ def data_dir_for(config: dict, data_dir: str | os.PathLike | None = None) -> str
     if data_dir is not None or os.environ.get("FMNIST_DATA"):
         return data_dir
     directory = config.get("data", {}).get("directory")
-    if not (isinstance(directory, str) and directory):
+    if not (isinstance(directory, str) and os.path.isabs(directory)):  # data given in memory: no folder
         return None
     if Path(directory).is_dir():
         return directory
     import warnings
 
-    warnings.warn(f"the data folder this run was trained on is gone ({directory}); looking in the usual places "
-                  f"(--data, $FMNIST_DATA, the user cache, a download)", stacklevel=2)
+    warnings.warn(f"the data folder this run was trained on is gone ({directory}): using the user cache or a "
+                  f"download (--data DIR or $FMNIST_DATA points elsewhere)", stacklevel=2)
     return None
 
 

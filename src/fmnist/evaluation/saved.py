@@ -11,7 +11,7 @@ from ..core import runs
 from ..core.errors import UserError
 from ..core.runtime import resolve_device
 from ..data.dataset import FashionMNIST, load_dataset, to_float
-from ..models.registry import create_model
+from ..models.registry import create_model, recorded_arguments
 from ..models.wrappers import with_test_time_flip
 from ..speed.inference import for_inference, predict_logits
 from .metrics import metrics_on_test_set
@@ -24,7 +24,7 @@ def load_run_model(run_dir: str | os.PathLike, device: str = "cpu") -> tuple[tor
     config = runs.read_config(path)
     settings = config["train"]
     try:
-        model = create_model(settings["model"], **(settings.get("model_args") or {}))
+        model = create_model(settings["model"], **recorded_arguments(settings["model"], settings.get("model_args")))
     except UserError as exc:
         raise UserError(f"{exc} ({path / runs.CONFIG})") from None
     runs.load_weights_into(model, path / runs.WEIGHTS, settings["model"])

@@ -58,6 +58,20 @@ def model_arguments(name: str, overrides: dict | None = None) -> dict:
     return {**model_entry(name).arguments, **(overrides or {})}
 
 
+def recorded_arguments(name: str, recorded: dict | None) -> dict:
+    """The architecture's arguments of a run folder's config.json: all of them as they were when
+    it trained. One the entry has gained since (``whiten`` for ``best-cpu``) was the
+    architecture's own default then, not the entry's value now; None (no record) is the entry's."""
+    import inspect
+
+    entry = model_entry(name)
+    if recorded is None:
+        return dict(entry.arguments)
+    defaults = {key: spec.default for key, spec in inspect.signature(entry.architecture).parameters.items()
+                if key in entry.arguments and spec.default is not inspect.Parameter.empty}
+    return {**defaults, **recorded}
+
+
 def recipes() -> dict[str, Recipe]:
     """Every registered model's recipe, by name."""
     return {name: ENTRIES[name].recipe for name in list_models()}

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ..core.errors import UserError
 from ..models.recipe import RECIPE_FIELDS, Recipe
-from ..models.registry import canonical_name, model_arguments, model_entry
+from ..models.registry import canonical_name, model_arguments, model_entry, recorded_arguments
 
 OLD_NAMES = {"adam_eps": "eps", "fast": "speedups"}  # config.json of earlier versions
 
@@ -72,6 +72,9 @@ class RunSettings:
         if unknown:
             raise UserError(f"unknown training settings in config.json: {', '.join(unknown)} ({where})")
         try:
+            if "model" in saved and isinstance(saved.get("model_args"), (dict, type(None))):
+                # an argument the entry gained since takes the value the run trained with
+                saved["model_args"] = recorded_arguments(canonical_name(saved["model"]), saved.get("model_args"))
             return TrainConfig(**saved).resolved()
         except UserError as exc:
             raise UserError(f"{exc} in config.json ({where})") from None
