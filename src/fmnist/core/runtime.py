@@ -116,7 +116,7 @@ def other_trainers() -> list[int]:
         names = [word.rsplit(b"/", 1)[-1] for word in words]
         if any(name in (b"fmnist", b"torchrun") for name in names) and (b"train" in words or b"sweep" in words):
             found[int(entry.name)] = _parent_of(int(entry.name))
-    mine, pid = {os.getpid()}, _parent_of(os.getpid()) or 0  # this process (pid 1 in a container too)
+    mine, pid = {os.getpid()}, os.getppid()  # this process (pid 1 in a container too)
     while pid > 1 and pid not in mine:  # and its ancestors
         mine.add(pid)
         pid = _parent_of(pid) or 0

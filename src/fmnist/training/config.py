@@ -74,7 +74,7 @@ class RunSettings:
         try:
             if "model" in saved and isinstance(saved.get("model_args"), (dict, type(None))):
                 # an argument the entry gained since takes the value the run trained with
-                saved["model_args"] = recorded_arguments(canonical_name(saved["model"]), saved.get("model_args"))
+                saved["model_args"] = recorded_arguments(saved["model"], saved.get("model_args"))
             return TrainConfig(**saved).resolved()
         except UserError as exc:
             raise UserError(f"{exc} in config.json ({where})") from None
