@@ -161,12 +161,12 @@ RUN_DAMAGE = {  # each made one `fmnist runs` exit 1 (and so list nothing) or pr
     "history-epoch-huge": lambda d: (d / runs.HISTORY).write_text(
         (d / runs.HISTORY).read_text().replace("\n1,", "\n1e300,", 1)),
     "finished-not-a-date": lambda d: _damage_json(d / runs.METRICS, "finished", "soon"),
-    # each was skipped without a word
-    "config-fifo": lambda d: ((d / runs.CONFIG).unlink(), os.mkfifo(d / runs.CONFIG)),
-    "config-broken-link": lambda d: ((d / runs.CONFIG).unlink(), (d / runs.CONFIG).symlink_to(d / "gone")),
-    "weights-folder": lambda d: ((d / runs.WEIGHTS).unlink(), (d / runs.WEIGHTS).mkdir()),
-    "weights-broken-link": lambda d: ((d / runs.WEIGHTS).unlink(), (d / runs.WEIGHTS).symlink_to(d / "gone")),
 }
+# Either file of a run as anything but a regular file: each such folder was skipped without a word.
+NOT_A_FILE = {"fifo": os.mkfifo, "folder": os.mkdir, "broken-link": lambda path: os.symlink(path.parent / "gone", path)}
+RUN_DAMAGE.update({
+    f"{name.split('.')[0]}-{kind}": lambda d, name=name, make=make: ((d / name).unlink(), make(d / name))
+    for name in (runs.CONFIG, runs.WEIGHTS) for kind, make in NOT_A_FILE.items()})
 
 
 @pytest.mark.slow
