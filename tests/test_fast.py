@@ -246,16 +246,31 @@ def test_flushing_denormals_changes_no_training_result(dataset, monkeypatch):
 def test_inference_through_the_kernels_gives_the_stock_logits(layout):
     from fmnist.speed import make_predictor
     from fmnist.speed.inference import predict_logits
-    from fmnist.models.wrappers import with_test_time_flip
+    from fmnist.models.wrappers import with_test_time_augmentation
 
     model = create_model("notebook").to(memory_format=layout).eval()
     images = torch.rand(300, 1, 28, 28)
     assert make_predictor(model) is not model
+
+    def moved(x, dx):  # dx pixels to the right, the emptied column black
+        out = torch.zeros_like(x)
+        if dx >= 0:
+            out[..., dx:] = x[..., :28 - dx]
+        else:
+            out[..., :dx] = x[..., -dx:]
+        return out
+
     with torch.no_grad():
         expected = model(images)
         flipped = (model(images) + model(images.flip(3))) / 2
+        views = [moved(images, dx) for dx in (0, 1, -1)]
+        shifted = sum(model(v) + model(v.flip(3)) for v in views) / 6
     torch.testing.assert_close(predict_logits(model, images, batch_size=128), expected, rtol=0, atol=1e-5)
-    torch.testing.assert_close(predict_logits(with_test_time_flip(model).eval(), images), flipped, rtol=0, atol=1e-5)
+    augmented = with_test_time_augmentation(model, flip=True).eval()
+    torch.testing.assert_close(predict_logits(augmented, images), flipped, rtol=0, atol=1e-5)
+    augmented = with_test_time_augmentation(model, flip=True, shift=1).eval()
+    torch.testing.assert_close(predict_logits(augmented, images), shifted, rtol=0, atol=1e-5)
+    torch.testing.assert_close(augmented(images), shifted, rtol=0, atol=1e-5)  # the plain forward agrees
 
 
 def test_inference_through_the_kernels_steps_aside_where_it_would_differ():

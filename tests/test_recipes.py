@@ -62,7 +62,8 @@ def test_every_recipe_field_is_a_config_field_a_flag_a_check_and_a_record(name, 
         build_parser().parse_args(["train", "--help"])
     assert "".join(knob.help.split()) in "".join(capsys.readouterr().out.split())  # wrapped anywhere
     # the checks, in Python and on the command line
-    config = TrainConfig(**{name: value}, **({"hflip": True} if name == "tta_flip" else {})).resolved()
+    needs = {"tta_flip": {"hflip": True}, "tta_shift": {"crop_padding": 8}}.get(name, {})  # the views it trained on
+    config = TrainConfig(**{name: value}, **needs).resolved()
     assert getattr(config, name) == value
     bad = _out_of_range(name)
     if bad is not None:
@@ -94,6 +95,7 @@ def test_options_that_are_not_given_take_the_models_recipe():
     ("epochs", "ten", "epochs must be a whole number of at least 1"), ("lr", float("nan"), "lr must be"),
     ("seed", -5, "seed must be"), ("tta_flip", True, "unless hflip"), ("model_args", [1], "model_args must be"),
     ("warmup_epochs", 20.0, "warmup_epochs must be at most epochs"),
+    ("tta_shift", 1, r"tta_shift must be at most crop_padding \(0\)"),
 ])
 def test_bad_values_are_user_errors_worded_for_the_caller(field, value, message):
     with pytest.raises(UserError, match=message) as info:

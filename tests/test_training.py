@@ -141,7 +141,7 @@ def test_ema_erasing_and_flip_averaging_run_and_are_kept(dataset, tmp_path):
     import torch
 
     from fmnist.evaluation.saved import evaluate
-    from fmnist.models.wrappers import FlipAveraged
+    from fmnist.models.wrappers import TestTimeAugmented
     from fmnist.evaluation.saved import load_run_model
 
     config = TrainConfig(model="notebook", epochs=2, limit_train=400, ema_decay=0.9, erasing=0.5, hflip=True, tta_flip=True,
@@ -155,7 +155,7 @@ def test_ema_erasing_and_flip_averaging_run_and_are_kept(dataset, tmp_path):
         assert all(torch.equal(kept[k], ema[k].contiguous()) for k in kept)
         assert not all(torch.equal(kept[k], state["model"][k].contiguous()) for k in kept)
     model, _ = load_run_model(tmp_path / "r")
-    assert isinstance(model, FlipAveraged)
+    assert isinstance(model, TestTimeAugmented)
     assert evaluate(tmp_path / "r", data=dataset)["accuracy"] == result.metrics["accuracy"]
     assert [row["lr"] for row in result.history][0] < config.resolved().lr  # warming up
 
@@ -165,7 +165,7 @@ def test_ema_erasing_and_flip_averaging_run_and_are_kept(dataset, tmp_path):
 def test_the_gpu_preset_runs_end_to_end_on_a_cpu(tmp_path):
     """`best` as a GPU would run it (its architecture, EMA, erasing, flip averaging, the run
     folder and report), shrunk to one epoch of a tiny synthetic set so that a CPU takes seconds."""
-    from fmnist.models.wrappers import FlipAveraged
+    from fmnist.models.wrappers import TestTimeAugmented
     from fmnist.evaluation.saved import load_run_model
 
     from .conftest import write_idx_set
@@ -177,5 +177,5 @@ def test_the_gpu_preset_runs_end_to_end_on_a_cpu(tmp_path):
     recorded = runs.read_config(tmp_path / "best")["train"]
     assert recorded["model_args"] == {"widths": [128, 256, 512], "depth": 3} and recorded["ema_decay"] == 0.999
     model, _ = load_run_model(tmp_path / "best")
-    assert isinstance(model, FlipAveraged)
+    assert isinstance(model, TestTimeAugmented)
     assert (tmp_path / "best" / runs.REPORT).exists()

@@ -42,7 +42,7 @@ def sample_indices(labels: np.ndarray, count: int | None = None, seed: int = 0) 
 def _last_linear(model):
     import torch
 
-    inner = getattr(model, "model", model)  # inside flip averaging: the features of the image itself
+    inner = getattr(model, "model", model)  # inside test-time augmentation: the features of the image itself
     linears = [m for m in inner.modules() if isinstance(m, torch.nn.Linear)]
     if not linears:
         raise ValueError(f"{type(inner).__name__} has no linear layer whose input is a feature vector")

@@ -58,7 +58,7 @@ def classifier_head(model: torch.nn.Module) -> torch.nn.Linear:
 
 def logits_and_features(model: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The logits and the classifier head's input, averaged over the calls a wrapper makes
-    (a flip-averaging model calls the head twice; its logits are the average of both)."""
+    (a test-time-augmented model calls the head once per view; its logits are the average of all)."""
     seen = []
     handle = classifier_head(model).register_forward_pre_hook(lambda module, args: seen.append(args[0]))
     try:

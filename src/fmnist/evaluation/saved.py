@@ -12,7 +12,7 @@ from ..core.errors import UserError
 from ..core.runtime import resolve_device
 from ..data.dataset import FashionMNIST, load_dataset, to_float
 from ..models.registry import create_model, recorded_arguments
-from ..models.wrappers import with_test_time_flip
+from ..models.wrappers import with_test_time_augmentation
 from ..speed.inference import for_inference, predict_logits
 from .metrics import metrics_on_test_set
 
@@ -29,8 +29,8 @@ def load_run_model(run_dir: str | os.PathLike, device: str = "cpu") -> tuple[tor
         raise UserError(f"{exc} ({path / runs.CONFIG})") from None
     runs.load_weights_into(model, path / runs.WEIGHTS, settings["model"])
     model = for_inference(model.to(resolve_device(device)))
-    if settings.get("tta_flip"):
-        model = with_test_time_flip(model)
+    # a run recorded before tta_shift existed averaged no shifted views
+    model = with_test_time_augmentation(model, bool(settings.get("tta_flip")), settings.get("tta_shift", 0))
     return model.eval(), config
 
 

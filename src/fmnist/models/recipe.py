@@ -113,6 +113,8 @@ class Recipe:
     ema_decay: float = knob(0.0, "exponential moving average of the weights per step (0: off)", minimum=0,
                             below=1, metavar="D")
     tta_flip: bool = knob(False, "evaluate each image and its mirror image, averaging the logits")
+    tta_shift: int = knob(0, "evaluate copies moved 1 to S pixels left and right too (mirrored too with "
+                             "tta_flip), averaging all the logits", minimum=0, maximum=8, metavar="S")
     precision: str = knob("auto", "auto = bf16 autocast on GPUs with native bf16, else fp32; bf16-native = "
                                   "bf16 wherever the hardware has it (AMX/AVX512-BF16 CPUs too), else fp32",
                           choices=PRECISIONS)
@@ -131,6 +133,8 @@ class Recipe:
         # gets them wrong, and averaging with them cost 10 points of validation accuracy.
         if self.tta_flip and not self.hflip:
             raise UserError("tta_flip must be off unless hflip trains on mirror images too")
+        if self.tta_shift > self.crop_padding:  # views the net never trained on
+            raise UserError(f"tta_shift must be at most crop_padding ({self.crop_padding}), got {self.tta_shift!r}")
 
 
 def _kind(spec: dataclasses.Field) -> type:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from ..data.idx import NUM_CLASSES
-from ..models.wrappers import FlipAveraged
+from ..models.wrappers import TestTimeAugmented
 
 # Chunk size for evaluation and prediction: large enough to amortise per-call overhead,
 # small enough that conv1's activations (26*26*32 floats an image) stay in cache
@@ -32,13 +32,13 @@ def predict_logits(model: torch.nn.Module, images: torch.Tensor,
 
 
 def _batch_forward(model: torch.nn.Module):
-    """What maps a batch to logits: the fast inference where it applies (inside the flip
-    averaging too), the model itself elsewhere."""
+    """What maps a batch to logits: the fast inference where it applies (inside test-time
+    augmentation too), the model itself elsewhere."""
     from . import make_predictor
 
-    if isinstance(model, FlipAveraged):
+    if isinstance(model, TestTimeAugmented):
         inner = _batch_forward(model.model)
-        return lambda x: (inner(x) + inner(x.flip(3))) / 2
+        return lambda x: model.average(inner, x)
     return make_predictor(model)
 
 

@@ -19,6 +19,7 @@ from ..models.recipe import RECIPE_FIELDS, Recipe
 from ..models.registry import canonical_name, model_arguments, model_entry, recorded_arguments
 
 OLD_NAMES = {"adam_eps": "eps", "fast": "speedups"}  # config.json of earlier versions
+NEUTRAL_RECIPE = dataclasses.asdict(Recipe())  # every hyperparameter off (no augmentation, no schedule)
 
 
 @dataclass
@@ -67,6 +68,8 @@ class RunSettings:
     def from_record(cls, saved: dict, where: Path) -> "TrainConfig":
         """The resolved settings config.json recorded (earlier versions' names included)."""
         saved = {OLD_NAMES.get(name, name): value for name, value in saved.items()}
+        if set(saved) & set(RECIPE_FIELDS):  # config.json records every hyperparameter of its version:
+            saved = {**NEUTRAL_RECIPE, **saved}  # one added since was off in that run
         known = {f.name for f in dataclasses.fields(TrainConfig)}
         unknown = sorted(set(saved) - known)
         if unknown:

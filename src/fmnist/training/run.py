@@ -45,7 +45,7 @@ from ..evaluation.metrics import metrics_on_test_set
 from ..models.registry import create_model
 from ..models.summary import count_parameters, forward_flops
 from ..speed import make_step
-from ..models.wrappers import with_test_time_flip
+from ..models.wrappers import with_test_time_augmentation
 from ..speed.inference import predict_logits
 from . import distributed
 from .checkpoint import Checkpointer, Progress, restore
@@ -135,7 +135,7 @@ class Run:
         self.scheduler = make_scheduler(self.optimizer, config, math.ceil(usable / config.batch_size))
         self.ema = make_ema(self.model, config.ema_decay)
         self.kept = self.ema.module if self.ema is not None else self.model  # the weights validated and kept
-        self.evaluated = with_test_time_flip(self.kept) if config.tta_flip else self.kept
+        self.evaluated = with_test_time_augmentation(self.kept, config.tta_flip, config.tta_shift)
         self.augmentation = augmentation_for(config.crop_padding, config.hflip, config.erasing)
         self.generator = torch.Generator().manual_seed(config.seed)  # shuffling and augmentation
         if world is not None:
