@@ -235,7 +235,7 @@ def test_whitening_is_fitted_on_the_training_split_and_never_trained(data_subset
     assert torch.equal(trained.groups[0][0].whitening.weight, expected.whitening.weight)  # fitted, never trained
 
 
-def test_a_run_folder_from_before_an_entry_gained_an_argument_loads_as_it_trained(tmp_path):
+def test_a_run_folder_from_before_an_entry_gained_an_argument_or_a_hyperparameter_loads_as_it_trained(tmp_path):
     # best-cpu's config.json before `whiten` existed: every argument of the time, none of `whiten`
     from fmnist.evaluation.saved import load_run_model
     from fmnist.models.convnet import ConvNet, PatchWhitening
@@ -244,11 +244,14 @@ def test_a_run_folder_from_before_an_entry_gained_an_argument_loads_as_it_traine
     old_args = {"widths": [8, 16, 32], "depth": 2}
     trained = ConvNet(widths=(8, 16, 32), depth=2)  # the architecture's own default: no whitening
     runs.save_weights(tmp_path / runs.WEIGHTS, trained)
-    config = {"train": {"model": "best-cpu", "epochs": 1, "model_args": old_args},
+    config = {"train": {"model": "best-cpu", "epochs": 1, "tta_flip": True, "hflip": True, "crop_padding": 2,
+                        "model_args": old_args},  # and from before tta_shift
               "data": {"release": "fashion-mnist 2017-08-26", "directory": "synthetic"},
               "model": {"name": "best-cpu"}}
     (tmp_path / runs.CONFIG).write_text(json.dumps(config))
     model, _ = load_run_model(tmp_path)  # refused before: "groups.0.0.whitening.weight is missing"
     assert not any(isinstance(m, PatchWhitening) for m in model.modules())
+    assert (model.flip, model.shift) == (True, 0)  # evaluated as it was: the mirror, no shifted copies
     resumed = TrainConfig.from_record(config["train"], tmp_path / runs.CONFIG)
     assert resumed.model_args == {**old_args, "whiten": False}
+    assert resumed.tta_shift == 0 < TrainConfig(model="best-cpu").resolved().tta_shift
