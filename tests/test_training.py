@@ -161,6 +161,32 @@ def test_ema_erasing_and_flip_averaging_run_and_are_kept(dataset, tmp_path):
 
 
 @pytest.mark.slow
+def test_shifted_copies_are_averaged_for_the_test_but_not_to_pick_the_epoch(dataset, tmp_path):
+    import torch
+
+    from fmnist.data.dataset import stratified_split, to_float
+    from fmnist.evaluation.saved import evaluate, load_run_model
+    from fmnist.models.wrappers import TestTimeAugmented
+    from fmnist.speed.inference import predict_logits
+
+    config = TrainConfig(epochs=1, limit_train=300, crop_padding=1, hflip=True, tta_flip=True, tta_shift=1)
+    result = train(config, data=dataset, out=tmp_path / "r", **_quiet())
+    model, _ = load_run_model(tmp_path / "r")
+    assert isinstance(model, TestTimeAugmented) and (model.flip, model.shift) == (True, 1)
+    assert evaluate(tmp_path / "r", data=dataset)["accuracy"] == result.metrics["accuracy"]
+    _, val_idx = stratified_split(dataset.train_labels, 0.1, 0)
+    images, labels = to_float(dataset.train_images[val_idx]), dataset.train_labels[val_idx]
+
+    def accuracy(wrapped):
+        return (predict_logits(wrapped.eval(), images).argmax(1) == labels).float().mean().item()
+    mirror_only = TestTimeAugmented(model.model, flip=True, shift=0)
+    assert result.history[-1]["val_accuracy"] == pytest.approx(accuracy(mirror_only), abs=1e-6)
+    assert accuracy(model) != accuracy(mirror_only)  # else this test could not tell them apart
+    moved_right = torch.nn.functional.pad(images[:1], (1, 0))[..., :28]  # column 0 black
+    assert torch.equal(model.views(images[:1])[1], moved_right)
+
+
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:60 training and 20 test images")
 def test_the_gpu_preset_runs_end_to_end_on_a_cpu(tmp_path):
     """`best` as a GPU would run it (its architecture, EMA, erasing, flip averaging, the run

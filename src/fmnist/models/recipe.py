@@ -114,7 +114,8 @@ class Recipe:
                             below=1, metavar="D")
     tta_flip: bool = knob(False, "evaluate each image and its mirror image, averaging the logits")
     tta_shift: int = knob(0, "evaluate copies moved 1 to S pixels left and right too (mirrored too with "
-                             "tta_flip), averaging all the logits", minimum=0, maximum=8, metavar="S")
+                             "tta_flip), averaging all the logits (the epoch is picked without them)",
+                          minimum=0, maximum=8, metavar="S")
     precision: str = knob("auto", "auto = bf16 autocast on GPUs with native bf16, else fp32; bf16-native = "
                                   "bf16 wherever the hardware has it (AMX/AVX512-BF16 CPUs too), else fp32",
                           choices=PRECISIONS)
