@@ -5,8 +5,10 @@ paired over the runs (docs/results.md).
 
     python benchmarks/tta_views.py RUN_DIR [RUN_DIR ...]     # about 40 s a best-cpu run, 2 cores
 
-Training does not depend on these knobs (they change only what is evaluated), so one trained
-run per seed answers for every setting. The test split is not touched.
+The shifted copies change only what is evaluated (each epoch is picked without them), so
+one trained run per seed answers for every shift. The mirror is different: the run's epoch
+was picked on mirror-averaged validation, so a comparison of flip settings on the same split
+leans toward the run's own. The test split is not touched.
 """
 
 from __future__ import annotations
@@ -24,8 +26,8 @@ from fmnist.speed.inference import predict_logits
 def settings_allowed(recorded: dict) -> list[tuple[bool, int]]:
     """(flip, shift) pairs the recipe's checks accept: flips only if trained on mirror images,
     shifts only as far as its crops moved the training images."""
-    flips = (False, True) if recorded["hflip"] else (False,)
-    return [(flip, shift) for flip in flips for shift in range(recorded["crop_padding"] + 1)]
+    flips = (False, True) if recorded.get("hflip") else (False,)
+    return [(flip, shift) for flip in flips for shift in range(recorded.get("crop_padding", 0) + 1)]
 
 
 def validation_accuracies(run_dir: str, data) -> tuple[dict, tuple[bool, int]]:
@@ -39,7 +41,7 @@ def validation_accuracies(run_dir: str, data) -> tuple[dict, tuple[bool, int]]:
     for flip, shift in settings_allowed(recorded):
         logits = predict_logits(with_test_time_augmentation(bare, flip, shift).eval(), images)
         accuracies[(flip, shift)] = (logits.argmax(1) == labels).float().mean().item()
-    return accuracies, (bool(recorded["tta_flip"]), recorded.get("tta_shift", 0))
+    return accuracies, (bool(recorded.get("tta_flip")), recorded.get("tta_shift", 0))
 
 
 def main() -> None:
@@ -48,18 +50,22 @@ def main() -> None:
     parser.add_argument("--data", help="data folder (default: the one each run recorded)")
     args = parser.parse_args()
 
-    per_run, own = {}, None
+    per_run, own = {}, {}
     for run_dir in args.run_dirs:
         data = load_dataset(runs.data_dir_for(runs.read_config(run_dir), args.data))
-        per_run[run_dir], own = validation_accuracies(run_dir, data)
+        per_run[run_dir], own[run_dir] = validation_accuracies(run_dir, data)
         cells = "  ".join(f"flip={int(f)} shift={s}: {a:.2%}" for (f, s), a in per_run[run_dir].items())
         print(f"{run_dir}  {cells}", flush=True)
-    print(f"\nagainst the runs' own setting (flip={int(own[0])} shift={own[1]}), paired over {len(per_run)} runs:")
-    for setting in per_run[args.run_dirs[0]]:
-        base = {run: accuracies[own] for run, accuracies in per_run.items()}
+    settings = set.intersection(*(set(accuracies) for accuracies in per_run.values()))
+    if len(set(own.values())) > 1:
+        raise SystemExit("error: the runs were evaluated with different views; compare runs of one recipe")
+    mine = next(iter(own.values()))
+    print(f"\nagainst the runs' own setting (flip={int(mine[0])} shift={mine[1]}), paired over {len(per_run)} runs:")
+    for setting in sorted(settings):
+        base = {run: accuracies[mine] for run, accuracies in per_run.items()}
         other = {run: accuracies[setting] for run, accuracies in per_run.items()}
         mean = sum(other.values()) / len(other)
-        test = paired(base, other) if setting != own else {}
+        test = paired(base, other) if setting != mine else {}
         if "ci_low" in test:
             versus = (f"{test['difference']:+.2%} (95% CI {test['ci_low']:+.2%} to {test['ci_high']:+.2%}, "
                       f"p {test['p_value']:.3f})")

@@ -108,6 +108,7 @@ def test_every_registered_model_is_what_train_trains_and_it_trains_exports_and_l
     from fmnist.core import runs
     from fmnist.deploy.onnx import onnx_session
     from fmnist.models.registry import describe_models
+    from fmnist.models.wrappers import with_test_time_augmentation
     from fmnist.speed import make_step
     from fmnist.training.config import TrainConfig
     from fmnist.training.optim import make_optimizer
@@ -129,7 +130,8 @@ def test_every_registered_model_is_what_train_trains_and_it_trains_exports_and_l
 
     step.restore_model()  # PyTorch's own layers and layout again, as a loaded run's model has
     onnx_session(trained.eval())  # exported, and ONNX Runtime agrees with PyTorch (or it raises)
-    _exports_with_probabilities_and_ood_score(trained)
+    # as a run folder exports it: inside the views its recipe averages at test time
+    _exports_with_probabilities_and_ood_score(with_test_time_augmentation(trained, config.tta_flip, config.tta_shift))
     runs.save_weights(tmp_path / runs.WEIGHTS, trained)
     loaded = create_model(name)
     runs.load_weights_into(loaded, tmp_path / runs.WEIGHTS, name)

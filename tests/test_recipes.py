@@ -91,6 +91,15 @@ def test_options_that_are_not_given_take_the_models_recipe():
     assert TrainConfig.from_record({"model": "notebook", "fast": False, "adam_eps": 1e-7}, "x").speedups is False
 
 
+def test_shifted_copies_at_test_time_follow_the_crops_unless_given():
+    # a sweep drawing crop_padding 0 for best-cpu, or --crop-padding 0, must not fail on a setting not given
+    preset = TrainConfig(model="best-cpu").resolved()
+    assert preset.tta_shift == 1 <= preset.crop_padding
+    assert TrainConfig(model="best-cpu", crop_padding=0).resolved().tta_shift == 0
+    with pytest.raises(UserError, match="tta_shift must be at most crop_padding"):
+        TrainConfig(model="best-cpu", crop_padding=0, tta_shift=1).resolved()
+
+
 @pytest.mark.parametrize("field,value,message", [
     ("epochs", "ten", "epochs must be a whole number of at least 1"), ("lr", float("nan"), "lr must be"),
     ("seed", -5, "seed must be"), ("tta_flip", True, "unless hflip"), ("model_args", [1], "model_args must be"),

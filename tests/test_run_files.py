@@ -101,6 +101,10 @@ CONFIG_DAMAGE = {  # each made `fmnist report` exit 1 (AttributeError, TypeError
     # a number or a cut digest made 'fmnist evaluate' warn of "different data" naming one release twice
     "digest-number": (lambda c: c["data"].update(content_sha256=5), "'data.content_sha256' must be 64 hex"),
     "digest-short": (lambda c: c["data"].update(content_sha256="0" * 12), "'data.content_sha256' must be 64 hex"),
+    # what the saved model averages at test time: a TypeError in range(), or a string taken as true
+    **{f"tta-shift-{name}": (lambda c, v=value: c["train"].update(tta_shift=v), "'train.tta_shift' must be a whole")
+       for name, value in {"text": "1", "fraction": 2.5, "negative": -1, "bool": True}.items()},
+    "tta-flip-text": (lambda c: c["train"].update(tta_flip="false"), "'train.tta_flip' must be true or false"),
 }
 
 

@@ -251,6 +251,12 @@ def read_config(run_dir: Path) -> dict:
                             f"{entry[wrong[0]]!r} ({path})")
     if not isinstance(config["train"].get("model_args") or {}, dict):
         raise UserError(f"config.json: 'train.model_args' must be a JSON object ({path})")
+    views = config["train"]  # what every reader averages at test time; absent in older runs
+    if views.get("tta_flip") is not None and not isinstance(views["tta_flip"], bool):
+        raise UserError(f"config.json: 'train.tta_flip' must be true or false, got {shown(views['tta_flip'])} ({path})")
+    if views.get("tta_shift") is not None and not (_is_whole(views["tta_shift"]) and views["tta_shift"] >= 0):
+        raise UserError(f"config.json: 'train.tta_shift' must be a whole number of at least 0, got "
+                        f"{shown(views['tta_shift'])} ({path})")
     for section in ("split", "environment"):  # optional, but read as records where present
         if config.get(section) is not None and not isinstance(config[section], dict):
             raise UserError(f"config.json: '{section}' must be a JSON object ({path})")

@@ -11,6 +11,7 @@ from ..core import runs
 from ..core.errors import UserError
 from ..core.runtime import resolve_device
 from ..data.dataset import FashionMNIST, load_dataset, to_float
+from ..models.recipe import completed_record
 from ..models.registry import create_model, recorded_arguments
 from ..models.wrappers import with_test_time_augmentation
 from ..speed.inference import for_inference, predict_logits
@@ -19,7 +20,7 @@ from .metrics import metrics_on_test_set
 
 def load_run_model(run_dir: str | os.PathLike, device: str = "cpu") -> tuple[torch.nn.Module, dict]:
     """The best-by-validation model of a run folder, in eval mode, as it is evaluated (with the
-    mirror-image averaging its recipe asks for), and its config.json."""
+    views its recipe averages at test time), and its config.json."""
     path = runs.require_run_dir(run_dir)
     config = runs.read_config(path)
     settings = config["train"]
@@ -29,8 +30,8 @@ def load_run_model(run_dir: str | os.PathLike, device: str = "cpu") -> tuple[tor
         raise UserError(f"{exc} ({path / runs.CONFIG})") from None
     runs.load_weights_into(model, path / runs.WEIGHTS, settings["model"])
     model = for_inference(model.to(resolve_device(device)))
-    # a run recorded before tta_shift existed averaged no shifted views
-    model = with_test_time_augmentation(model, bool(settings.get("tta_flip")), settings.get("tta_shift", 0))
+    views = completed_record(settings)  # a run recorded before tta_shift averaged no shifted copies
+    model = with_test_time_augmentation(model, bool(views.get("tta_flip")), views.get("tta_shift") or 0)
     return model.eval(), config
 
 
@@ -77,5 +78,5 @@ def report(run_dir: str | os.PathLike, data_dir: str | os.PathLike | None = None
         runs.write_json(run_dir / runs.METRICS, metrics)
         return path
     # keep what only training knew: which epoch was best, the temperature
-    metrics.update({k: saved[k] for k in ("best_epoch", "best_val_accuracy", "calibration") if k in saved})
+    metrics.update({k: saved[k] for k in ("best_epoch", "best_val_accuracy", "val_accuracy", "calibration") if k in saved})
     return build_report(run_dir, data, logits, metrics, model)

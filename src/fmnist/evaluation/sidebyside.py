@@ -19,6 +19,7 @@ from pathlib import Path
 from ..core import runs
 from ..core.errors import UserError
 from ..data.idx import CLASS_NAMES
+from ..models.recipe import completed_record
 
 COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f")
 # settings that differ between any two runs and say nothing about the recipe
@@ -32,7 +33,7 @@ def is_run_dir(path) -> bool:
 
 def _settings(config: dict) -> dict:
     """The flat settings of a run that a comparison shows: recipe, model, data, machine."""
-    flat = {f"train.{k}": v for k, v in config["train"].items() if k not in NOT_SETTINGS}
+    flat = {f"train.{k}": v for k, v in completed_record(config["train"]).items() if k not in NOT_SETTINGS}
     model, env, data = config["model"], config.get("environment") or {}, config["data"]
     flat.update({"model.parameters": model.get("parameters"), "model.training_step": model.get("training_step"),
                  "data.release": data.get("release"), "data.content_sha256": (data.get("content_sha256") or "")[:12],

@@ -153,6 +153,15 @@ def _is_number(value) -> bool:
 RECIPE_FIELDS = tuple(f.name for f in dataclasses.fields(Recipe))
 
 
+def completed_record(train: dict) -> dict:
+    """A config.json "train" record with each hyperparameter added since it was written: off
+    (the neutral default), as that run had it. A record names every hyperparameter of its
+    version; one that names none (a hand-written partial config) is left as it is."""
+    if not set(train) & set(RECIPE_FIELDS):
+        return dict(train)
+    return {**dataclasses.asdict(Recipe()), **train}
+
+
 def knobs() -> dict[str, tuple[type, Knob, object]]:
     """Each recipe field's (type, Knob, neutral default), in declaration order."""
     return {f.name: (_kind(f), f.metadata["knob"], f.default) for f in dataclasses.fields(Recipe)}

@@ -1,5 +1,5 @@
 """Inference as fmnist.speed computes it: batched logits in eval mode, through the fast
-forward pass where one applies (inside flip averaging too)."""
+forward pass where one applies (inside test-time augmentation too)."""
 
 from __future__ import annotations
 

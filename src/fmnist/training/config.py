@@ -15,11 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..core.errors import UserError
-from ..models.recipe import RECIPE_FIELDS, Recipe
+from ..models.recipe import RECIPE_FIELDS, Recipe, completed_record
 from ..models.registry import canonical_name, model_arguments, model_entry, recorded_arguments
 
 OLD_NAMES = {"adam_eps": "eps", "fast": "speedups"}  # config.json of earlier versions
-NEUTRAL_RECIPE = dataclasses.asdict(Recipe())  # every hyperparameter off (no augmentation, no schedule)
 
 
 @dataclass
@@ -43,6 +42,8 @@ class RunSettings:
         recipe = model_entry(model).recipe
         filled = {name: getattr(recipe, name) if getattr(self, name) is None else getattr(self, name)
                   for name in RECIPE_FIELDS}
+        if self.tta_shift is None and isinstance(filled["crop_padding"], int):  # --crop-padding 0, a sweep's
+            filled["tta_shift"] = min(filled["tta_shift"], filled["crop_padding"])  # draw: the recipe's shifts fit it
         Recipe(**filled).check()
         return dataclasses.replace(self, model=model, model_args=model_arguments(model, self.model_args), **filled)
 
@@ -68,8 +69,7 @@ class RunSettings:
     def from_record(cls, saved: dict, where: Path) -> "TrainConfig":
         """The resolved settings config.json recorded (earlier versions' names included)."""
         saved = {OLD_NAMES.get(name, name): value for name, value in saved.items()}
-        if set(saved) & set(RECIPE_FIELDS):  # config.json records every hyperparameter of its version:
-            saved = {**NEUTRAL_RECIPE, **saved}  # one added since was off in that run
+        saved = completed_record(saved)
         known = {f.name for f in dataclasses.fields(TrainConfig)}
         unknown = sorted(set(saved) - known)
         if unknown:

@@ -263,8 +263,10 @@ class Run:
         metrics.update(best_epoch=self.progress.best_epoch,
                        best_val_accuracy=self.progress.best_val if self.validating else None)
         if self.validating:
-            metrics["calibration"] = calibrate(predict_logits(self.evaluated, self.x_val), self.y_val, test_logits,
-                                               self.data.test_labels)
+            val_logits = predict_logits(self.evaluated, self.x_val)
+            # the kept model as it answers (with shifted copies, where best_val_accuracy had none)
+            metrics["val_accuracy"] = (val_logits.argmax(1) == self.y_val).float().mean().item()
+            metrics["calibration"] = calibrate(val_logits, self.y_val, test_logits, self.data.test_labels)
         ood_summary = self._fit_ood(metrics)
         self.events.run_end(self, metrics, test_logits)
         self._write_card(metrics, ood_summary)
