@@ -153,7 +153,7 @@ register_model(
         erasing=0.25,          # occlusion: the regulariser behind the best published WRN result
         tta_flip=True,
         tta_shift=1,           # and copies moved a pixel sideways: +0.10 points of validation over the mirror
-                               # alone on seeds 0-2, not significant (p 0.1) but 15 s (docs/results.md)
+                               # alone on seeds 0-2, not significant (p 0.1) but cheap (docs/results.md)
         precision="bf16-native",  # oneDNN's bf16 convolutions where the CPU has them: about 2x fp32
         # The usual 10% held out: 1,200 images (fast's 2%) measure an epoch to +-0.6 points, so
         # over the last, flat epochs they picked noise (seed 0 kept epoch 37 of 45).
