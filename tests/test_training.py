@@ -121,6 +121,39 @@ def test_without_validation_the_last_epoch_is_kept(dataset, tmp_path):
     assert (tmp_path / "r" / runs.REPORT).is_file()
 
 
+def test_the_best_epoch_by_validation_is_kept_unless_the_last_is_asked_for():
+    import torch
+
+    from fmnist.training.checkpoint import Progress
+
+    def kept(last):
+        progress, model = Progress(), torch.nn.Linear(1, 1)
+        for epoch, accuracy in enumerate([0.5, 0.7, 0.6], start=1):
+            torch.nn.init.constant_(model.weight, epoch)
+            progress.keep_if_best({"epoch": epoch, "val_accuracy": accuracy}, model, validating=True, last=last)
+        return progress.best_epoch, progress.best_val, progress.best_weights["weight"].item()
+
+    assert kept(last=False) == (2, 0.7, 2.0)
+    assert kept(last=True) == (3, 0.6, 3.0)  # the last epoch's weights and its own validation accuracy
+
+
+@pytest.mark.slow
+def test_keep_last_tests_and_saves_the_last_epoch(dataset, tmp_path):
+    import torch
+
+    lines = []
+    config = TrainConfig(epochs=2, limit_train=600, keep_last=True)
+    result = train(config, data=dataset, out=tmp_path / "r", progress=False, log=lines.append)
+    last = result.history[-1]
+    assert result.metrics["best_epoch"] == 2 and result.metrics["best_val_accuracy"] == last["val_accuracy"]
+    state = runs.load_checkpoint(tmp_path / "r" / runs.CHECKPOINT)
+    kept = runs.load_weights(tmp_path / "r" / runs.WEIGHTS)
+    assert all(torch.equal(kept[k], state["model"][k].contiguous()) for k in kept)
+    assert not any("*best" in line for line in lines)  # every epoch is kept: no marker
+    assert "kept epoch 2, the last." in (tmp_path / "r" / "MODEL_CARD.md").read_text()
+    assert runs.read_config(tmp_path / "r")["train"]["keep_last"] is True
+
+
 @pytest.mark.slow
 def test_resume_refuses_other_data_and_finished_runs(dataset, tmp_path):
     finished = train(TrainConfig(epochs=1, limit_train=300), data=dataset, out=tmp_path / "r", **_quiet())

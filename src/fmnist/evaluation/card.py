@@ -46,10 +46,12 @@ def _front_matter(config: dict, metrics: dict) -> str:
     ])
 
 
-def _evaluation(metrics: dict, photo: dict | None) -> list[str]:
+def _evaluation(metrics: dict, photo: dict | None, train: dict) -> list[str]:
+    by_validation = metrics.get("best_val_accuracy") is not None and not train.get("keep_last")
     lines = ["## Evaluation", "",
              f"Test accuracy: **{_pct(metrics.get('accuracy'))}** on {metrics.get('count', 0):,} test images "
-             f"(top-2 {_pct(metrics.get('top2_accuracy'))}); best epoch {metrics.get('best_epoch')} by validation."]
+             f"(top-2 {_pct(metrics.get('top2_accuracy'))}); kept epoch {metrics.get('best_epoch')}, "
+             f"{'the best by validation' if by_validation else 'the last'}."]
     seeds = metrics.get("seeds")
     lines.append(f"Spread over seeds: {seeds}." if seeds else
                  "One run, one seed: the spread over seeds of each recipe is measured in docs/results.md.")
@@ -112,7 +114,7 @@ def model_card(config: dict, metrics: dict, ood: dict | None = None, photo: dict
              f"Fashion-MNIST, release {data.get('release', '?')}, content SHA-256 `{data.get('content_sha256', '?')}`; "
              f"split {json.dumps(config.get('split', {}))} (validation held out of the training images; the "
              "test set is used only to measure).",
-             "", "## Recipe", "", recipe + ".", "", *_evaluation(metrics, photo), "", *_ood(ood), "",
+             "", "## Recipe", "", recipe + ".", "", *_evaluation(metrics, photo, train), "", *_ood(ood), "",
              "## Limits", "",
              f"- Most frequent confusions on the test set: {confused or 'n/a'}; Shirt against T-shirt/top, "
              "Pullover and Coat is the hardest distinction (see the per-class table); such answers come "

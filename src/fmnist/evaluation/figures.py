@@ -2,7 +2,7 @@
 backend chosen, nothing changed in the caller's matplotlib. A notebook shows the returned
 figure inline; ``save_png`` writes it for the report.
 
-    curves(history)                          train vs validation accuracy and loss per epoch
+    curves(history, kept_epoch)              train vs validation accuracy and loss per epoch
     confusion_matrix(matrix)                 counts and row-normalised, with class names
     samples(images, labels, probs)           test images with prediction, confidence, truth, bars
     misclassified(images, labels, probs)     the top losses: most confidently wrong, loss, p(true)
@@ -38,18 +38,19 @@ def png_bytes(fig: Figure, dpi: int = 110) -> bytes:
     return buffer.getvalue()
 
 
-def curves(history: list[dict]) -> Figure:
-    """Train and validation accuracy and loss per epoch, the best epoch marked."""
+def curves(history: list[dict], kept_epoch: int | None = None) -> Figure:
+    """Train and validation accuracy and loss per epoch, the kept epoch marked (not given:
+    the best by validation accuracy, or without validation the last)."""
     epochs = [row["epoch"] for row in history]
     validated = [row for row in history if not math.isnan(row["val_accuracy"])]
     best = max(validated, key=lambda row: row["val_accuracy"]) if validated else history[-1]
+    kept = int(best["epoch"]) if kept_epoch is None else kept_epoch
     fig = Figure(figsize=(11, 4))
     ax_acc, ax_loss = fig.subplots(1, 2)
     for ax, key, title in ((ax_acc, "accuracy", "Accuracy"), (ax_loss, "loss", "Loss (cross-entropy)")):
         ax.plot(epochs, [row[f"train_{key}"] for row in history], "o-", label="train")
         ax.plot(epochs, [row[f"val_{key}"] for row in history], "s-", label="validation")
-        ax.axvline(best["epoch"], color=NEUTRAL, linestyle="--", linewidth=1,
-                   label=f"best epoch ({int(best['epoch'])})")
+        ax.axvline(kept, color=NEUTRAL, linestyle="--", linewidth=1, label=f"kept epoch ({kept})")
         ax.set(title=title, xlabel="epoch", ylabel=key)
         if len(epochs) <= 20:
             ax.set_xticks(epochs)  # every epoch labelled

@@ -74,12 +74,13 @@ def _completed_metrics(run_dir: Path) -> dict:
 
 
 def plot_curves(source) -> InlineFigure:
-    """Train and validation accuracy and loss per epoch, the best epoch marked."""
+    """Train and validation accuracy and loss per epoch, the kept epoch marked."""
     run_dir = run_dir_of(source)
     history = runs.read_history(run_dir)
     if not history:
         raise UserError(f"no completed epoch in {run_dir / runs.HISTORY}")
-    return inline(draw.curves(history))
+    metrics = runs.read_metrics(run_dir) or {}  # an unfinished run: the best so far
+    return inline(draw.curves(history, metrics.get("best_epoch")))
 
 
 def plot_confusion_matrix(source) -> InlineFigure:

@@ -103,7 +103,7 @@ def _html(run_dir: Path, config: dict, history: list[dict], metrics: dict, figur
     headline = (f"{html.escape(train.get('model', '?'))} · {html.escape(trained_on)} · "
                 f"test accuracy <b>{100 * metrics['accuracy']:.2f}%</b> · "
                 f"top-2 {100 * metrics['top2_accuracy']:.2f}% · loss {metrics['loss']:.4f} · "
-                f"best epoch {metrics.get('best_epoch', '?')} "
+                f"kept epoch {metrics.get('best_epoch', '?')} "
                 f"· {html.escape(metrics.get('data_release', data['release']))}")
     sections = [
         f"<h1>fmnist run <code>{html.escape(run_dir.name)}</code></h1><p class=headline>{headline}</p>",
@@ -230,7 +230,7 @@ def build_report(run_dir: str | os.PathLike, data: FashionMNIST, test_logits: to
             cleanup.enter_context(started[1])  # a failure below must not leave t-SNE running
         drawn, figures = {}, {}
         if history:  # a run folder without history (never finished an epoch) has no curves
-            drawn["curves"] = draw.curves(history)
+            drawn["curves"] = draw.curves(history, metrics.get("best_epoch"))
         drawn["confusion_matrix"] = draw.confusion_matrix(metrics["confusion_matrix"])
         drawn["samples"] = draw.samples(images, labels, probs)
         drawn["misclassified"] = draw.misclassified(images, labels, probs)

@@ -31,11 +31,12 @@ class Progress:
     best_epoch: int = 0
     best_weights: dict | None = None  # a CPU copy of the kept weights at the best epoch
 
-    def keep_if_best(self, row: dict, kept: torch.nn.Module, validating: bool) -> bool:
-        """Record ``row``; if it is the best epoch so far (or there is no validation, the last
-        one), keep a copy of the weights. Returns whether it is."""
+    def keep_if_best(self, row: dict, kept: torch.nn.Module, validating: bool, last: bool = False) -> bool:
+        """Record ``row``; if it is the best epoch so far by validation accuracy (without
+        validation, or with ``last``, every epoch is: the last is kept), keep a copy of the
+        weights. Returns whether it is."""
         self.history.append(row)
-        if validating and not row["val_accuracy"] > self.best_val:
+        if validating and not last and not row["val_accuracy"] > self.best_val:
             return False
         self.best_val = row["val_accuracy"] if validating else self.best_val
         self.best_epoch = row["epoch"]

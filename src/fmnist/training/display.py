@@ -27,7 +27,7 @@ def result_html(result) -> str:
     if metrics.get("best_epoch") is not None:
         validation = metrics.get("best_val_accuracy")
         best = f" (validation accuracy {100 * validation:.2f}%)" if validation is not None else ""
-        rows.append(("best epoch", f"{metrics['best_epoch']} of {len(history)}{best}"))
+        rows.append(("kept epoch", f"{metrics['best_epoch']} of {len(history)}{best}"))
     calibration = metrics.get("calibration")
     if calibration:
         rows.append(("calibration", f"test ECE {calibration['test_ece_before']:.4f} as trained, "

@@ -21,7 +21,7 @@ class ConsoleLog(Listener):
                       else "no validation set")
         self.log(f"epoch {row['epoch']:>2}/{run.config.epochs}  train loss {row['train_loss']:.4f} "
                  f"acc {row['train_accuracy']:.4f}  {validation}  {row['seconds']:.1f}s  "
-                 f"{row['images_per_second']:,.0f} img/s" + ("  *best" if run.validating and best else ""))
+                 f"{row['images_per_second']:,.0f} img/s" + ("  *best" if run.validating and best and not run.config.keep_last else ""))
         if row["epoch"] == run.config.epochs:
             _warn_if_worse_than_guessing(run)
 

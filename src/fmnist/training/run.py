@@ -238,7 +238,7 @@ class Run:
         row = {"epoch": epoch, "train_loss": train_loss, "train_accuracy": train_acc, "val_loss": val_loss,
                "val_accuracy": val_acc, "lr": lr, "seconds": time.perf_counter() - started,
                "images_per_second": len(self.x_train) / train_seconds}
-        best = self.progress.keep_if_best(row, self.kept, self.validating)
+        best = self.progress.keep_if_best(row, self.kept, self.validating, last=self.config.keep_last)
         self.events.epoch_end(self, row, best)
         distributed.barrier(self.world)
 
