@@ -105,6 +105,7 @@ CONFIG_DAMAGE = {  # each made `fmnist report` exit 1 (AttributeError, TypeError
     **{f"tta-shift-{name}": (lambda c, v=value: c["train"].update(tta_shift=v), "'train.tta_shift' must be a whole")
        for name, value in {"text": "1", "fraction": 2.5, "negative": -1, "bool": True}.items()},
     "tta-flip-text": (lambda c: c["train"].update(tta_flip="false"), "'train.tta_flip' must be true or false"),
+    "keep-last-text": (lambda c: c["train"].update(keep_last="false"), "'train.keep_last' must be true or false"),
 }
 
 

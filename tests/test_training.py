@@ -155,6 +155,46 @@ def test_keep_last_tests_and_saves_the_last_epoch(dataset, tmp_path):
 
 
 @pytest.mark.slow
+def test_the_curves_mark_the_epoch_the_run_keeps_finished_or_not(dataset, tmp_path):
+    import fmnist
+
+    run_dir = train(TrainConfig(epochs=2, limit_train=300, keep_last=True), data=dataset, out=tmp_path / "r",
+                    **_quiet()).run_dir
+    history = runs.read_history(run_dir)
+    history[0]["val_accuracy"] = 0.99  # the first epoch now validates best
+    runs.write_csv(run_dir / runs.HISTORY, history)
+
+    def marked():
+        axes = fmnist.plot_curves(run_dir).axes[0]
+        return next(line.get_label() for line in axes.get_lines() if line.get_label().startswith("kept"))
+
+    assert marked() == "kept epoch (2)"  # metrics.json's
+    (run_dir / runs.METRICS).unlink()
+    assert marked() == "kept epoch (2)"  # unfinished: the last, as keep_last keeps
+    config = runs.read_json(run_dir / runs.CONFIG)
+    config["train"]["keep_last"] = False
+    runs.write_json(run_dir / runs.CONFIG, config)
+    assert marked() == "kept epoch (1)"  # unfinished: the best so far
+
+
+@pytest.mark.slow
+def test_a_stopped_keep_last_run_resumes_to_the_same_last_epoch(dataset, tmp_path):
+    config = TrainConfig(epochs=3, limit_train=900, seed=2, batch_size=64, keep_last=True)
+    straight = train(config, data=dataset, out=tmp_path / "straight", **_quiet())
+
+    def interrupt_after_first_epoch(line):
+        if line.startswith("epoch  1/3"):
+            raise KeyboardInterrupt
+
+    with pytest.raises(Interrupted):
+        train(config, data=dataset, out=tmp_path / "cut", progress=False, log=interrupt_after_first_epoch)
+    resumed = train(resume=tmp_path / "cut", data=dataset, **_quiet())
+    assert resumed.metrics["best_epoch"] == straight.metrics["best_epoch"] == 3
+    assert resumed.metrics["accuracy"] == straight.metrics["accuracy"]
+    assert resumed.metrics["best_val_accuracy"] == straight.history[-1]["val_accuracy"]
+
+
+@pytest.mark.slow
 def test_resume_refuses_other_data_and_finished_runs(dataset, tmp_path):
     finished = train(TrainConfig(epochs=1, limit_train=300), data=dataset, out=tmp_path / "r", **_quiet())
     with pytest.raises(UserError, match="already complete"):

@@ -3,9 +3,10 @@
     RUN_DIR/
       config.json         settings, data release + checksums, versions, device, seed
       checkpoint.pt       the run's state of record: weights, optimizer, RNG, position, the
-                          history so far and the best epoch's weights (tensors and plain data only)
+                          history so far and the kept epoch's weights (tensors and plain data only)
       history.csv         per epoch: train/val loss & accuracy, lr, seconds, images/s
-      model.safetensors   weights of the best epoch by validation accuracy
+      model.safetensors   weights of the kept epoch: the best by validation accuracy (the last
+                          with keep_last or without validation)
       figures/*.png       curves, confusion matrix, samples, misclassified, reliability
       report.html         one self-contained page
       ood.safetensors     the out-of-distribution fit (fmnist.evaluation.ood)
@@ -251,9 +252,10 @@ def read_config(run_dir: Path) -> dict:
                             f"{entry[wrong[0]]!r} ({path})")
     if not isinstance(config["train"].get("model_args") or {}, dict):
         raise UserError(f"config.json: 'train.model_args' must be a JSON object ({path})")
-    views = config["train"]  # what every reader averages at test time; absent in older runs
-    if views.get("tta_flip") is not None and not isinstance(views["tta_flip"], bool):
-        raise UserError(f"config.json: 'train.tta_flip' must be true or false, got {shown(views['tta_flip'])} ({path})")
+    views = config["train"]  # what readers average at test time and which epoch was kept; absent in older runs
+    for switch in ("tta_flip", "keep_last"):
+        if views.get(switch) is not None and not isinstance(views[switch], bool):
+            raise UserError(f"config.json: 'train.{switch}' must be true or false, got {shown(views[switch])} ({path})")
     if views.get("tta_shift") is not None and not (_is_whole(views["tta_shift"]) and views["tta_shift"] >= 0):
         raise UserError(f"config.json: 'train.tta_shift' must be a whole number of at least 0, got "
                         f"{shown(views['tta_shift'])} ({path})")

@@ -44,7 +44,7 @@ def curves(history: list[dict], kept_epoch: int | None = None) -> Figure:
     epochs = [row["epoch"] for row in history]
     validated = [row for row in history if not math.isnan(row["val_accuracy"])]
     best = max(validated, key=lambda row: row["val_accuracy"]) if validated else history[-1]
-    kept = int(best["epoch"]) if kept_epoch is None else kept_epoch
+    kept = int(best["epoch"] if kept_epoch is None else kept_epoch)
     fig = Figure(figsize=(11, 4))
     ax_acc, ax_loss = fig.subplots(1, 2)
     for ax, key, title in ((ax_acc, "accuracy", "Accuracy"), (ax_loss, "loss", "Loss (cross-entropy)")):

@@ -79,8 +79,15 @@ def plot_curves(source) -> InlineFigure:
     history = runs.read_history(run_dir)
     if not history:
         raise UserError(f"no completed epoch in {run_dir / runs.HISTORY}")
-    metrics = runs.read_metrics(run_dir) or {}  # an unfinished run: the best so far
-    return inline(draw.curves(history, metrics.get("best_epoch")))
+    return inline(draw.curves(history, _kept_epoch(run_dir, history)))
+
+
+def _kept_epoch(run_dir: Path, history: list[dict]) -> int | None:
+    """The epoch whose weights the run keeps; None: the best by validation so far (curves() finds it)."""
+    metrics = runs.read_metrics(run_dir)
+    if metrics is not None:
+        return metrics.get("best_epoch")
+    return history[-1]["epoch"] if runs.read_config(run_dir)["train"].get("keep_last") else None
 
 
 def plot_confusion_matrix(source) -> InlineFigure:

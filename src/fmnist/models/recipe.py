@@ -119,8 +119,8 @@ class Recipe:
     precision: str = knob("auto", "auto = bf16 autocast on GPUs with native bf16, else fp32; bf16-native = "
                                   "bf16 wherever the hardware has it (AMX/AVX512-BF16 CPUs too), else fp32",
                           choices=PRECISIONS)
-    val_fraction: float = knob(0.1, "stratified hold-out from train: picks the epoch, fits the temperature "
-                                    "(0: keep the last epoch)", minimum=0, below=1, metavar="F")
+    val_fraction: float = knob(0.1, "stratified hold-out from train: picks the epoch (unless keep_last), fits "
+                                    "the temperature (0: keep the last epoch)", minimum=0, below=1, metavar="F")
     keep_last: bool = knob(False, "keep the last epoch's weights, not the best on validation (which then "
                                   "only measures it and fits the temperature)")
 

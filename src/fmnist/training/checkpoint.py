@@ -3,7 +3,7 @@ and what a resumed run takes back from it.
 
 checkpoint.pt holds everything needed to continue as if the run had never stopped:
 weights, optimizer, schedule, EMA, the RNG states, the position inside the epoch with its
-partial statistics, the history so far and the best epoch's weights. history.csv and
+partial statistics, the history so far and the kept epoch's weights. history.csv and
 model.safetensors are copies of the last two, written after it (fmnist.core.runs says why
 that order makes every instant resumable).
 """
@@ -24,12 +24,14 @@ from .events import Listener
 
 @dataclass
 class Progress:
-    """What the run has done so far: the history rows and the best epoch with its weights."""
+    """What the run has done so far: the history rows and the kept epoch with its weights (the
+    best by validation; without validation, or with keep_last, the last). ``best_val`` is the
+    kept epoch's validation accuracy: metrics.json's best_val_accuracy."""
 
     history: list[dict] = dataclasses.field(default_factory=list)
     best_val: float = -1.0
     best_epoch: int = 0
-    best_weights: dict | None = None  # a CPU copy of the kept weights at the best epoch
+    best_weights: dict | None = None  # a CPU copy of the kept weights at the kept epoch
 
     def keep_if_best(self, row: dict, kept: torch.nn.Module, validating: bool, last: bool = False) -> bool:
         """Record ``row``; if it is the best epoch so far by validation accuracy (without

@@ -17,13 +17,13 @@ class Listener:
         """The run is set up (fresh or resumed); ``run.start_epoch`` is the first epoch to train."""
 
     def on_epoch_end(self, run, row: dict, best: bool) -> None:
-        """An epoch was trained and validated: its history row, and whether it is the best so far."""
+        """An epoch was trained and validated: its history row, and whether its weights are kept."""
 
     def on_checkpoint(self, run, epoch: int, position: int) -> None:
         """checkpoint.pt was written after ``epoch`` complete epochs (and ``position`` steps of the next)."""
 
     def on_run_end(self, run, metrics: dict, test_logits) -> None:
-        """The best epoch was tested: its metrics (written to metrics.json after every listener)."""
+        """The kept epoch was tested: its metrics (written to metrics.json after every listener)."""
 
     def inside_epoch(self, run, epoch: int):
         """(seconds, call) to be called every that many seconds inside ``epoch`` with (steps done,

@@ -21,9 +21,14 @@ class ConsoleLog(Listener):
                       else "no validation set")
         self.log(f"epoch {row['epoch']:>2}/{run.config.epochs}  train loss {row['train_loss']:.4f} "
                  f"acc {row['train_accuracy']:.4f}  {validation}  {row['seconds']:.1f}s  "
-                 f"{row['images_per_second']:,.0f} img/s" + ("  *best" if run.validating and best and not run.config.keep_last else ""))
+                 f"{row['images_per_second']:,.0f} img/s" + ("  *best" if _picked(run, best) else ""))
         if row["epoch"] == run.config.epochs:
             _warn_if_worse_than_guessing(run)
+
+
+def _picked(run, kept: bool) -> bool:
+    """Whether the epoch was kept for being the best so far (with keep_last every one is kept)."""
+    return kept and run.validating and not run.config.keep_last
 
 
 def _warn_if_worse_than_guessing(run) -> None:
@@ -43,7 +48,7 @@ def _warn_if_worse_than_guessing(run) -> None:
 
 
 class ReportWriter(Listener):
-    """figures/ and report.html, drawn from the tested best epoch."""
+    """figures/ and report.html, drawn from the tested kept epoch."""
 
     def on_run_end(self, run, metrics: dict, test_logits) -> None:
         from ..evaluation.report import build_report  # matplotlib is imported only when drawing

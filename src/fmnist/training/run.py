@@ -9,10 +9,11 @@ A ``Run`` goes through its life once:
   set up   the settings resolved against the model's recipe; the data split as tensors on
            the device; the model, the optimizer, the training step (fmnist.speed), the
            schedule; a new run folder, or a checkpoint taken back (resume);
-  epochs   train on one permutation of the split, validate, keep the best weights, and tell
+  epochs   train on one permutation of the split, validate, keep the best weights (or with
+           keep_last the last), and tell
            the listeners: the checkpoint first (the state of record), then the console,
            trackers, a sweep;
-  finish   test the best epoch, fit the temperature on validation, tell the listeners (the
+  finish   test the kept epoch, fit the temperature on validation, tell the listeners (the
            report, trackers) and write metrics.json, last: the run is complete.
 Ctrl-C and SIGTERM stop it at any of these points without losing what was saved.
 """
@@ -253,7 +254,7 @@ class Run:
                     mininterval=0.5, dynamic_ncols=True)
 
     def _finish(self) -> dict:
-        """Test the best-by-validation weights (not merely the last epoch's), fit the
+        """Test the kept weights (the best by validation unless keep_last), fit the
         temperature on validation (the test set only measures it), let the listeners draw and
         record, and write metrics.json last: a stop before it makes a resumed run do all of
         this again."""
@@ -303,7 +304,7 @@ def train(config: TrainConfig | None = None, data_dir: str | os.PathLike | None 
           out: str | os.PathLike | None = None, resume: str | os.PathLike | None = None,
           data: FashionMNIST | None = None, progress: bool = True, log=print, *, listeners=(),
           track=(), test: bool = True, checkpoint_every: float | None = None) -> TrainResult:
-    """Train, validate each epoch, test the best epoch, write the run folder.
+    """Train, validate each epoch, test the kept epoch, write the run folder.
 
     ``resume`` continues a stopped run from its checkpoint, with the settings and data it
     started with, to the same weights, history and metrics as if it had never stopped,

@@ -64,7 +64,7 @@ def summarise(model: str, rows: list[dict], release: str) -> dict:
 
 def format_seeds(summary: dict) -> str:
     acc = summary["accuracy"]
-    lines = [f"{'seed':>4}  {'test acc':>8}  {'dedup':>6}  {'top-2':>6}  {'best epoch':>10}  {'seconds':>7}"]
+    lines = [f"{'seed':>4}  {'test acc':>8}  {'dedup':>6}  {'top-2':>6}  {'kept epoch':>10}  {'seconds':>7}"]
     lines += [f"{r['seed']:>4}  {r['accuracy']:>8.4f}  {r.get('deduplicated_accuracy') or float('nan'):>6.4f}  "
               f"{r['top2_accuracy']:>6.4f}  {r['best_epoch']:>10}  {r['seconds']:>7.1f}" for r in summary["runs"]]
     interval = (f", 95% CI {100 * acc['ci_low']:.2f}-{100 * acc['ci_high']:.2f}%" if acc.get("ci_low") is not None

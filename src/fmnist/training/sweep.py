@@ -189,7 +189,7 @@ def _supervise(spec: dict, workers: int, study, log) -> None:
 
 
 def leaderboard(sweep_dir) -> dict:
-    """The trials, best first: number, state, parameters, best validation accuracy; and the
+    """The trials, best first: number, state, parameters, the kept epoch's validation accuracy; and the
     winner's test accuracy (the only trial ever tested)."""
     sweep_dir = Path(sweep_dir)
     if not (sweep_dir / SWEEP_FILE).is_file():
