@@ -57,17 +57,20 @@ def test_a_run_that_ends_worse_than_guessing_says_so_and_a_healthy_one_does_not(
     assert loss < CHANCE_LOSS and said == []
 
 
+def _stop_after_first_epoch(config, dataset, out):
+    def interrupt(line):
+        if line.startswith(f"epoch  1/{config.epochs}"):
+            raise KeyboardInterrupt  # as Ctrl-C would, once epoch 1 is safely on disk
+
+    with pytest.raises(Interrupted):
+        train(config, data=dataset, out=out, progress=False, log=interrupt)
+
+
 @pytest.mark.slow
 def test_resume_after_interrupt_matches_uninterrupted(dataset, tmp_path):
     config = TrainConfig(epochs=2, limit_train=1500, seed=3, batch_size=64)
     straight = train(config, data=dataset, out=tmp_path / "straight", **_quiet())
-
-    def interrupt_after_first_epoch(line):
-        if line.startswith("epoch  1/2"):
-            raise KeyboardInterrupt  # as Ctrl-C would, once epoch 1 is safely on disk
-
-    with pytest.raises(Interrupted):
-        train(config, data=dataset, out=tmp_path / "cut", progress=False, log=interrupt_after_first_epoch)
+    _stop_after_first_epoch(config, dataset, tmp_path / "cut")
     assert len(runs.read_history(tmp_path / "cut")) == 1
     assert not (tmp_path / "cut" / runs.METRICS).exists()
     resumed = train(resume=tmp_path / "cut", data=dataset, **_quiet())
@@ -181,13 +184,7 @@ def test_the_curves_mark_the_epoch_the_run_keeps_finished_or_not(dataset, tmp_pa
 def test_a_stopped_keep_last_run_resumes_to_the_same_last_epoch(dataset, tmp_path):
     config = TrainConfig(epochs=3, limit_train=900, seed=2, batch_size=64, keep_last=True)
     straight = train(config, data=dataset, out=tmp_path / "straight", **_quiet())
-
-    def interrupt_after_first_epoch(line):
-        if line.startswith("epoch  1/3"):
-            raise KeyboardInterrupt
-
-    with pytest.raises(Interrupted):
-        train(config, data=dataset, out=tmp_path / "cut", progress=False, log=interrupt_after_first_epoch)
+    _stop_after_first_epoch(config, dataset, tmp_path / "cut")
     resumed = train(resume=tmp_path / "cut", data=dataset, **_quiet())
     assert resumed.metrics["best_epoch"] == straight.metrics["best_epoch"] == 3
     assert resumed.metrics["accuracy"] == straight.metrics["accuracy"]
