@@ -247,7 +247,7 @@ def test_a_run_folder_from_before_an_entry_gained_an_argument_or_a_hyperparamete
     trained = ConvNet(widths=(8, 16, 32), depth=2)  # the architecture's own default: no whitening
     runs.save_weights(tmp_path / runs.WEIGHTS, trained)
     config = {"train": {"model": "best-cpu", "epochs": 1, "tta_flip": True, "hflip": True, "crop_padding": 2,
-                        "model_args": old_args},  # and from before tta_shift and keep_last
+                        "model_args": old_args},  # and from before tta_shift
               "data": {"release": "fashion-mnist 2017-08-26", "directory": "synthetic"},
               "model": {"name": "best-cpu"}}
     (tmp_path / runs.CONFIG).write_text(json.dumps(config))
@@ -257,4 +257,3 @@ def test_a_run_folder_from_before_an_entry_gained_an_argument_or_a_hyperparamete
     resumed = TrainConfig.from_record(config["train"], tmp_path / runs.CONFIG)
     assert resumed.model_args == {**old_args, "whiten": False}
     assert resumed.tta_shift == 0 < TrainConfig(model="best-cpu").resolved().tta_shift
-    assert resumed.keep_last is False and TrainConfig(model="best-cpu").resolved().keep_last is True
