@@ -28,9 +28,10 @@ def by_seed(run_dirs: list[str]) -> dict[int, tuple[str, dict]]:
     found = {}
     for run_dir in run_dirs:
         record = completed_record(runs.read_config(run_dir)["train"])
-        if record["seed"] in found:
-            raise SystemExit(f"error: two runs of seed {record['seed']} on one side: {found[record['seed']][0]}, {run_dir}")
-        found[record["seed"]] = (run_dir, record)
+        seed = record["seed"]
+        if seed in found:
+            raise SystemExit(f"error: two runs of seed {seed} on one side: {found[seed][0]}, {run_dir}")
+        found[seed] = (run_dir, record)
     return found
 
 

@@ -19,8 +19,8 @@ from .metrics import metrics_on_test_set
 
 
 def load_run_model(run_dir: str | os.PathLike, device: str = "cpu") -> tuple[torch.nn.Module, dict]:
-    """The kept model of a run folder (its best epoch by validation, or its last), in eval mode, as it is evaluated (with the
-    views its recipe averages at test time), and its config.json."""
+    """The kept model of a run folder (its best epoch by validation, or its last), in eval mode,
+    as it is evaluated (with the views its recipe averages at test time), and its config.json."""
     path = runs.require_run_dir(run_dir)
     config = runs.read_config(path)
     settings = config["train"]

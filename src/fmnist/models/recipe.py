@@ -121,8 +121,8 @@ class Recipe:
                           choices=PRECISIONS)
     val_fraction: float = knob(0.1, "stratified hold-out from train: picks the epoch (unless keep_last), fits "
                                     "the temperature (0: keep the last epoch)", minimum=0, below=1, metavar="F")
-    keep_last: bool = knob(False, "keep the last epoch's weights, not the best on validation (which then "
-                                  "only measures it and fits the temperature)")
+    keep_last: bool = knob(False, "keep the last epoch's weights, not the best on validation (the split "
+                                  "then only measures each epoch and fits the temperature)")
 
     def check(self) -> None:
         """A UserError naming the first value that is not allowed."""
