@@ -38,13 +38,16 @@ def png_bytes(fig: Figure, dpi: int = 110) -> bytes:
     return buffer.getvalue()
 
 
+def _best_epoch(history: list[dict]) -> int:
+    validated = [row for row in history if not math.isnan(row["val_accuracy"])]
+    return (max(validated, key=lambda row: row["val_accuracy"]) if validated else history[-1])["epoch"]
+
+
 def curves(history: list[dict], kept_epoch: int | None = None) -> Figure:
     """Train and validation accuracy and loss per epoch, the kept epoch marked (not given:
     the best by validation accuracy, or without validation the last)."""
     epochs = [row["epoch"] for row in history]
-    validated = [row for row in history if not math.isnan(row["val_accuracy"])]
-    best = max(validated, key=lambda row: row["val_accuracy"]) if validated else history[-1]
-    kept = int(best["epoch"] if kept_epoch is None else kept_epoch)
+    kept = int(_best_epoch(history) if kept_epoch is None else kept_epoch)
     fig = Figure(figsize=(11, 4))
     ax_acc, ax_loss = fig.subplots(1, 2)
     for ax, key, title in ((ax_acc, "accuracy", "Accuracy"), (ax_loss, "loss", "Loss (cross-entropy)")):

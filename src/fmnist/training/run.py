@@ -9,10 +9,9 @@ A ``Run`` goes through its life once:
   set up   the settings resolved against the model's recipe; the data split as tensors on
            the device; the model, the optimizer, the training step (fmnist.speed), the
            schedule; a new run folder, or a checkpoint taken back (resume);
-  epochs   train on one permutation of the split, validate, keep the best weights (or with
-           keep_last the last), and tell
-           the listeners: the checkpoint first (the state of record), then the console,
-           trackers, a sweep;
+  epochs   train on one permutation of the split, validate, keep the best weights (with
+           keep_last, the last), and tell the listeners: the checkpoint first (the state of
+           record), then the console, trackers, a sweep;
   finish   test the kept epoch, fit the temperature on validation, tell the listeners (the
            report, trackers) and write metrics.json, last: the run is complete.
 Ctrl-C and SIGTERM stop it at any of these points without losing what was saved.

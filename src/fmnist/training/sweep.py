@@ -189,8 +189,8 @@ def _supervise(spec: dict, workers: int, study, log) -> None:
 
 
 def leaderboard(sweep_dir) -> dict:
-    """The trials, best first: number, state, parameters, the kept epoch's validation accuracy; and the
-    winner's test accuracy (the only trial ever tested)."""
+    """The trials, best first: number, state, parameters, the kept epoch's validation
+    accuracy; and the winner's test accuracy (the only trial ever tested)."""
     sweep_dir = Path(sweep_dir)
     if not (sweep_dir / SWEEP_FILE).is_file():
         raise UserError(f"not a sweep folder: {SWEEP_FILE} is missing ({sweep_dir})")
