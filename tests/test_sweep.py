@@ -49,7 +49,12 @@ def _check_sweep(out: Path, trials: int) -> dict:
         assert len(runs.read_history(folder)) == 2
     tested = [r for r in complete if (Path(r["run_dir"]) / runs.METRICS).exists()]
     assert [r["trial"] for r in tested] == [board["winner"]["trial"]]  # ...except the winner, at the end
-    assert board["winner"]["val_accuracy"] == max(r["val_accuracy"] for r in complete)
+    winner = board["winner"]
+    assert winner["val_accuracy"] == max(r["val_accuracy"] for r in complete)
+    split = runs.read_config(Path(winner["run_dir"]))["split"]["validation"]  # the resolution shown beside it
+    assert winner["validation_images"] == split > 0
+    p = winner["val_accuracy"]
+    assert winner["standard_error"] == pytest.approx((p * (1 - p) / split) ** 0.5)
     assert (out / "search.png").stat().st_size > 5000
     return board
 
@@ -76,6 +81,8 @@ def test_two_workers_share_one_sqlite_study(sweep_data, tmp_path):
     assert threads == {1}  # two workers on two cores: one thread each
     shown = run_cli("sweep", "--show", out, "--json", check=True)
     assert json.loads(shown.stdout)["winner"]["trial"] == board["winner"]["trial"]
+    resolution = f"validation: {board['winner']['validation_images']} images, one standard error"
+    assert resolution in run_cli("sweep", "--show", out, check=True).stdout
 
 
 @pytest.mark.slow
