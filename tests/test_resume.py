@@ -290,10 +290,10 @@ def test_a_wrapper_of_a_training_is_not_counted_as_a_second_one():
     wrapper = subprocess.Popen(["timeout", "60", *wrapped])
     try:
         deadline = time.monotonic() + 20
-        while len(_children_and(wrapper.pid)) < 2 and time.monotonic() < deadline:  # timeout has forked
+        while not _ran_its_command(wrapper.pid) and time.monotonic() < deadline:
             time.sleep(0.05)
         pair = _children_and(wrapper.pid)
-        assert len(pair) == 2, "timeout did not start its command"
+        assert len(pair) == 2 and _ran_its_command(wrapper.pid), "timeout did not start its command"
         counted = set(other_trainers()) & pair
         assert counted == pair - {wrapper.pid}, counted  # the training, not its wrapper
     finally:
@@ -301,6 +301,18 @@ def test_a_wrapper_of_a_training_is_not_counted_as_a_second_one():
             os.kill(pid, signal.SIGKILL)
         wrapper.kill()
         wrapper.wait()
+
+
+def _ran_its_command(pid: int) -> bool:
+    """timeout has forked and its child has replaced itself with the command: between the two,
+    the child's command line is timeout's or empty, and it would not be counted yet."""
+    for child in _children_and(pid) - {pid}:
+        try:
+            if Path(f"/proc/{child}/cmdline").read_bytes().startswith(sys.executable.encode() + b"\0"):
+                return True
+        except OSError:  # gone meanwhile
+            pass
+    return False
 
 
 def _children_and(pid: int) -> set[int]:

@@ -81,7 +81,7 @@ def test_two_workers_share_one_sqlite_study(sweep_data, tmp_path):
     assert threads == {1}  # two workers on two cores: one thread each
     shown = run_cli("sweep", "--show", out, "--json", check=True)
     assert json.loads(shown.stdout)["winner"]["trial"] == board["winner"]["trial"]
-    resolution = f"validation: {board['winner']['validation_images']} images, one standard error"
+    resolution = f"validation: {board['winner']['validation_images']:,} images, one standard error"
     assert resolution in run_cli("sweep", "--show", out, check=True).stdout
 
 
