@@ -200,8 +200,26 @@ def test_int8_export_passes_its_gate_and_is_smaller(exported, trained_run, tmp_p
     gate = classifier.describe()["quantization"]
     assert gate["top1_agreement"] >= 0.99 and gate["float_accuracy"] - gate["int8_accuracy"] <= 0.003
     assert "int8" in (tmp_path / "model.int8.MODEL_CARD.md").read_text()
+    low, high = quantized_weight_range(path)
+    assert -64 <= low and high <= 64 and max(-low, high) == 64  # 7 bits, and all of them used
     blank, noise = non_garments(tmp_path)
     assert [a.reason for a in classifier.classify([blank, noise])] == [NO_OBJECT, NOT_A_GARMENT]
+
+
+def quantized_weight_range(path) -> tuple[int, int]:
+    """The smallest and largest stored int8 weight, over every quantized layer of the file: within
+    -64..64 (symmetric 7 bits), a pair of products of a uint8 activation and a weight fits the 16 bits that ONNX
+    Runtime's non-VNNI x86 kernels add it in (255 * 64 * 2 <= 32767), so no CPU clips it."""
+    import onnx
+    from onnx import numpy_helper
+
+    graph = onnx.load(str(path)).graph
+    stored = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
+    dequantized = [stored[node.input[0]] for node in graph.node
+                   if node.op_type == "DequantizeLinear" and node.input[0] in stored]
+    weights = [w for w in dequantized if w.dtype == np.int8]  # the biases are int32
+    assert len(weights) == 3 and all(w.ndim >= 2 for w in weights)  # conv1, conv2, the hidden layer
+    return min(int(w.min()) for w in weights), max(int(w.max()) for w in weights)
 
 
 @pytest.mark.slow
