@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import warnings
 
 import pytest
 
@@ -145,4 +146,9 @@ def test_auto_keeps_the_notebooks_fp32_on_cpus_and_bf16_native_takes_what_the_ha
     assert precision.resolve_precision("auto", torch.device(device)) == auto
     assert precision.resolve_precision("bf16-native", torch.device(device)) == native
     assert precision.resolve_precision("fp32", torch.device(device)) == "fp32"
+    with warnings.catch_warnings(record=True) as caught:  # asked for bf16: told when it is emulated
+        warnings.simplefilter("always")
+        assert precision.resolve_precision("bf16", torch.device(device)) == "bf16"
+    expected = [] if native == "bf16" else ["bf16 is emulated on this device"]
+    assert [str(w.message).split(" (")[0] for w in caught] == expected
     assert model_entry("notebook").recipe.precision == "auto"  # the notebook's numerics, on every CPU

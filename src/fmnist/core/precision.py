@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 def native_bf16(device: "torch.device") -> bool:
     """Whether ``device`` computes bf16 natively: a GPU from Ampere on, or a CPU with AVX512-BF16
     or AMX, where oneDNN's bf16 convolutions run at about twice its fp32 ones (elsewhere bf16
-    is emulated and no faster; docs/results.md)."""
+    is emulated and slower: docs/performance.md)."""
     if device.type == "cuda":
         import torch
 
@@ -38,6 +38,13 @@ def resolve_precision(precision: str, device: "torch.device") -> str:
         return "bf16" if device.type == "cuda" and native_bf16(device) else "fp32"
     if precision == "bf16-native":
         return "bf16" if native_bf16(device) else "fp32"
+    if precision == "bf16" and not native_bf16(device):
+        import warnings
+
+        # emulated: a bf16 GEMM ran 90x, the notebook's step 2.6x slower than fp32 on an AVX2 EPYC
+        warnings.warn("bf16 is emulated on this device (native on CPUs with AVX512-BF16 or AMX and on GPUs "
+                      "from Ampere on): expect it to run several times slower than fp32; --precision bf16-native "
+                      "takes bf16 only where it is native", stacklevel=2)
     return precision
 
 
