@@ -68,3 +68,26 @@ def test_learning_curves_draw_for_short_and_long_runs(tmp_path, epochs):
     path = tmp_path / "curves.png"
     path.write_bytes(png_bytes(curves(history)))
     assert matplotlib.image.imread(path).shape[2] in (3, 4)
+
+
+@pytest.mark.parametrize("train,label", [
+    (None, "train"),
+    ({"label_smoothing": 0.0, "crop_padding": 0, "hflip": False, "erasing": 0.0}, "train"),  # the notebook
+    ({"label_smoothing": 0.1, "crop_padding": 0, "hflip": False, "erasing": 0.0}, "train (label smoothing 0.1)"),
+    ({"label_smoothing": 0.0, "crop_padding": 2, "hflip": False, "erasing": 0.0}, "train (augmented images)"),
+    ({"label_smoothing": 0.0, "crop_padding": 0, "hflip": True, "erasing": 0.0}, "train (augmented images)"),
+    ({"label_smoothing": 0.1, "crop_padding": 0, "hflip": False, "erasing": 0.25},
+     "train (augmented images, label smoothing 0.1)"),
+])
+def test_the_curves_say_when_training_is_measured_on_other_terms_than_validation(train, label):
+    # augmentation and smoothed labels raise the training loss above validation's by design
+    from fmnist.evaluation.figures import curves
+
+    history = [{"epoch": e, "train_accuracy": 0.9, "val_accuracy": 0.92, "train_loss": 0.6, "val_loss": 0.25}
+               for e in (1, 2)]
+    fig = curves(history, train=train)
+    assert {line.get_label() for ax in fig.axes for line in ax.get_lines()} >= {label, "validation"}
+    footnotes = [text.get_text() for text in fig.texts]
+    assert footnotes == ([] if label == "train" else
+                         [f"Training figures: running means over each epoch, with {label[7:-1]}. Validation: "
+                          "measured after each epoch, on plain images and hard labels."])

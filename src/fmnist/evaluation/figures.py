@@ -2,7 +2,7 @@
 backend chosen, nothing changed in the caller's matplotlib. A notebook shows the returned
 figure inline; ``save_png`` writes it for the report.
 
-    curves(history, kept_epoch)              train vs validation accuracy and loss per epoch
+    curves(history, kept_epoch, train)       train vs validation accuracy and loss per epoch
     confusion_matrix(matrix)                 counts and row-normalised, with class names
     samples(images, labels, probs)           test images with prediction, confidence, truth, bars
     misclassified(images, labels, probs)     the top losses: most confidently wrong, loss, p(true)
@@ -43,15 +43,31 @@ def _best_epoch(history: list[dict]) -> int:
     return (max(validated, key=lambda row: row["val_accuracy"]) if validated else history[-1])["epoch"]
 
 
-def curves(history: list[dict], kept_epoch: int | None = None) -> Figure:
+def train_conditions(train: dict | None) -> str:
+    """What the training figures are measured on that validation's are not, from a config.json
+    "train" record: '' when both see plain images and hard labels."""
+    train = train or {}
+    conditions = []
+    if train.get("crop_padding") or train.get("hflip") or train.get("erasing"):
+        conditions.append("augmented images")
+    if train.get("label_smoothing"):
+        conditions.append(f"label smoothing {train['label_smoothing']:g}")
+    return ", ".join(conditions)
+
+
+def curves(history: list[dict], kept_epoch: int | None = None, train: dict | None = None) -> Figure:
     """Train and validation accuracy and loss per epoch, the kept epoch marked (not given:
-    the best by validation accuracy, or without validation the last)."""
+    the best by validation accuracy, or without validation the last). With the run's "train"
+    record, the legend and a footnote say when training is measured on augmented images or
+    smoothed labels: its loss then sits above validation's by design, not by a fault."""
     epochs = [row["epoch"] for row in history]
     kept = int(_best_epoch(history) if kept_epoch is None else kept_epoch)
+    conditions = train_conditions(train)
     fig = Figure(figsize=(11, 4))
     ax_acc, ax_loss = fig.subplots(1, 2)
     for ax, key, title in ((ax_acc, "accuracy", "Accuracy"), (ax_loss, "loss", "Loss (cross-entropy)")):
-        ax.plot(epochs, [row[f"train_{key}"] for row in history], "o-", label="train")
+        ax.plot(epochs, [row[f"train_{key}"] for row in history], "o-",
+                label=f"train ({conditions})" if conditions else "train")
         ax.plot(epochs, [row[f"val_{key}"] for row in history], "s-", label="validation")
         ax.axvline(kept, color=NEUTRAL, linestyle="--", linewidth=1, label=f"kept epoch ({kept})")
         ax.set(title=title, xlabel="epoch", ylabel=key)
@@ -62,6 +78,10 @@ def curves(history: list[dict], kept_epoch: int | None = None) -> Figure:
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
+    if conditions:
+        fig.text(0.5, 0, f"Training figures: running means over each epoch, with {conditions}. Validation: "
+                         "measured after each epoch, on plain images and hard labels.",
+                 ha="center", va="top", fontsize=9, color="#555555")
     return fig
 
 

@@ -79,7 +79,7 @@ def plot_curves(source) -> InlineFigure:
     history = runs.read_history(run_dir)
     if not history:
         raise UserError(f"no completed epoch in {run_dir / runs.HISTORY}")
-    return inline(draw.curves(history, _kept_epoch(run_dir, history)))
+    return inline(draw.curves(history, _kept_epoch(run_dir, history), runs.read_config(run_dir)["train"]))
 
 
 def _kept_epoch(run_dir: Path, history: list[dict]) -> int | None:

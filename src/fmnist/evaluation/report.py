@@ -230,7 +230,7 @@ def build_report(run_dir: str | os.PathLike, data: FashionMNIST, test_logits: to
             cleanup.enter_context(started[1])  # a failure below must not leave t-SNE running
         drawn, figures = {}, {}
         if history:  # a run folder without history (never finished an epoch) has no curves
-            drawn["curves"] = draw.curves(history, metrics.get("best_epoch"))
+            drawn["curves"] = draw.curves(history, metrics.get("best_epoch"), config["train"])
         drawn["confusion_matrix"] = draw.confusion_matrix(metrics["confusion_matrix"])
         drawn["samples"] = draw.samples(images, labels, probs)
         drawn["misclassified"] = draw.misclassified(images, labels, probs)
