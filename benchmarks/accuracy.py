@@ -107,8 +107,14 @@ def accuracy_row(row: dict) -> str:
     interval = f"{100 * a['ci_low']:.2f}-{100 * a['ci_high']:.2f}" if a["ci_low"] is not None else "-"
     unseen = f"{100 * d['mean']:.2f}%" if d else "-"
     return (f"| `{row['model']}` | {row['parameters']:,} | {row['forward_flops'] / 1e6:.1f} M | {row['epochs']} "
-            f"| {row['wall_seconds_min']:.0f}-{row['wall_seconds_max']:.0f} s | {100 * a['mean']:.2f}% "
+            f"| {wall_range(row)} | {100 * a['mean']:.2f}% "
             f"| {interval} | {a['n']} | {unseen} |")
+
+
+def wall_range(row: dict) -> str:
+    """'56-59 s' over several runs, '382 s' for one (or equal ones)."""
+    low, high = f"{row['wall_seconds_min']:.0f}", f"{row['wall_seconds_max']:.0f}"
+    return f"{low} s" if low == high else f"{low}-{high} s"
 
 
 def time_row(name: str, to_reach: dict, wall: str) -> str:
@@ -158,7 +164,7 @@ def main() -> None:
                        f"{keras['wall_seconds']:.0f} s, test {100 * keras['test_accuracy']:.2f}%"))
     for row in rows:
         print(time_row(f"`{row['model']}`", row["time_to_accuracy"],
-                       f"{row['wall_seconds_min']:.0f}-{row['wall_seconds_max']:.0f} s"))
+                       wall_range(row)))
     if rows:
         print(f"\nmachine: {rows[0]['machine']}; seeds {' '.join(map(str, args.seeds))}; time to accuracy: the "
               f"training seconds (epochs with their validation) and images seen, mean of the runs that reached it")
