@@ -41,7 +41,7 @@ def resolve_precision(precision: str, device: "torch.device") -> str:
     if precision == "bf16" and not native_bf16(device):
         import warnings
 
-        # emulated: a bf16 GEMM ran 90x, the notebook's step 2.6x slower than fp32 on an AVX2 EPYC
+        # emulated bf16 ran several times slower than fp32 on an AVX2 CPU (docs/performance.md)
         warnings.warn("bf16 is emulated on this device (native on CPUs with AVX512-BF16 or AMX and on GPUs "
                       "from Ampere on): expect it to run several times slower than fp32; --precision bf16-native "
                       "takes bf16 only where it is native", stacklevel=2)

@@ -186,9 +186,8 @@ def quantize_int8(payload: bytes, calibration: np.ndarray):
 
     Weights take 7 bits (reduce_range): on x86 CPUs without VNNI (AVX2, early AVX-512), ONNX
     Runtime adds pairs of 8-bit products in 16 bits, which overflow and clip with 8-bit
-    weights. There the `fast` preset's int8 file agreed with its float model on 96.9% of the
-    test images (1.3 points of accuracy lost), against 99.1% with 7-bit weights (2-core AMD
-    EPYC, AVX2). With 7 bits no pair can overflow, so the file computes the same on any CPU."""
+    weights; there the `fast` preset's int8 file failed its gate (docs/serving.md). With 7 bits
+    no pair can overflow, so the file computes the same on any CPU."""
     import onnx
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
