@@ -90,4 +90,4 @@ def test_the_curves_say_when_training_is_measured_on_other_terms_than_validation
     footnotes = [text.get_text() for text in fig.texts]
     assert footnotes == ([] if label == "train" else
                          [f"Training figures: running means over each epoch, with {label[7:-1]}. Validation: "
-                          "measured after each epoch, on plain images and hard labels."])
+                          "measured after each epoch, with hard labels and no random augmentation."])

@@ -187,7 +187,8 @@ def quantize_int8(payload: bytes, calibration: np.ndarray):
     Weights take 7 bits (reduce_range): on x86 CPUs without VNNI (AVX2, early AVX-512), ONNX
     Runtime adds pairs of 8-bit products in 16 bits, which overflow and clip with 8-bit
     weights; there the `fast` preset's int8 file failed its gate (docs/serving.md). With 7 bits
-    no pair can overflow, so the file computes the same on any CPU."""
+    no pair can overflow: no CPU clips, and the quantized layers' integer sums are the same on
+    every CPU."""
     import onnx
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 

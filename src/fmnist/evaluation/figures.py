@@ -77,11 +77,13 @@ def curves(history: list[dict], kept_epoch: int | None = None, train: dict | Non
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # whole epochs, a few of them
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.tight_layout()
-    if conditions:
-        fig.text(0.5, 0, f"Training figures: running means over each epoch, with {conditions}. Validation: "
-                         "measured after each epoch, on plain images and hard labels.",
-                 ha="center", va="top", fontsize=9, color="#555555")
+    if conditions:  # inside the canvas, so that any savefig keeps it
+        fig.text(0.5, 0.01, f"Training figures: running means over each epoch, with {conditions}. Validation: "
+                            "measured after each epoch, with hard labels and no random augmentation.",
+                 ha="center", va="bottom", fontsize=9, color="#555555")
+        fig.tight_layout(rect=(0, 0.06, 1, 1))
+    else:
+        fig.tight_layout()
     return fig
 
 
