@@ -47,7 +47,7 @@ def test_bench_quick_json(quick_bench):
     assert report["data"]["release"] and report["data"]["content_sha256"]  # real images, not noise
     loops = {(row["loop"], row["batch"]) for row in report["training"]}
     assert {("fmnist fp32", 32), ("textbook fp32", 32), ("fmnist fp32", 128), ("textbook fp32", 128)} <= loops
-    # bf16 is measured where it is native; emulated, one GEMM alone would take tens of seconds
+    # bf16 is measured where it is native; emulated, the bf16 GEMMs alone would take minutes
     native = native_bf16(torch.device(report["environment"]["device"]))
     assert (report["gemm_gflops_bf16"] is not None) == native
     assert ({("fmnist bf16", 32), ("fmnist bf16", 128)} <= loops) == native

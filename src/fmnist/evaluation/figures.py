@@ -81,9 +81,7 @@ def curves(history: list[dict], kept_epoch: int | None = None, train: dict | Non
         fig.text(0.5, 0.01, f"Training figures: running means over each epoch, with {conditions}. Validation: "
                             "measured after each epoch, with hard labels and no random augmentation.",
                  ha="center", va="bottom", fontsize=9, color="#555555")
-        fig.tight_layout(rect=(0, 0.06, 1, 1))
-    else:
-        fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.06 if conditions else 0, 1, 1))
     return fig
 
 

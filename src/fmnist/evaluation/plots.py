@@ -79,15 +79,16 @@ def plot_curves(source) -> InlineFigure:
     history = runs.read_history(run_dir)
     if not history:
         raise UserError(f"no completed epoch in {run_dir / runs.HISTORY}")
-    return inline(draw.curves(history, _kept_epoch(run_dir, history), runs.read_config(run_dir)["train"]))
+    train = runs.read_config(run_dir)["train"]
+    return inline(draw.curves(history, _kept_epoch(run_dir, history, train), train))
 
 
-def _kept_epoch(run_dir: Path, history: list[dict]) -> int | None:
+def _kept_epoch(run_dir: Path, history: list[dict], train: dict) -> int | None:
     """The epoch whose weights the run keeps; None: the best by validation so far (curves() finds it)."""
     metrics = runs.read_metrics(run_dir)
     if metrics is not None:
         return metrics.get("best_epoch")
-    return history[-1]["epoch"] if runs.read_config(run_dir)["train"].get("keep_last") else None
+    return history[-1]["epoch"] if train.get("keep_last") else None
 
 
 def plot_confusion_matrix(source) -> InlineFigure:
