@@ -89,5 +89,5 @@ def test_the_curves_say_when_training_is_measured_on_other_terms_than_validation
     assert {line.get_label() for ax in fig.axes for line in ax.get_lines()} >= {label, "validation"}
     footnotes = [text.get_text() for text in fig.texts]
     assert footnotes == ([] if label == "train" else
-                         [f"Training figures: running means over each epoch, with {label[7:-1]}. Validation: "
-                          "measured after each epoch, with hard labels and no random augmentation."])
+                         [f"Training: running means over each epoch, with {label[7:-1]}. "
+                          "Validation: after each epoch, hard labels, no random augmentation."])

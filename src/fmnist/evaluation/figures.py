@@ -78,8 +78,8 @@ def curves(history: list[dict], kept_epoch: int | None = None, train: dict | Non
         ax.grid(alpha=0.3)
         ax.legend()
     if conditions:  # inside the canvas, so that any savefig keeps it
-        fig.text(0.5, 0.01, f"Training figures: running means over each epoch, with {conditions}. Validation: "
-                            "measured after each epoch, with hard labels and no random augmentation.",
+        fig.text(0.5, 0.01, f"Training: running means over each epoch, with {conditions}. "
+                            "Validation: after each epoch, hard labels, no random augmentation.",
                  ha="center", va="bottom", fontsize=9, color="#555555")
     fig.tight_layout(rect=(0, 0.06 if conditions else 0, 1, 1))
     return fig
