@@ -152,3 +152,22 @@ def test_auto_keeps_the_notebooks_fp32_on_cpus_and_bf16_native_takes_what_the_ha
     expected = [] if native == "bf16" else ["bf16 is emulated on this device"]
     assert [str(w.message).split(" (")[0] for w in caught] == expected
     assert model_entry("notebook").recipe.precision == "auto"  # the notebook's numerics, on every CPU
+
+
+def test_augments_names_exactly_the_fields_augment_reads_and_each_one_alone_counts():
+    # One list says what augments; the training loop, the sweep's search space and the
+    # curves' legend all ask Recipe.augments. A new augmentation in augment() that the list
+    # lacked would train augmented while the legend said plain images.
+    import inspect
+
+    from fmnist.data.augment import augment, augmentation_for
+    from fmnist.models.recipe import AUGMENTATIONS, Recipe, recipe_in
+
+    read = [name for name in inspect.signature(augment).parameters if name not in ("images", "generator")]
+    assert sorted(read) == sorted(AUGMENTATIONS)
+    assert list(inspect.signature(augmentation_for).parameters) == read
+    assert not Recipe().augments and not recipe_in({}).augments
+    for name in AUGMENTATIONS:
+        value = _valid_value(name)
+        assert Recipe(**{name: value}).augments, name
+        assert recipe_in({name: value, "label_smoothing": 0.1}).augments, name

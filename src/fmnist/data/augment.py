@@ -60,11 +60,7 @@ def augment(images: torch.Tensor, generator: torch.Generator, crop_padding: int 
 
 
 def augmentation_for(crop_padding: int = 0, hflip: bool = False, erasing: float = 0.0):
-    """The epoch's augmentation as one call ``(images, generator) -> images``, or None when
-    the recipe asks for none."""
-    if not (crop_padding or hflip or erasing):
-        return None
-
+    """The epoch's augmentation as one call ``(images, generator) -> images``."""
     def augmentation(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         return augment(images, generator, crop_padding, hflip, erasing)
 

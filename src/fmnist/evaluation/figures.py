@@ -22,6 +22,7 @@ from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from ..data.idx import CLASS_NAMES  # noqa: E402
+from ..models.recipe import recipe_in  # noqa: E402
 
 CORRECT, WRONG, NEUTRAL = "#1f77b4", "#d62728", "#9e9e9e"  # blue right, red wrong, as in the TF tutorial
 SHORT_NAMES = ("T-shirt", "Trouser", "Pullover", "Dress", "Coat",
@@ -46,12 +47,10 @@ def _best_epoch(history: list[dict]) -> int:
 def train_conditions(train: dict | None) -> str:
     """What the training figures are measured on that validation's are not, from a config.json
     "train" record: '' when both see plain images and hard labels."""
-    train = train or {}
-    conditions = []
-    if train.get("crop_padding") or train.get("hflip") or train.get("erasing"):
-        conditions.append("augmented images")
-    if train.get("label_smoothing"):
-        conditions.append(f"label smoothing {train['label_smoothing']:g}")
+    recipe = recipe_in(train or {})
+    conditions = ["augmented images"] if recipe.augments else []
+    if recipe.label_smoothing:
+        conditions.append(f"label smoothing {recipe.label_smoothing:g}")
     return ", ".join(conditions)
 
 

@@ -78,8 +78,11 @@ def knob(default, help: str, **rules):
     return field(default=default, metadata={"knob": Knob(help, **rules)})
 
 
+AUGMENTATIONS = ("crop_padding", "hflip", "erasing")  # the fields fmnist.data.augment.augment reads
+
+
 def _augments(recipe: "Recipe") -> bool:
-    return bool(recipe.crop_padding or recipe.hflip or recipe.erasing)
+    return recipe.augments
 
 
 def _decays(recipe: "Recipe") -> bool:
@@ -124,6 +127,11 @@ class Recipe:
     keep_last: bool = knob(False, "keep the last epoch's weights, not the best on validation (the split "
                                   "then only measures each epoch and fits the temperature)")
 
+    @property
+    def augments(self) -> bool:
+        """Whether training sees augmented images (validation and test never do)."""
+        return any(getattr(self, name) for name in AUGMENTATIONS)
+
     def check(self) -> None:
         """A UserError naming the first value that is not allowed."""
         for spec in dataclasses.fields(self):
@@ -162,6 +170,12 @@ def completed_record(train: dict) -> dict:
     if not set(train) & set(RECIPE_FIELDS):
         return dict(train)
     return {**dataclasses.asdict(Recipe()), **train}
+
+
+def recipe_in(train: dict) -> Recipe:
+    """The recipe a config.json "train" record names, unchecked; a field it lacks is neutral,
+    as in ``completed_record``."""
+    return Recipe(**{name: train[name] for name in RECIPE_FIELDS if name in train})
 
 
 def knobs() -> dict[str, tuple[type, Knob, object]]:

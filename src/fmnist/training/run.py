@@ -139,7 +139,8 @@ class Run:
         # Each epoch is validated without the shifted copies: they would triple its cost (6 s of
         # best-cpu's 35-s epoch on 2 cores); the kept weights' test and calibration average them.
         self.validated = with_test_time_augmentation(self.kept, config.tta_flip)
-        self.augmentation = augmentation_for(config.crop_padding, config.hflip, config.erasing)
+        self.augmentation = (augmentation_for(config.crop_padding, config.hflip, config.erasing)
+                             if config.recipe().augments else None)
         self.generator = torch.Generator().manual_seed(config.seed)  # shuffling and augmentation
         if world is not None:
             self.parallel.update(per_rank_batch_size=config.batch_size // ranks, global_batch_size=config.batch_size,
