@@ -132,6 +132,8 @@ def test_config_json_and_the_models_command_record_every_field(trained_run):
     ("cpu", {"avx512f"}, False, "fp32", "fp32"),                  # bf16 would be emulated: fp32
     ("cpu", {"avx512f", "avx512_bf16"}, False, "fp32", "bf16"),   # Zen 4, Cooper Lake
     ("cpu", {"amx_bf16", "amx_tile"}, False, "fp32", "bf16"),     # Sapphire Rapids and later
+    ("cpu", {"asimd", "sve", "bf16", "i8mm"}, False, "fp32", "bf16"),  # Arm: Graviton3 and later
+    ("cpu", {"asimd", "asimddp"}, False, "fp32", "fp32"),         # Arm without BF16: Graviton2
     ("cuda", set(), True, "bf16", "bf16"),
     ("cuda", set(), False, "fp32", "fp32"),                       # before Ampere
 ])
@@ -151,6 +153,10 @@ def test_auto_keeps_the_notebooks_fp32_on_cpus_and_bf16_native_takes_what_the_ha
         assert precision.resolve_precision("bf16", torch.device(device)) == "bf16"
     expected = [] if native == "bf16" else ["bf16 is emulated on this device"]
     assert [str(w.message).split(" (")[0] for w in caught] == expected
+    with warnings.catch_warnings(record=True) as caught:  # the other ranks of a torchrun job: silent
+        warnings.simplefilter("always")
+        assert precision.resolve_precision("bf16", torch.device(device), warn=False) == "bf16"
+    assert not caught
     assert model_entry("notebook").recipe.precision == "auto"  # the notebook's numerics, on every CPU
 
 
@@ -171,3 +177,18 @@ def test_augments_names_exactly_the_fields_augment_reads_and_each_one_alone_coun
         value = _valid_value(name)
         assert Recipe(**{name: value}).augments, name
         assert recipe_in({name: value, "label_smoothing": 0.1}).augments, name
+
+
+@pytest.mark.parametrize("cpuinfo,flags", [
+    ("processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu avx2 avx512_bf16\n\nprocessor\t: 1\n",
+     {"fpu", "avx2", "avx512_bf16"}),                                        # x86: "flags"
+    ("processor\t: 0\nBogoMIPS\t: 2100.00\nFeatures\t: fp asimd sve bf16 i8mm\nCPU implementer\t: 0x41\n",
+     {"fp", "asimd", "sve", "bf16", "i8mm"}),                               # Arm: "Features"
+    ("processor\t: 0\n", set()),                                             # neither: no flags
+])
+def test_cpu_flags_read_x86_and_arm_cpuinfo(tmp_path, monkeypatch, cpuinfo, flags):
+    from fmnist.core import machine
+
+    (tmp_path / "cpuinfo").write_text(cpuinfo)
+    monkeypatch.setattr(machine, "CPUINFO", str(tmp_path / "cpuinfo"))
+    assert machine.cpu_flags() == flags

@@ -84,7 +84,7 @@ class Run:
         self.main = world is None or world.main
         self.show_progress = progress and self.main
         self.device = distributed.device_for(world, resolve_device(config.device))
-        self.precision = resolve_precision(config.precision, self.device)
+        self.precision = resolve_precision(config.precision, self.device, warn=self.main)
         seed_everything(config.seed, config.deterministic)
         if world is not None:
             torch.manual_seed(config.seed + world.rank)  # dropout: each rank its own masks
