@@ -91,3 +91,26 @@ def test_the_curves_say_when_training_is_measured_on_other_terms_than_validation
     assert footnotes == ([] if label == "train" else
                          [f"Training: running means over each epoch, with {label[7:-1]}. "
                           "Validation: after each epoch, hard labels, no random augmentation."])
+
+
+def test_compared_curves_name_each_runs_training_conditions():
+    from fmnist.evaluation.sidebyside import RunComparison
+
+    history = [{"epoch": e, "train_accuracy": 0.9, "val_accuracy": 0.92, "train_loss": 0.6, "val_loss": 0.25}
+               for e in (1, 2)]
+    notebook = {"label_smoothing": 0.0, "crop_padding": 0, "hflip": False, "erasing": 0.0}
+    fast = {"label_smoothing": 0.1, "crop_padding": 2, "hflip": True, "erasing": 0.0}
+
+    def figure(*records):
+        return RunComparison(names=[f"run{k}" for k in range(len(records))], paths=[None] * len(records),
+                             configs=[{"train": record} for record in records], histories=[history] * len(records),
+                             metrics=[{}] * len(records)).figure
+
+    plain = figure(notebook, notebook)
+    assert {line.get_label() for line in plain.axes[0].get_lines()} >= {"run0", "run1"} and not plain.texts
+    mixed = figure(notebook, fast)
+    labels = {line.get_label() for line in mixed.axes[0].get_lines()}
+    assert {"run0", "run1\ntraining: augmented images, label smoothing 0.1"} <= labels
+    assert [text.get_text() for text in mixed.texts] == [
+        "Training: running means over each epoch, with each run's conditions (legend). "
+        "Validation: after each epoch, hard labels, no random augmentation."]

@@ -206,19 +206,21 @@ def _draw(comparison: RunComparison):
     import numpy as np
     from matplotlib.ticker import MaxNLocator
 
-    from .figures import SHORT_NAMES
+    from .figures import SHORT_NAMES, train_conditions, training_footnote
     from .plots import InlineFigure
 
     fig = InlineFigure(figsize=(15, 4.4))
     ax_acc, ax_loss, ax_class = fig.subplots(1, 3, gridspec_kw={"width_ratios": (1, 1, 1.3)})
+    conditions = [train_conditions(config["train"]) for config in comparison.configs]
     for k, (name, history) in enumerate(zip(comparison.names, comparison.histories)):
         colour = COLOURS[k % len(COLOURS)]
         epochs = [r["epoch"] for r in history]
+        label = f"{name}\ntraining: {conditions[k]}" if conditions[k] else name
         for ax, key in ((ax_acc, "accuracy"), (ax_loss, "loss")):
             ax.plot(epochs, [r[f"train_{key}"] for r in history], "--", color=colour, lw=1, alpha=0.7)
             validation = [r[f"val_{key}"] for r in history]
             if not all(math.isnan(v) for v in validation):
-                ax.plot(epochs, validation, "o-", color=colour, ms=3, label=name)
+                ax.plot(epochs, validation, "o-", color=colour, ms=3, label=label)
     ax_acc.set(title="Accuracy (validation solid, training dashed)", xlabel="epoch", ylabel="accuracy")
     ax_loss.set(title="Loss (validation solid, training dashed)", xlabel="epoch", ylabel="cross-entropy")
     for ax in (ax_acc, ax_loss):
@@ -237,5 +239,7 @@ def _draw(comparison: RunComparison):
     ax_class.set(title="Test accuracy per class", ylim=(low, 1.0), ylabel="accuracy (recall)")
     ax_class.set_xticks(x, SHORT_NAMES, rotation=45, ha="right")
     ax_class.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
+    if any(conditions):  # a training curve below validation's is then by design, not a fault
+        training_footnote(fig, "with each run's conditions (legend)")
+    fig.tight_layout(rect=(0, 0.06 if any(conditions) else 0, 1, 1))
     return fig
