@@ -121,7 +121,7 @@ def test_runs_lists_every_run_folder_sorted_with_unfinished_and_damaged_ones_sho
     _copy_run(out, tmp_path / "b", finished=False)
     (_copy_run(out, tmp_path / "broken") / runs.CONFIG).write_text("{")
     done = cli("runs", tmp_path, "--sort", "accuracy", "--json")
-    assert done.returncode == 0, done.err
+    assert done.returncode == 0, done.stderr
     table = json.loads(done.stdout)
     assert [row["run"] for row in table["runs"]] == ["sweep/trial-0001", "a", "b"]  # best first, unfinished last
     assert table["runs"][2]["accuracy"] is None and table["runs"][1]["train_images"] == 10000
@@ -191,7 +191,7 @@ def test_compare_puts_run_folders_side_by_side_in_a_figure_and_a_page(trained_ru
     out, _ = trained_run
     a, b = _copy_run(out, tmp_path / "a"), _copy_run(out, tmp_path / "b", lr=0.01, accuracy=0.5)
     done = cli("compare", a, b, "--out", tmp_path / "cmp", "--json")
-    assert done.returncode == 0, done.err
+    assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)
     assert result["settings_diff"] == {"train.lr": [0.001, 0.01]}
     shirt = result["per_class_accuracy"]["Shirt"]
