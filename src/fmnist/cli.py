@@ -48,7 +48,7 @@ EXAMPLES = {
   fmnist evaluate runs/notebook-20261127-120000 --json
   fmnist evaluate runs/seeds/seed-0 runs/seeds/seed-1 runs/seeds/seed-2 --out runs/ensemble   # ensemble""",
     "bench": """examples:
-  fmnist bench                              # about a minute on a 2-core CPU
+  fmnist bench                              # minutes on a 2-core CPU (docs/performance.md)
   fmnist bench --json > bench.json""",
     "predict": """examples:
   fmnist predict runs/notebook-20261127-120000 shirt.jpg boot.png   # any size, photo or drawing
