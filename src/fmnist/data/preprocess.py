@@ -400,13 +400,16 @@ def prepare(source, settings: Preprocess = Preprocess(), max_megapixels: float =
 
 OBJECT_LEVEL = 32        # a pixel of the prepared image brighter than this belongs to an object
 MIN_OBJECT_PIXELS = 10   # fewer such pixels: nothing left to classify (every training image has 19 or more)
+MIN_BACKGROUND_PIXELS = 10  # fewer of the others: no shape against a background (every training image has 65)
 
 
 def has_object(images: np.ndarray) -> np.ndarray:
-    """For uint8 [N, 28, 28] prepared images: is anything left to classify? (A blank page or a
-    flat colour is all black after ``light_on_black``.)"""
-    images = np.asarray(images)
-    return (images.reshape(len(images), -1) > OBJECT_LEVEL).sum(1) >= MIN_OBJECT_PIXELS
+    """For uint8 [N, 28, 28] prepared images: is anything left to classify, an object against
+    a background? (A blank page or a flat colour is all black after ``light_on_black``; a
+    bright 28x28 array, or a shape cropped to fill the frame, is all object.)"""
+    pixels = np.asarray(images).reshape(len(images), -1)
+    bright = (pixels > OBJECT_LEVEL).sum(1)
+    return (bright >= MIN_OBJECT_PIXELS) & (pixels.shape[1] - bright >= MIN_BACKGROUND_PIXELS)
 
 
 # ----------------------------------------------------------------------------- batches
