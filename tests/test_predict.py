@@ -99,10 +99,10 @@ def test_pipeline_keeps_test_images_as_they_were(trained_run, dataset, test_pngs
 
 def test_predict_text_output_uncertain_flag_and_save_preprocessed(trained_run, test_pngs, tmp_path):
     out, _ = trained_run
-    result = run_cli("predict", out, *test_pngs[:3], "--uncertain-below", "1.01",
+    result = run_cli("predict", out, *test_pngs[:3], "--uncertain-below", "1",
                      "--save-preprocessed", tmp_path / "seen", check=True)
     lines = result.stdout.strip().splitlines()
-    assert len(lines) == 3 and all("  uncertain: between " in line for line in lines)  # nothing reaches 101%
+    assert len(lines) == 3 and all("  uncertain: between " in line for line in lines)  # nothing reaches 100%
     saved = sorted((tmp_path / "seen").iterdir())
     assert [p.name for p in saved] == ["0000-00.png", "0001-01.png", "0002-02.png"]
     assert Image.open(saved[0]).size == (28, 28)

@@ -406,3 +406,49 @@ def test_a_trickling_upload_gets_408_at_the_deadline(live):
             reply += chunk
     assert reply.startswith(b"HTTP/1.1 408") and b"not complete after 1.5 s" in reply
     assert DEADLINE_S - 0.05 <= time.monotonic() - started < DEADLINE_S + 2  # the loop's clock ticks in ms
+
+
+def test_an_address_that_cannot_be_listened_on_is_one_error_before_serving(classifier, monkeypatch, cli):
+    # uvicorn would print its own error and exit 3 after "serving on ..."
+    import uvicorn
+
+    from fmnist.core.errors import UserError
+    from fmnist.deploy import server
+
+    for name in ("FMNIST_ORT_SPIN", "FMNIST_ORT_THREADS"):  # serve() sets them for its workers
+        monkeypatch.setenv(name, "1")
+    monkeypatch.setattr(server.Classifier, "load", lambda *args, **kwargs: classifier)
+    monkeypatch.setattr(uvicorn, "run", lambda *args, **kwargs: pytest.fail("uvicorn started"))
+    said = []
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(UserError, match=f"cannot listen on 127.0.0.1:{port}: Address already in use"):
+            server.serve("model.onnx", "127.0.0.1", port, log=said.append)
+    with pytest.raises(UserError, match="cannot listen on 192.0.2.1:8000: Cannot assign requested address"):
+        server.serve("model.onnx", "192.0.2.1", 8000, log=said.append)  # TEST-NET-1: no machine's own address
+    assert said == []
+    for port in ("65536", "99999", "-1"):
+        refused = cli("serve", "model.onnx", "--port", port)
+        assert refused.returncode == 2 and "--port" in refused.stderr and "Traceback" not in refused.stderr
+
+
+def test_top_k_and_uncertain_below_have_one_range_on_every_path(classifier, client, cli):
+    # the server's query checks 1 <= top_k <= 10; the CLI and the Python API now refuse the same values
+    from fmnist.core.errors import UserError
+
+    image = trousers()
+    assert len(classifier.classify(image, top_k=10)[0].top_k) == 10
+    for top_k in (0, 11, 2.0, True):
+        with pytest.raises(UserError, match="top_k must be a whole number from 1 to 10"):
+            classifier.classify(image, top_k=top_k)
+        if top_k in (0, 11):  # a query string's "2.0" reads as 2
+            assert post(client, ("a.png", PNG), top_k=top_k).status_code == 422
+    for value in (-0.1, 1.5, float("nan"), "0.5"):
+        with pytest.raises(UserError, match="uncertain_below must be a probability from 0 to 1"):
+            Classifier(classifier.model, uncertain_below=value)
+    for option, value in (("--top-k", "0"), ("--top-k", "11"), ("--uncertain-below", "5"),
+                          ("--uncertain-below", "nan"), ("--uncertain-below", "-0.1")):
+        refused = cli("predict", "model.onnx", "x.png", option, value)
+        assert refused.returncode == 2 and option in refused.stderr and "Traceback" not in refused.stderr

@@ -425,7 +425,7 @@ def cmd_serve(args) -> int:
 RUN_OPTIONS = ("model", "model_args", "seed", "limit_train", "device", "deterministic")
 
 
-def _whole_number(minimum: int):
+def _whole_number(minimum: int, maximum: int | None = None):
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -433,6 +433,8 @@ def _whole_number(minimum: int):
             raise argparse.ArgumentTypeError(f"must be a whole number, got '{text}'") from None
         if value < minimum:
             raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        if maximum is not None and value > maximum:
+            raise argparse.ArgumentTypeError(f"must be at most {maximum}, got {value}")
         return value
     return parse
 
@@ -447,6 +449,16 @@ def _seconds(text: str) -> float:
         raise argparse.ArgumentTypeError(f"must be a number of seconds, got '{text}'") from None
     if not value >= 0:  # also NaN
         raise argparse.ArgumentTypeError(f"must be at least 0, got {text}")
+    return value
+
+
+def _probability(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a probability, got '{text}'") from None
+    if not 0 <= value <= 1:  # also NaN
+        raise argparse.ArgumentTypeError(f"must be from 0 to 1, got {text}")
     return value
 
 
@@ -633,8 +645,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     def add_answers(sub):
         sub.add_argument("model", metavar="MODEL", help="a run folder, or a .onnx file from 'fmnist export'")
-        sub.add_argument("--top-k", type=_positive_int, default=3, metavar="K", help="classes shown (default: 3)")
-        sub.add_argument("--uncertain-below", type=float, metavar="P",
+        sub.add_argument("--top-k", type=_whole_number(1, 10), default=3, metavar="K",  # of the ten classes
+                         help="classes shown, 1 to 10 (default: 3)")
+        sub.add_argument("--uncertain-below", type=_probability, metavar="P",
                          help="flag answers whose top probability is below P (default: 0.5)")
 
     predict = command("predict", "classify image files (any size: photos, drawings) or IDX/.npy batches",
@@ -674,7 +687,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve = command("serve", "web service and page for a run folder or exported model", cmd_serve)
     add_answers(serve)
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
-    serve.add_argument("--port", type=_whole_number(0), default=8000, help="port (default: 8000)")
+    serve.add_argument("--port", type=_whole_number(0, 65535), default=8000, help="port (default: 8000)")
     serve.add_argument("--workers", type=_positive_int, default=1, metavar="N",
                        help="server processes sharing the port and the cores (default: 1)")
     limits = serve.add_argument_group("limits and batching")

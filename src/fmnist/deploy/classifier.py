@@ -105,6 +105,12 @@ def _is_image_source(item) -> bool:
     return isinstance(item, (str, os.PathLike, bytes, bytearray, prep.Image.Image))
 
 
+def _probability(value, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating)) or not 0 <= value <= 1:
+        raise UserError(f"{name} must be a probability from 0 to 1, got {value!r}")
+    return float(value)
+
+
 class Classifier:
     """A trained model ready to label images.
 
@@ -131,7 +137,7 @@ class Classifier:
         self.class_names = tuple(class_names)
         self.preprocess = preprocess or prep.Preprocess()
         self.metadata = dict(metadata or {})
-        self.uncertain_below = uncertain_below
+        self.uncertain_below = _probability(uncertain_below, "uncertain_below")
         # Temperature scaling fitted on the run's validation split (fmnist.calibration); 1: none.
         self.temperature = float(self.metadata.get("temperature") or 1.0)
         # The out-of-distribution fit (fmnist.evaluation.ood): its summary says the score and
@@ -187,7 +193,7 @@ class Classifier:
             classifier = cls.from_run(path, device=device, backend=backend)
         classifier.preprocess = dataclasses.replace(classifier.preprocess, **(preprocess or {}))
         if uncertain_below is not None:
-            classifier.uncertain_below = uncertain_below
+            classifier.uncertain_below = _probability(uncertain_below, "uncertain_below")
         return classifier
 
     @classmethod
@@ -307,9 +313,11 @@ class Classifier:
         classes = len(self.class_names)
         probabilities = outputs[:, :classes]
         scores = outputs[:, classes] if outputs.shape[1] > classes else np.full(len(outputs), np.nan)
+        if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or not 1 <= top_k <= classes:
+            raise UserError(f"top_k must be a whole number from 1 to {classes}, got {top_k!r}")
         present = prep.has_object(images) if images is not None else np.ones(len(outputs), bool)
         order = np.argsort(-probabilities, axis=1, kind="stable")
-        k = max(1, min(top_k, classes))
+        k = int(top_k)
         sources = sources or [None] * len(probabilities)
         answers = []
         for n, (row, p, source) in enumerate(zip(order, probabilities, sources)):

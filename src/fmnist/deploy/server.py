@@ -559,6 +559,21 @@ def app_from_environment():
                       ServeConfig(**spec["config"]))
 
 
+def _check_can_listen(host: str, port: int) -> None:
+    """A UserError, before the server says it is serving, when the address cannot be bound:
+    uvicorn would log its own error and exit 3 after that line."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET  # as uvicorn chooses
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: a live listener still refuses
+        try:
+            probe.bind((host, port))
+        except OSError as error:
+            raise UserError(f"cannot listen on {host}:{port}: {error.strerror or error}",
+                            hint="another server may hold the port: choose another with --port") from None
+
+
 def serve(model: str, host: str = "127.0.0.1", port: int = 8000, config: ServeConfig = ServeConfig(), *,
           workers: int = 1, preprocess: dict | None = None, uncertain_below: float | None = None,
           log=print) -> None:
@@ -580,6 +595,7 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, config: ServeCo
     os.environ.setdefault("FMNIST_ORT_SPIN", "0")
     os.environ.setdefault("FMNIST_ORT_THREADS", str(max(1, cores // workers)))
     classifier = Classifier.load(model, preprocess=preprocess, uncertain_below=uncertain_below)  # fail here, not in N workers
+    _check_can_listen(host, port)
     where = f"http://{host}:{port}/"
     log(f"fmnist: serving {model} with {classifier.backend} on {where} ({workers} worker(s); "
         f"API docs {where}docs); Ctrl-C stops")
