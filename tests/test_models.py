@@ -62,8 +62,21 @@ def test_seed_is_an_alias_of_notebook():
 def test_unknown_model_and_bad_arguments():
     with pytest.raises(UserError, match="unknown model 'resnet9000'"):
         create_model("resnet9000")
-    with pytest.raises(UserError, match="does not take these arguments"):
-        create_model("notebook", width=3)
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_an_argument_a_model_lacks_is_refused_naming_those_it_has(name):
+    import inspect
+
+    from fmnist.models.registry import model_entry
+    from fmnist.training.config import TrainConfig
+
+    takes = ", ".join(inspect.signature(model_entry(name).architecture).parameters)
+    message = f"model '{name}' has no argument 'no_such_argument' \\(it takes {takes}\\)"
+    with pytest.raises(UserError, match=message):
+        create_model(name, no_such_argument=3)
+    with pytest.raises(UserError, match=message):  # at the settings' check, before any data is read
+        TrainConfig(model=name, model_args={"no_such_argument": 3}).resolved()
 
 
 @pytest.mark.parametrize("width,blocks", [(16, (1, 1, 1)), (8, (2, 1)), (4, (1,))])

@@ -205,3 +205,11 @@ def test_readable_takes_what_classify_takes_and_empty_arrays_get_no_answers(trai
         classifier.classify_readable([])
     empty = np.zeros((0, 28, 28), np.uint8)
     assert classifier.classify(empty) == [] and explain(classifier, empty) == []
+
+
+def test_save_preprocessed_onto_a_file_is_refused_before_anything_runs(tmp_path, cli):
+    taken = tmp_path / "notes.txt"
+    taken.write_text("kept")
+    refused = cli("predict", "model.onnx", "shirt.png", "--save-preprocessed", taken)
+    assert refused.returncode == 2 and refused.stderr.startswith("error: --save-preprocessed names a folder")
+    assert taken.read_text() == "kept"

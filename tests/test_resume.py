@@ -112,13 +112,13 @@ sys.exit(main(sys.argv[1:]))
                                              ("evaluation.figures", "samples")])
 def test_sigterm_while_testing_or_reporting_exits_143_and_resumes(run_data, tmp_path, uninterrupted, module,
                                                                    function):
-    out = tmp_path / "run"
+    out = tmp_path / "a run"  # the hint quotes it, to paste as one argument
     stopped = subprocess.run([sys.executable, "-c", SIGTERM_WHEN_CALLED.format(module=module, function=function),
                               "train", *QUICK, "--data", str(run_data), "--out", str(out)],
                              capture_output=True, text=True)
     assert stopped.returncode == 143, stopped.stderr
     assert "SIGTERM: stopped after 3 complete epoch(s); checkpoint of epoch 3 kept" in stopped.stderr
-    assert f"hint: fmnist train --resume {out}" in stopped.stderr and "Traceback" not in stopped.stderr
+    assert f"hint: fmnist train --resume '{out}'" in stopped.stderr and "Traceback" not in stopped.stderr
     assert not (out / runs.METRICS).exists()  # written last: the run is not complete
     run_cli("train", "--resume", out, "--quiet", "--data", run_data, check=True)
     _same_run(out, uninterrupted)

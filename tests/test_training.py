@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shlex
+
 import pytest
 
 from fmnist.core import runs
@@ -193,9 +195,11 @@ def test_a_stopped_keep_last_run_resumes_to_the_same_last_epoch(dataset, tmp_pat
 
 @pytest.mark.slow
 def test_resume_refuses_other_data_and_finished_runs(dataset, tmp_path):
-    finished = train(TrainConfig(epochs=1, limit_train=300), data=dataset, out=tmp_path / "r", **_quiet())
-    with pytest.raises(UserError, match="already complete"):
+    finished = train(TrainConfig(epochs=1, limit_train=300), data=dataset, out=tmp_path / "a run", **_quiet())
+    with pytest.raises(UserError, match="already complete") as refused:
         train(resume=finished.run_dir, data=dataset, **_quiet())
+    quoted = shlex.quote(str(finished.run_dir))  # the hint pastes as one argument
+    assert " " in str(finished.run_dir) and refused.value.hint == f"fmnist evaluate {quoted}  or  fmnist report {quoted}"
     config = runs.read_json(finished.run_dir / runs.CONFIG)
     config["data"]["content_sha256"] = "0" * 64
     runs.write_json(finished.run_dir / runs.CONFIG, config)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import textwrap
 import warnings
@@ -318,6 +319,8 @@ def cmd_predict(args) -> int:
 
     from .deploy.classifier import Classifier
 
+    if args.save_preprocessed and Path(args.save_preprocessed).exists() and not Path(args.save_preprocessed).is_dir():
+        raise UserError(f"--save-preprocessed names a folder to write into, not a file: {args.save_preprocessed}")
     classifier = Classifier.load(args.model, backend=args.backend, preprocess=_preprocess_changes(args),
                                  uncertain_below=args.uncertain_below)
     if len(args.images) == 1:  # one input: its error is the command's error
@@ -766,7 +769,7 @@ def _run(args) -> int:
         return 2
     except Interrupted as exc:
         print(f"interrupted: {exc}", file=sys.stderr)
-        print(f"hint: fmnist train --resume {exc.run_dir}", file=sys.stderr)
+        print(f"hint: fmnist train --resume {shlex.quote(str(exc.run_dir))}", file=sys.stderr)
         return 143 if exc.signal_name == "SIGTERM" else 130  # 128 + the signal's number
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import re
+import shlex
 import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
@@ -100,7 +101,8 @@ def export_onnx(run_dir: str | os.PathLike, out: str | os.PathLike | None = None
     if out.is_dir():
         raise UserError(f"--out is a folder; give a file name such as {out / 'model.onnx'}")
     if out.suffix != ".onnx":  # what predict, serve and Classifier.load recognise as an exported model
-        raise UserError(f"--out must name a .onnx file, got {out.name}", hint=f"--out {out.with_name(out.name + '.onnx')}")
+        raise UserError(f"--out must name a .onnx file, got {out.name}",
+                        hint=f"--out {shlex.quote(str(out.with_name(out.name + '.onnx')))}")
     from ..evaluation.ood import OODHead
     from ..evaluation.saved import load_run_model
 

@@ -21,6 +21,7 @@ predictions in memory.
 from __future__ import annotations
 
 import os
+import shlex
 from pathlib import Path
 
 import numpy as np
@@ -66,7 +67,7 @@ def _completed_metrics(run_dir: Path) -> dict:
     metrics = runs.read_metrics(run_dir)
     if metrics is None:
         raise UserError(f"the run has not finished: metrics.json is missing ({run_dir})",
-                        hint=f"fmnist train --resume {run_dir}")
+                        hint=f"fmnist train --resume {shlex.quote(str(run_dir))}")
     return metrics
 
 

@@ -98,7 +98,7 @@ class RunComparison:
         for row in self.summary():
             accuracy = "-" if row["accuracy"] is None else f"{100 * row['accuracy']:.2f}%"
             lines.append(f"  {row['run']}: {row['model']}, {_value(row['train_images'])} training images, "
-                         f"{row['epochs']} epochs, test accuracy {accuracy}")
+                         f"{row['epochs']} epoch{'' if row['epochs'] == 1 else 's'}, test accuracy {accuracy}")
         diff = self.settings_diff()
         lines.append("settings that differ:" if diff else "settings: the same in every run")
         lines += [f"  {key:<28} " + "  |  ".join(_value(v) for v in values) for key, values in diff.items()]

@@ -45,16 +45,30 @@ def create_model(name: str, **overrides) -> nn.Module:
     """The network registered as ``name``: exactly what ``fmnist train --model NAME`` trains;
     ``overrides`` change some of its arguments."""
     entry = model_entry(name)
+    _check_argument_names(name, overrides)
     try:
         return entry.build(**overrides)
-    except TypeError as exc:  # an argument the architecture does not have
+    except TypeError as exc:  # a value of the wrong kind
         raise UserError(f"model '{name}' does not take these arguments: {exc}") from None
     except ValueError as exc:  # a value out of its range, e.g. a dropout probability of 5
         raise UserError(f"model '{name}' cannot be built with {overrides}: {exc}") from None
 
 
+def _check_argument_names(name: str, overrides: dict) -> None:
+    """A UserError naming the arguments the architecture does not have, and those it has."""
+    import inspect
+
+    takes = inspect.signature(model_entry(name).architecture).parameters
+    unknown = [key for key in overrides if key not in takes]
+    if unknown and not any(spec.kind is spec.VAR_KEYWORD for spec in takes.values()):
+        raise UserError(f"model '{name}' has no argument {', '.join(map(repr, unknown))} "
+                        f"(it takes {', '.join(takes) or 'none'})", hint=f"fmnist models {name}")
+
+
 def model_arguments(name: str, overrides: dict | None = None) -> dict:
-    """The architecture's arguments of a run: the entry's, with ``overrides`` on top."""
+    """The architecture's arguments of a run: the entry's, with ``overrides`` on top (checked:
+    each one the architecture's)."""
+    _check_argument_names(name, overrides or {})
     return {**model_entry(name).arguments, **(overrides or {})}
 
 

@@ -23,6 +23,7 @@ import contextlib
 import datetime
 import math
 import os
+import shlex
 import signal
 import sys
 import threading
@@ -185,8 +186,9 @@ class Run:
             self.log(f"resuming {run_dir}: no epoch had completed, starting from epoch 1")
             return
         if state["epoch"] >= self.config.epochs and (run_dir / runs.METRICS).exists():
+            quoted = shlex.quote(str(run_dir))  # a hint to paste: a folder with spaces stays one argument
             raise UserError(f"the run is already complete ({state['epoch']}/{self.config.epochs} epochs) ({run_dir})",
-                            hint=f"fmnist evaluate {run_dir}  or  fmnist report {run_dir}")
+                            hint=f"fmnist evaluate {quoted}  or  fmnist report {quoted}")
         restore(self, state)
         self.start_epoch, self.resumed_from = state["epoch"] + 1, state
         self.log(f"resuming {run_dir} after epoch {state['epoch']}")
