@@ -132,8 +132,6 @@ def test_config_json_and_the_models_command_record_every_field(trained_run):
     ("cpu", {"avx512f"}, False, "fp32", "fp32"),                  # bf16 would be emulated: fp32
     ("cpu", {"avx512f", "avx512_bf16"}, False, "fp32", "bf16"),   # Zen 4, Cooper Lake
     ("cpu", {"amx_bf16", "amx_tile"}, False, "fp32", "bf16"),     # Sapphire Rapids and later
-    ("cpu", {"asimd", "sve", "bf16", "i8mm"}, False, "fp32", "bf16"),  # Arm: Graviton3 and later
-    ("cpu", {"asimd", "asimddp"}, False, "fp32", "fp32"),         # Arm without BF16: Graviton2
     ("cuda", set(), True, "bf16", "bf16"),
     ("cuda", set(), False, "fp32", "fp32"),                       # before Ampere
 ])
@@ -178,17 +176,3 @@ def test_augments_names_exactly_the_fields_augment_reads_and_each_one_alone_coun
         assert Recipe(**{name: value}).augments, name
         assert recipe_in({name: value, "label_smoothing": 0.1}).augments, name
 
-
-@pytest.mark.parametrize("cpuinfo,flags", [
-    ("processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu avx2 avx512_bf16\n\nprocessor\t: 1\n",
-     {"fpu", "avx2", "avx512_bf16"}),                                        # x86: "flags"
-    ("processor\t: 0\nBogoMIPS\t: 2100.00\nFeatures\t: fp asimd sve bf16 i8mm\nCPU implementer\t: 0x41\n",
-     {"fp", "asimd", "sve", "bf16", "i8mm"}),                               # Arm: "Features"
-    ("processor\t: 0\n", set()),                                             # neither: no flags
-])
-def test_cpu_flags_read_x86_and_arm_cpuinfo(tmp_path, monkeypatch, cpuinfo, flags):
-    from fmnist.core import machine
-
-    (tmp_path / "cpuinfo").write_text(cpuinfo)
-    monkeypatch.setattr(machine, "CPUINFO", str(tmp_path / "cpuinfo"))
-    assert machine.cpu_flags() == flags

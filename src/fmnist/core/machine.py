@@ -6,13 +6,11 @@ from __future__ import annotations
 import os
 import platform
 
-CPUINFO = "/proc/cpuinfo"
-
 
 def _cpuinfo(field: str) -> str | None:
     """The first value of ``field`` in Linux's /proc/cpuinfo (None elsewhere)."""
     try:
-        with open(CPUINFO) as handle:
+        with open("/proc/cpuinfo") as handle:
             for line in handle:
                 if line.startswith(field):
                     return line.split(":", 1)[1].strip()
@@ -26,9 +24,8 @@ def cpu_name() -> str:
 
 
 def cpu_flags() -> set[str]:
-    """The CPU's feature flags as Linux lists them: "flags" on x86, "Features" on Arm (empty
-    elsewhere)."""
-    return set((_cpuinfo("flags") or _cpuinfo("Features") or "").split())
+    """The CPU's feature flags as Linux lists them (empty elsewhere)."""
+    return set((_cpuinfo("flags") or "").split())
 
 
 def available_cores() -> int:

@@ -19,14 +19,14 @@ if TYPE_CHECKING:
 
 def native_bf16(device: "torch.device") -> bool:
     """Whether ``device`` computes bf16 natively: a GPU from Ampere on, or a CPU with AVX512-BF16
-    or AMX, where oneDNN's bf16 convolutions run at about twice its fp32 ones, or with Arm's
-    BF16 instructions (Graviton3 and later; not measured here). Elsewhere bf16 is emulated and
-    slower: docs/performance.md."""
+    or AMX, where oneDNN's bf16 convolutions run at about twice its fp32 ones (elsewhere bf16
+    is emulated and slower: docs/performance.md; Arm CPUs with BF16 instructions are not
+    measured, and train in fp32)."""
     if device.type == "cuda":
         import torch
 
         return torch.cuda.is_bf16_supported(including_emulation=False)
-    return device.type == "cpu" and bool({"avx512_bf16", "amx_bf16", "bf16"} & cpu_flags())
+    return device.type == "cpu" and bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
 
 
 def resolve_precision(precision: str, device: "torch.device", warn: bool = True) -> str:
@@ -45,7 +45,7 @@ def resolve_precision(precision: str, device: "torch.device", warn: bool = True)
         import warnings
 
         # emulated bf16 ran several times slower than fp32 on an AVX2 CPU (docs/performance.md)
-        warnings.warn("bf16 is emulated on this device (native on CPUs with AVX512-BF16, AMX or Arm BF16 and on GPUs "
+        warnings.warn("bf16 is emulated on this device (native on CPUs with AVX512-BF16 or AMX and on GPUs "
                       "from Ampere on): expect it to run several times slower than fp32; --precision bf16-native "
                       "takes bf16 only where it is native", stacklevel=2)
     return precision
