@@ -63,15 +63,13 @@ def test_an_object_needs_bright_pixels_and_a_background_each_at_the_bounds(dark)
     image[:dark] = prep.OBJECT_LEVEL  # the brightest background
     found = prep.has_object(image.reshape(1, 28, 28))[0]
     assert found == (dark >= prep.MIN_BACKGROUND_PIXELS and 784 - dark >= prep.MIN_OBJECT_PIXELS)
-    assert found == (10 <= dark <= 784 - 10)
 
 
 @pytest.mark.slow
 def test_every_fashion_mnist_image_has_an_object(dataset):
     # the rule never refuses a garment of the data set, training or test
     for images in (dataset.train_images, dataset.test_images):
-        pixels = np.rint(np.asarray(images, dtype=np.float32)).astype(np.uint8).reshape(-1, 28, 28)
-        assert len(pixels) in (60_000, 10_000) and prep.has_object(pixels).all()
+        assert len(images) in (60_000, 10_000) and prep.has_object(images.numpy()).all()
 
 
 def test_relative_mahalanobis_is_larger_far_from_the_classes():

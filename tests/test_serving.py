@@ -438,8 +438,15 @@ def test_top_k_and_uncertain_below_have_one_range_on_every_path(classifier, clie
     # the server's query checks 1 <= top_k <= 10; the CLI and the Python API now refuse the same values
     from fmnist.core.errors import UserError
 
+    from fmnist.cli import CLASSES
+    from fmnist.data.idx import CLASS_NAMES
+
+    assert CLASSES == len(CLASS_NAMES) == len(classifier.class_names)
     image = trousers()
     assert len(classifier.classify(image, top_k=10)[0].top_k) == 10
+    for top_k in (0, 11, 2.5):  # the server's own default is checked too: FastAPI never checks a default
+        with pytest.raises(UserError, match="top-k must be a whole number from 1 to 10"):
+            create_app(classifier, ServeConfig(top_k=top_k))
     for top_k in (0, 11, 2.0, True):
         with pytest.raises(UserError, match="top_k must be a whole number from 1 to 10"):
             classifier.classify(image, top_k=top_k)

@@ -423,6 +423,8 @@ def cmd_serve(args) -> int:
 # ----------------------------------------------------------------------------- parser
 
 
+CLASSES = 10  # Fashion-MNIST's (fmnist.data.idx.CLASS_NAMES, not imported: the parser stays light)
+
 # The run's own settings given as options (TrainConfig's RunSettings); the recipe's options
 # are generated from its fields (add_recipe).
 RUN_OPTIONS = ("model", "model_args", "seed", "limit_train", "device", "deterministic")
@@ -648,8 +650,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     def add_answers(sub):
         sub.add_argument("model", metavar="MODEL", help="a run folder, or a .onnx file from 'fmnist export'")
-        sub.add_argument("--top-k", type=_whole_number(1, 10), default=3, metavar="K",  # of the ten classes
-                         help="classes shown, 1 to 10 (default: 3)")
+        sub.add_argument("--top-k", type=_whole_number(1, CLASSES), default=3, metavar="K",
+                         help=f"classes shown, 1 to {CLASSES} (default: 3)")
         sub.add_argument("--uncertain-below", type=_probability, metavar="P",
                          help="flag answers whose top probability is below P (default: 0.5)")
 

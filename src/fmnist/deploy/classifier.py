@@ -313,8 +313,7 @@ class Classifier:
         classes = len(self.class_names)
         probabilities = outputs[:, :classes]
         scores = outputs[:, classes] if outputs.shape[1] > classes else np.full(len(outputs), np.nan)
-        if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or not 1 <= top_k <= classes:
-            raise UserError(f"top_k must be a whole number from 1 to {classes}, got {top_k!r}")
+        self._check_top_k(top_k)
         present = prep.has_object(images) if images is not None else np.ones(len(outputs), bool)
         order = np.argsort(-probabilities, axis=1, kind="stable")
         k = int(top_k)
@@ -339,13 +338,20 @@ class Classifier:
             return f"between {self.class_names[order[0]]} and {self.class_names[order[1]]}"
         return None
 
+    def _check_top_k(self, top_k) -> None:
+        classes = len(self.class_names)
+        if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or not 1 <= top_k <= classes:
+            raise UserError(f"top_k must be a whole number from 1 to {classes}, got {top_k!r}")
+
     def classify(self, images, top_k: int = 3) -> list[Prediction]:
         """Top-k classes with probabilities and an uncertain flag for each image; each answer
         keeps the 28x28 image the model saw (``Prediction.image``)."""
+        self._check_top_k(top_k)  # before any image is read
         return self.classify_prepared(*self.prepare(images), top_k=top_k)
 
     def classify_prepared(self, batch: np.ndarray, sources: list, top_k: int = 3) -> list[Prediction]:
         """``classify`` for inputs ``prepare`` (or ``prepare_readable``) already made."""
+        self._check_top_k(top_k)
         if not len(batch):  # an empty array: no answers
             return []
         seen = np.rint(batch[:, 0] * 255).astype(np.uint8)
@@ -372,6 +378,7 @@ class Classifier:
     def classify_readable(self, items, top_k: int = 3) -> tuple[list[Prediction], list[tuple[object, str]]]:
         """``classify`` for a list of inputs, past the ones it cannot read (``prepare_readable``):
         the answers for the rest, in order (the model runs once), and what was skipped."""
+        self._check_top_k(top_k)
         batch, sources, skipped = self.prepare_readable(items)
         return self.classify_prepared(batch, sources, top_k), skipped
 

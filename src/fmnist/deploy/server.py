@@ -35,6 +35,7 @@ from starlette.exceptions import HTTPException
 
 from .. import __version__
 from ..data import preprocess as prep
+from ..data.idx import CLASS_NAMES
 from .classifier import Classifier
 from ..core.errors import UserError
 
@@ -62,12 +63,14 @@ class ServeConfig:
     drain_s: float = 5.0            # ... sees the answer, not a reset; more or slower is cut off (a reset)
 
     def check(self) -> None:
-        for name in ("max_body_mb", "max_images", "max_megapixels", "max_batch", "top_k", "body_timeout_s",
+        for name in ("max_body_mb", "max_images", "max_megapixels", "max_batch", "body_timeout_s",
                      "body_deadline_s", "drain_max_mb", "drain_s"):
             if getattr(self, name) <= 0:
                 raise UserError(f"{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if self.batch_window_ms < 0:
             raise UserError(f"batch-window-ms must be at least 0, got {self.batch_window_ms}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or not 1 <= self.top_k <= len(CLASS_NAMES):
+            raise UserError(f"top-k must be a whole number from 1 to {len(CLASS_NAMES)}, got {self.top_k}")
 
 
 class HTTPError(HTTPException):
@@ -561,17 +564,36 @@ def app_from_environment():
 
 def _check_can_listen(host: str, port: int) -> None:
     """A UserError, before the server says it is serving, when the address cannot be bound:
-    uvicorn would log its own error and exit 3 after that line."""
+    uvicorn would log its own error and exit 3 after that line. Every address ``host``
+    resolves to is tried, as uvicorn binds them all ("localhost": 127.0.0.1 and ::1)."""
+    import errno
     import socket
 
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET  # as uvicorn chooses
-    with socket.socket(family, socket.SOCK_STREAM) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: a live listener still refuses
-        try:
-            probe.bind((host, port))
-        except OSError as error:
-            raise UserError(f"cannot listen on {host}:{port}: {error.strerror or error}",
-                            hint="another server may hold the port: choose another with --port") from None
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+        raise UserError(f"port must be a whole number from 0 to 65535, got {port!r}")
+    try:
+        addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as error:
+        raise UserError(f"cannot listen on {host}:{port}: {error.strerror}") from None
+    bound, unavailable = False, None
+    for family, kind, protocol, _, address in addresses:
+        with socket.socket(family, kind, protocol) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: a live listener still refuses
+            if family == socket.AF_INET6:  # as asyncio's create_server: "::" leaves IPv4 to its own socket
+                probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                probe.bind(address)
+            except OSError as error:
+                if error.errno == errno.EADDRNOTAVAIL:  # asyncio skips such a family (IPv6 off), unless it is the only one
+                    unavailable = error
+                    continue
+                taken = error.errno == errno.EADDRINUSE
+                raise UserError(f"cannot listen on {host}:{port}: {error.strerror or error}",
+                                hint="another server holds the port: choose another with --port" if taken
+                                else None) from None
+            bound = True
+    if not bound:
+        raise UserError(f"cannot listen on {host}:{port}: {unavailable.strerror if unavailable else 'no address'}")
 
 
 def serve(model: str, host: str = "127.0.0.1", port: int = 8000, config: ServeConfig = ServeConfig(), *,

@@ -78,13 +78,16 @@ def curves(history: list[dict], kept_epoch: int | None = None, train: dict | Non
         ax.legend()
     if conditions:
         training_footnote(fig, f"with {conditions}")
-    fig.tight_layout(rect=(0, 0.06 if conditions else 0, 1, 1))
+    fig.tight_layout(rect=(0, FOOTNOTE_HEIGHT if conditions else 0, 1, 1))
     return fig
+
+
+FOOTNOTE_HEIGHT = 0.06  # of the figure, left free by tight_layout for one line of footnote
 
 
 def training_footnote(fig: Figure, conditions: str) -> None:
     """Why the training curves differ from validation's, at the foot of ``fig`` (inside the
-    canvas, so that any savefig keeps it); leave it 6% of the height in tight_layout."""
+    canvas, so that any savefig keeps it); leave it FOOTNOTE_HEIGHT in tight_layout."""
     fig.text(0.5, 0.01, f"Training: running means over each epoch, {conditions}. "
                         "Validation: after each epoch, hard labels, no random augmentation.",
              ha="center", va="bottom", fontsize=9, color="#555555")

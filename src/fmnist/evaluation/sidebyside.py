@@ -206,7 +206,7 @@ def _draw(comparison: RunComparison):
     import numpy as np
     from matplotlib.ticker import MaxNLocator
 
-    from .figures import SHORT_NAMES, train_conditions, training_footnote
+    from .figures import FOOTNOTE_HEIGHT, SHORT_NAMES, train_conditions, training_footnote
     from .plots import InlineFigure
 
     fig = InlineFigure(figsize=(15, 4.4))
@@ -241,5 +241,5 @@ def _draw(comparison: RunComparison):
     ax_class.grid(axis="y", alpha=0.3)
     if any(conditions):  # a training curve below validation's is then by design, not a fault
         training_footnote(fig, "with each run's conditions (legend)")
-    fig.tight_layout(rect=(0, 0.06 if any(conditions) else 0, 1, 1))
+    fig.tight_layout(rect=(0, FOOTNOTE_HEIGHT if any(conditions) else 0, 1, 1))
     return fig

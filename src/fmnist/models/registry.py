@@ -49,7 +49,7 @@ def create_model(name: str, **overrides) -> nn.Module:
     try:
         return entry.build(**overrides)
     except TypeError as exc:  # a value of the wrong kind
-        raise UserError(f"model '{name}' does not take these arguments: {exc}") from None
+        raise UserError(f"model '{name}' cannot be built with {overrides}: {exc}") from None
     except ValueError as exc:  # a value out of its range, e.g. a dropout probability of 5
         raise UserError(f"model '{name}' cannot be built with {overrides}: {exc}") from None
 
