@@ -56,6 +56,15 @@ def test_synthetic_non_garments_are_prepared_and_blank_has_no_object():
     assert prep.has_object(made["uniform"]).all() and prep.has_object(made["digits"]).all()
 
 
+def test_flag_rates_count_a_kind_where_only_some_images_have_no_object(monkeypatch):
+    # a drawn shape can fill the frame: "no object found" for it, the score for the others
+    images = np.zeros((4, 28, 28), np.uint8)
+    images[:, 5:20, 5:20] = 200
+    images[0] = 255  # no background left
+    monkeypatch.setattr(ood, "scores", lambda *args: torch.tensor([0.0, 1.0, 0.0, 1.0]))  # one per image
+    assert ood._flag_rates("msp", 0.5, {"shapes": images}, {"shapes": (None, None)}, 1.0, {}) == {"shapes": 0.75}
+
+
 @pytest.mark.parametrize("dark", [0, 9, 10, 784 - 10, 784 - 9, 784])
 def test_an_object_needs_bright_pixels_and_a_background_each_at_the_bounds(dark):
     # every training image has at least 19 pixels above OBJECT_LEVEL and 65 at or below it

@@ -222,8 +222,8 @@ def _flag_rates(kind, threshold, synthetic, outside, temperature, gaussians) -> 
     for name, images in synthetic.items():
         present = prep.has_object(images)
         rate = (~present).astype(float)
-        if present.any():
-            rate[present] = scores(kind, *outside[name], temperature, gaussians).numpy() > threshold
+        if present.any():  # the kind's features cover all its images; those without an object are counted above
+            rate[present] = (scores(kind, *outside[name], temperature, gaussians).numpy() > threshold)[present]
         flagged[name] = float(rate.mean())
     return flagged
 
