@@ -319,8 +319,9 @@ def cmd_predict(args) -> int:
 
     from .deploy.classifier import Classifier
 
-    if args.save_preprocessed and Path(args.save_preprocessed).exists() and not Path(args.save_preprocessed).is_dir():
-        raise UserError(f"--save-preprocessed names a folder to write into, not a file: {args.save_preprocessed}")
+    seen = Path(args.save_preprocessed) if args.save_preprocessed else None
+    if seen is not None and seen.exists() and not seen.is_dir():
+        raise UserError(f"--save-preprocessed names a folder to write into, not a file: {seen}")
     classifier = Classifier.load(args.model, backend=args.backend, preprocess=_preprocess_changes(args),
                                  uncertain_below=args.uncertain_below)
     if len(args.images) == 1:  # one input: its error is the command's error
@@ -328,10 +329,10 @@ def cmd_predict(args) -> int:
     else:  # several: an unreadable one is reported and the others are still answered
         answers, skipped = classifier.classify_readable(args.images, top_k=args.top_k)
         _report_unreadable(skipped, len(args.images))
-    if args.save_preprocessed:
+    if seen is not None:
         for n, answer in enumerate(answers):
             stem = Path(answer.source or "image").name.replace("[", "-").replace("]", "")
-            save_png(answer.image, Path(args.save_preprocessed) / f"{n:04d}-{Path(stem).stem}.png")
+            save_png(answer.image, seen / f"{n:04d}-{Path(stem).stem}.png")
     if args.json:
         _print_json([answer.to_dict() for answer in answers])
     else:

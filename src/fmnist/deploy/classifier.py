@@ -105,6 +105,13 @@ def _is_image_source(item) -> bool:
     return isinstance(item, (str, os.PathLike, bytes, bytearray, prep.Image.Image))
 
 
+def check_top_k(top_k, classes: int, name: str = "top_k") -> None:
+    """A UserError unless ``top_k`` is a whole number from 1 to ``classes`` (the server's query
+    checks the same)."""
+    if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or not 1 <= top_k <= classes:
+        raise UserError(f"{name} must be a whole number from 1 to {classes}, got {top_k!r}")
+
+
 def _probability(value, name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float, np.floating)) or not 0 <= value <= 1:
         raise UserError(f"{name} must be a probability from 0 to 1, got {value!r}")
@@ -339,9 +346,7 @@ class Classifier:
         return None
 
     def _check_top_k(self, top_k) -> None:
-        classes = len(self.class_names)
-        if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or not 1 <= top_k <= classes:
-            raise UserError(f"top_k must be a whole number from 1 to {classes}, got {top_k!r}")
+        check_top_k(top_k, len(self.class_names))
 
     def classify(self, images, top_k: int = 3) -> list[Prediction]:
         """Top-k classes with probabilities and an uncertain flag for each image; each answer

@@ -36,7 +36,7 @@ from starlette.exceptions import HTTPException
 from .. import __version__
 from ..data import preprocess as prep
 from ..data.idx import CLASS_NAMES
-from .classifier import Classifier
+from .classifier import Classifier, check_top_k
 from ..core.errors import UserError
 
 FIELD = "images"
@@ -69,8 +69,7 @@ class ServeConfig:
                 raise UserError(f"{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if self.batch_window_ms < 0:
             raise UserError(f"batch-window-ms must be at least 0, got {self.batch_window_ms}")
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or not 1 <= self.top_k <= len(CLASS_NAMES):
-            raise UserError(f"top-k must be a whole number from 1 to {len(CLASS_NAMES)}, got {self.top_k}")
+        check_top_k(self.top_k, len(CLASS_NAMES), "top-k")
 
 
 class HTTPError(HTTPException):
