@@ -15,7 +15,9 @@ before change k (a temporary file is then left half written, as a kill in the mi
 write would), and another picks up what the folder holds the way a user would: ``--resume``
 when the run folder exists (refused only if complete), the same command again when it does
 not. Its folder must then equal the whole run's: the same weights, history (timings aside),
-metrics and checkpointed model, the same files, no temporary file and no lock left.
+metrics and checkpointed model, the same files, no temporary file and no lock left. Before
+the pick-up, ``fmnist runs`` must show the folder as what the pick-up finds: no row when the
+run starts again, "stopped" when it resumes, "done" when it is complete.
 
 Processes are forked from this one after it has imported everything, loaded the data and
 warmed up what needs no PyTorch op (so each child starts warm), all on one thread and before
@@ -50,6 +52,7 @@ import fmnist.speed.notebook  # noqa: E402,F401 - Numba and the kernels (compile
 import fmnist.training.run  # noqa: E402,F401
 from fmnist.core import runs  # noqa: E402
 from fmnist.core.errors import UserError  # noqa: E402
+from fmnist.evaluation.runlist import list_runs  # noqa: E402
 
 # The report's evidence maps and embedding map (tests/test_report_understanding.py) would add
 # seconds of gradients and t-SNE to every resumed run here; their files are written as the
@@ -228,7 +231,7 @@ def crash_point(root: Path, k: int, change: tuple, want: dict, data) -> dict:
         train(run_dir, data)
 
     killed = in_child(doomed)
-    result = {"point": k, "change": list(change), "killed": killed == -signal.SIGKILL}
+    result = {"point": k, "change": list(change), "killed": killed == -signal.SIGKILL, **listed(root)}
     outcome = root / "outcome.json"
 
     def continue_and_compare():
@@ -241,6 +244,12 @@ def crash_point(root: Path, k: int, change: tuple, want: dict, data) -> dict:
     code = in_child(continue_and_compare)
     result.update(json.loads(outcome.read_text()) if code == 0 else {"error": f"picking up failed (exit {code})"})
     return result
+
+
+def listed(root: Path) -> dict:
+    """What ``fmnist runs`` shows of the stopped run: its state, and any problem reading it."""
+    table = list_runs(root)
+    return {"listed": [row["state"] for row in table.rows], "listing_problems": table.problems}
 
 
 def small(data):

@@ -212,6 +212,19 @@ def test_report_without_history(trained_run, tmp_path, data_dir, cli):
     assert (bare / "metrics.json").is_file() and "No completed epoch" in (bare / "report.html").read_text()
 
 
+def test_a_reader_that_stops_reading_ends_the_command_quietly():
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    command = subprocess.Popen([str(Path(sys.executable).with_name("fmnist")), "models"], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    command.stdout.close()  # `fmnist models | head -0`: the reader is gone before the first line is written
+    _, err = command.communicate(timeout=120)
+    assert command.returncode == 128 + signal.SIGPIPE and err == "", err  # as cat and ls: no "error" line
+
+
 def test_debug_after_the_command_shows_the_traceback():
     from fmnist.cli import main
     from fmnist.core.errors import UserError

@@ -33,3 +33,6 @@ def test_a_stop_before_any_write_of_a_run_resumes_to_the_same_run(data_dir):
                 or point.get("differences") or point.get("leftovers") or point.get("locked")]
     assert not failures, "\n".join(json.dumps(point) for point in failures)
     assert {point["action"] for point in points} == {"started again", "resumed", "complete"}
+    shown = {"started again": [], "resumed": ["stopped"], "complete": ["done"]}  # what fmnist runs must say
+    wrong = [point for point in points if point["listed"] != shown[point["action"]] or point["listing_problems"]]
+    assert not wrong, "\n".join(json.dumps(point) for point in wrong)

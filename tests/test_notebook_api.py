@@ -120,11 +120,22 @@ def test_runs_lists_every_run_folder_sorted_with_unfinished_and_damaged_ones_sho
     _copy_run(out, tmp_path / "sweep" / "trial-0001", accuracy=0.99)
     _copy_run(out, tmp_path / "b", finished=False)
     (_copy_run(out, tmp_path / "broken") / runs.CONFIG).write_text("{")
-    done = cli("runs", tmp_path, "--sort", "accuracy", "--json")
+    early, live = tmp_path / "early", tmp_path / "live"  # stopped before its first epoch ended; training now
+    for folder in (early, live):
+        folder.mkdir()
+        shutil.copy(out / runs.CONFIG, folder)
+    with runs.training_lock(live):
+        done = cli("runs", tmp_path, "--sort", "accuracy", "--json")
     assert done.returncode == 0, done.stderr
     table = json.loads(done.stdout)
-    assert [row["run"] for row in table["runs"]] == ["sweep/trial-0001", "a", "b"]  # best first, unfinished last
+    order = ["sweep/trial-0001", "a", "b", "early", "live"]  # best first, unfinished last
+    assert [row["run"] for row in table["runs"]] == order
+    assert [row["state"] for row in table["runs"]] == ["done", "done", "stopped", "stopped", "training"]
+    assert [row["epochs"] for row in table["runs"]][2:] == [len(runs.read_history(out)), 0, 0]
     assert table["runs"][2]["accuracy"] is None and table["runs"][1]["train_images"] == 10000
+    (live / runs.LOCK).write_text("12345")  # left by a killed process: the kernel released its lock
+    states = json.loads(cli("runs", live, "--json").stdout)["runs"]
+    assert [row["state"] for row in states] == ["stopped"]
     os.utime(tmp_path / "a" / runs.METRICS)  # a copy made now (copytree kept the original's time)
     done = cli("runs", tmp_path, "--sort", "accuracy", "--json")
     table = json.loads(done.stdout)
@@ -135,6 +146,12 @@ def test_runs_lists_every_run_folder_sorted_with_unfinished_and_damaged_ones_sho
     assert len(table["problems"]) == 1 and "broken" in table["problems"][0]
     text = cli("runs", tmp_path)
     assert text.returncode == 0 and "test acc" in text.stdout and "broken" in text.stderr
+    assert "3 runs stopped; continue the newest with: fmnist train --resume" in text.stderr  # b, early, live
+    _damage_json(early / runs.CONFIG, "created", "2099-01-01T00:00:00+00:00")  # now the newest of the three
+    text = cli("runs", tmp_path)
+    assert f"3 runs stopped; continue the newest with: fmnist train --resume {early}\n" in text.stderr
+    alone = cli("runs", early)
+    assert f"early stopped; continue it with: fmnist train --resume {early}\n" in alone.stderr
     assert cli("runs", tmp_path, "--sort", "colour").returncode == 2
     assert cli("runs", tmp_path / "nowhere").returncode == 2
 

@@ -235,3 +235,22 @@ def test_every_out_that_cannot_hold_a_new_run_is_one_user_error_and_nothing_is_w
         runs.new_run_dir(out, "fast", {"train": {}})
     assert sorted(str(p) for p in tmp_path.rglob("*")) == before
     assert (tmp_path / "file").read_text() == "x" and (tmp_path / "full" / "kept").read_text() == "y"
+
+
+def test_the_training_lock_is_seen_by_the_run_table_and_not_refused_for_its_glance(tmp_path):
+    import fcntl
+    import threading
+
+    assert not runs.is_training(tmp_path) and not (tmp_path / runs.LOCK).exists()  # looking creates nothing
+    with runs.training_lock(tmp_path):
+        assert runs.is_training(tmp_path)
+        with pytest.raises(UserError, match="another fmnist process"):
+            with runs.training_lock(tmp_path):
+                pass
+    assert not runs.is_training(tmp_path)
+    (tmp_path / runs.LOCK).write_text("1")
+    glance = open(tmp_path / runs.LOCK)  # what is_training holds for an instant, held here for 0.1 s
+    fcntl.flock(glance, fcntl.LOCK_SH)
+    threading.Timer(0.1, glance.close).start()
+    with runs.training_lock(tmp_path):  # waits the glance out instead of refusing to train
+        assert runs.is_training(tmp_path)

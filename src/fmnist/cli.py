@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
+import signal
 import sys
 import textwrap
 import warnings
@@ -282,6 +284,8 @@ def cmd_runs(args) -> int:
     print(json.dumps(table.to_json(), indent=2) if args.json else table.to_text())
     for problem in table.problems if not args.json else ():
         _log(f"warning: {problem}")
+    if table.resume_hint() and not args.json:
+        _log(f"hint: {table.resume_hint()}")
     return 0
 
 
@@ -721,7 +725,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .evaluation.runlist import COLUMNS  # a plain dict: imports no PyTorch
 
-    listing = command("runs", "a table of the run folders under a folder", cmd_runs)
+    listing = command("runs", "a table of the run folders under a folder: done, training or stopped", cmd_runs)
     listing.add_argument("folder", metavar="DIR", nargs="?", default="runs", help="where to look (default: runs)")
     listing.add_argument("--sort", choices=list(COLUMNS), default="created", metavar="KEY",
                          help=f"column to sort by: {', '.join(COLUMNS)} (default: created, newest first)")
@@ -764,6 +768,9 @@ def _run(args) -> int:
         if exc.hint:
             print(f"hint: {exc.hint}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `fmnist runs | head`: the reader is gone, so stop quietly, as cat and ls do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit's flush must not fail again
+        return 128 + signal.SIGPIPE
     except OSError as exc:  # unwritable --out, disk full, ...: the user's environment, not a bug
         if args.debug:
             raise

@@ -461,9 +461,7 @@ def training_lock(run_dir: Path):
     import fcntl
 
     handle = open(Path(run_dir) / LOCK, "a+", encoding="ascii")
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+    if not _take_lock(handle, fcntl.LOCK_EX):
         handle.seek(0)
         holder = handle.read().strip()
         handle.close()
@@ -478,6 +476,41 @@ def training_lock(run_dir: Path):
     finally:
         Path(handle.name).unlink(missing_ok=True)
         handle.close()
+
+
+def _take_lock(handle, kind: int, wait_seconds: float = 0.5) -> bool:
+    """flock ``handle``, retrying for a moment: ``is_training`` (fmnist runs) holds a shared
+    lock for an instant, which must not make a starting run refuse to train."""
+    import fcntl
+    import time
+
+    give_up = time.monotonic() + wait_seconds
+    while True:
+        try:
+            fcntl.flock(handle, kind | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() >= give_up:
+                return False
+            time.sleep(0.01)
+
+
+def is_training(run_dir: Path) -> bool:
+    """Whether a live process holds ``run_dir``'s training lock. A lock file left by a killed
+    process is not held (the kernel released it); the test takes a shared lock for an instant."""
+    import fcntl
+
+    try:
+        handle = open(Path(run_dir) / LOCK, encoding="ascii")  # never creates the file
+    except OSError:
+        return False
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        return False
 
 
 def remove_stale_temporaries(run_dir: Path) -> list[str]:

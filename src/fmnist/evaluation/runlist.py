@@ -3,15 +3,17 @@
     fmnist runs runs/ --sort accuracy               # the CLI
     fmnist.list_runs("runs", sort="accuracy")       # Python: a RunTable (a table in a notebook)
 
-A run folder is any folder holding config.json and model.safetensors (sweep trials and
-seed runs included, at any depth). An unfinished run has no test accuracy; a folder whose
-files cannot be read is listed with the problem instead of stopping the listing.
+A run folder is any folder holding config.json (sweep trials and seed runs included, at any
+depth), finished or not: the state column says "done", "training" (a live process holds the
+folder) or "stopped" (resume it with ``fmnist train --resume``, however early it stopped). A
+folder whose files cannot be read is listed with the problem instead of stopping the listing.
 """
 
 from __future__ import annotations
 
 import datetime
 import os
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +26,7 @@ from ..core.errors import UserError
 # column -> (heading, how a row's value is written); also the keys of --json and --sort
 COLUMNS = {
     "run": ("run", str),
+    "state": ("state", str),
     "model": ("model", str),
     "train_images": ("train images", lambda v: f"{v:,}"),
     "epochs": ("epochs", str),
@@ -48,8 +51,8 @@ def find_run_dirs(folder: Path) -> list[Path]:
         if real in seen:  # a link back up the tree (or to a folder already listed): once is enough
             return
         seen.add(real)
-        if all(os.path.lexists(path / name) for name in (runs.CONFIG, runs.WEIGHTS)):  # a broken link or a
-            found.append(path)                                                        # FIFO too: a problem line
+        if os.path.lexists(path / runs.CONFIG):  # a broken link or a FIFO too: a problem line
+            found.append(path)
             return
         if depth >= MAX_DEPTH:
             return
@@ -69,8 +72,8 @@ def run_row(run_dir: Path, root: Path) -> dict:
     from ..core import runs
 
     config = runs.read_config(run_dir)  # refuses a config.json that is not a regular file
-    weights = run_dir / runs.WEIGHTS
-    if not weights.is_file():
+    weights = run_dir / runs.WEIGHTS  # absent until the first epoch ends
+    if os.path.lexists(weights) and not weights.is_file():
         raise UserError(f"{runs.WEIGHTS} is {'not a regular file' if weights.exists() else 'a broken link'}")
     metrics = runs.read_metrics(run_dir) or {}
     history = runs.read_history(run_dir)
@@ -81,9 +84,10 @@ def run_row(run_dir: Path, root: Path) -> dict:
                  else (run_dir / runs.METRICS).stat().st_mtime)  # runs from before 'finished' was recorded
         wall = max(0.0, ended - datetime.datetime.fromisoformat(created).timestamp())
     name = str(run_dir.relative_to(root)) if run_dir != root else run_dir.name
-    return {"run": name, "path": str(run_dir), "model": config["train"]["model"],
+    state = "done" if metrics else "training" if runs.is_training(run_dir) else "stopped"
+    return {"run": name, "path": str(run_dir), "state": state, "model": config["train"]["model"],
             "train_images": (config.get("split") or {}).get("train"),
-            "epochs": len(history) if history else None,
+            "epochs": len(history) if history or state != "done" else None,  # a stopped run's whole epochs
             "wall_seconds": wall, "accuracy": metrics.get("accuracy"),
             "ece": (metrics.get("calibration") or {}).get("test_ece_after"),
             "data_release": config["data"]["release"], "created": created}
@@ -115,9 +119,20 @@ class RunTable:
         body = "".join("<tr>" + "".join(f"<td style='padding:2px 8px;white-space:nowrap'>{display.escape(c)}</td>" for c in _cells(row))
                        + "</tr>" for row in self.rows)
         notes = "".join(f"<div style='color:#a33'>{display.escape(p)}</div>" for p in self.problems)
+        if self.resume_hint():  # the CLI's line; fmnist.train(resume=path) does the same
+            notes += f"<div style='color:#555'>{display.escape(self.resume_hint())}</div>"
         return (f"<div style='font-family:system-ui,sans-serif;font-size:13px'><b>{len(self.rows)} runs under "
                 f"<code>{display.escape(display.short_path(self.folder))}</code></b><table>"
                 f"<tr>{head}</tr>{body}</table>{notes}</div>")
+
+    def resume_hint(self) -> str | None:
+        """The command that continues the newest stopped run, if there is one."""
+        stopped = [row for row in self.rows if row["state"] == "stopped"]
+        if not stopped:
+            return None
+        newest = max(stopped, key=lambda row: row["created"] or "")
+        which = f"{len(stopped)} runs stopped; continue the newest" if len(stopped) > 1 else f"{newest['run']} stopped; continue it"
+        return f"{which} with: fmnist train --resume {shlex.quote(newest['path'])}"
 
     def to_json(self) -> dict:
         return {"folder": str(self.folder), "runs": self.rows, "problems": self.problems}
