@@ -16,10 +16,12 @@ import asyncio
 import io
 import json
 import os
-import socket
+import queue
+import re
 import statistics
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from contextlib import contextmanager
@@ -106,28 +108,24 @@ def run(url: str, clients: int = 32, seconds: float = 10.0, image: bytes | None 
     return runner(_load(url, clients, seconds, image or sample_image()))
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @contextmanager
 def served(model: str, *options: str, timeout: float = 60.0, env: dict | None = None):
-    """``fmnist serve MODEL`` in a subprocess on a free port (``env`` adds to its environment);
-    yields its URL once /readyz answers."""
-    port = _free_port()
+    """``fmnist serve MODEL --port 0`` in a subprocess (``env`` adds to its environment): the
+    system picks a free port, which the server's "serving on" line names; yields its URL once
+    /readyz answers."""
     exe = Path(sys.executable).with_name("fmnist")
     command = [str(exe) if exe.exists() else sys.executable, *([] if exe.exists() else ["-m", "fmnist"]),
-               "serve", model, "--port", str(port), *options]
+               "serve", model, "--port", "0", *options]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                                env={**os.environ, **(env or {})})
-    url = f"http://127.0.0.1:{port}"
+    said: queue.Queue[str | None] = queue.Queue()  # its stderr, read on a thread so that a wait can time out
+    threading.Thread(target=lambda: [*map(said.put, process.stderr), said.put(None)], daemon=True).start()
     try:
         deadline = time.monotonic() + timeout
+        url = _serving_url(said, deadline, process)
         while True:
             if process.poll() is not None:
-                raise RuntimeError(f"fmnist serve exited with {process.returncode}: {process.stderr.read()}")
+                raise RuntimeError(f"fmnist serve exited with {process.returncode}")
             try:
                 with urllib.request.urlopen(url + "/readyz", timeout=1) as response:
                     if response.status == 200:
@@ -144,6 +142,23 @@ def served(model: str, *options: str, timeout: float = 60.0, env: dict | None = 
             process.wait(10)
         except subprocess.TimeoutExpired:
             process.kill()
+
+
+def _serving_url(said: queue.Queue, deadline: float, process: subprocess.Popen) -> str:
+    """The URL in the server's "serving ... on URL" line."""
+    lines = []
+    while (left := deadline - time.monotonic()) > 0:
+        try:
+            line = said.get(timeout=left)
+        except queue.Empty:
+            break
+        if line is None:
+            process.wait()
+            raise RuntimeError(f"fmnist serve exited with {process.returncode}: {''.join(lines)}")
+        lines.append(line)
+        if found := re.search(r" on (http://\S+?)/ ", line):
+            return found[1]
+    raise RuntimeError(f"fmnist serve did not say where it serves: {''.join(lines)}")
 
 
 def main() -> None:

@@ -15,6 +15,7 @@ import io
 import json
 import logging
 import shutil
+import re
 import socket
 import subprocess
 import threading
@@ -420,18 +421,44 @@ def test_an_address_that_cannot_be_listened_on_is_one_error_before_serving(class
     monkeypatch.setattr(server.Classifier, "load", lambda *args, **kwargs: classifier)
     monkeypatch.setattr(uvicorn, "run", lambda *args, **kwargs: pytest.fail("uvicorn started"))
     said = []
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        port = taken.getsockname()[1]
-        with pytest.raises(UserError, match=f"cannot listen on 127.0.0.1:{port}: Address already in use"):
-            server.serve("model.onnx", "127.0.0.1", port, log=said.append)
-    with pytest.raises(UserError, match="cannot listen on 192.0.2.1:8000: Cannot assign requested address"):
-        server.serve("model.onnx", "192.0.2.1", 8000, log=said.append)  # TEST-NET-1: no machine's own address
+    for workers in (1, 2):  # one worker binds each address as asyncio does, several one shared socket
+        for host, listener in (("127.0.0.1", socket.AF_INET), ("::", socket.AF_INET6), ("::", socket.AF_INET)):
+            with socket.socket(listener) as taken:  # "::" with IPv4 taken: several workers bind dual-stack
+                taken.bind(("0.0.0.0" if listener == socket.AF_INET and host == "::" else host, 0))
+                taken.listen()
+                port = taken.getsockname()[1]
+                if workers == 1 and (host, listener) == ("::", socket.AF_INET):
+                    continue  # one worker's "::" socket is IPv6 only: uvicorn would serve there
+                with pytest.raises(UserError, match=f"cannot listen on {re.escape(host)}:{port}: Address already in use"):
+                    server.serve("model.onnx", host, port, workers=workers, log=said.append)
+        with pytest.raises(UserError, match="cannot listen on 192.0.2.1:8000: Cannot assign requested address"):
+            server.serve("model.onnx", "192.0.2.1", 8000, workers=workers, log=said.append)  # TEST-NET-1
+        with pytest.raises(UserError, match="cannot listen on no-such-host.invalid:8000: "):
+            server.serve("model.onnx", "no-such-host.invalid", 8000, workers=workers, log=said.append)
     assert said == []
     for port in ("65536", "99999", "-1"):
         refused = cli("serve", "model.onnx", "--port", port)
         assert refused.returncode == 2 and "--port" in refused.stderr and "Traceback" not in refused.stderr
+
+
+def test_port_0_serves_on_the_port_the_system_picks_and_says_which(classifier, monkeypatch):
+    import uvicorn
+
+    from fmnist.deploy import server
+
+    for name in ("FMNIST_ORT_SPIN", "FMNIST_ORT_THREADS", server.SERVE_ENV, server.MULTIPROCESS_ENV):
+        monkeypatch.delenv(name, raising=False)  # serve() sets them for its workers; monkeypatch restores them
+    monkeypatch.setattr(server.Classifier, "load", lambda *args, **kwargs: classifier)
+    started = []
+    monkeypatch.setattr(uvicorn, "run", lambda *args, **kwargs: started.append(kwargs))
+    for host, workers in (("127.0.0.1", 1), ("localhost", 1), ("::1", 1), ("127.0.0.1", 2), ("::", 2)):
+        said = []
+        server.serve("model.onnx", host, 0, workers=workers, log=said.append)
+        port = started[-1]["port"]
+        assert port > 0 and started[-1]["host"] == host
+        shown = f"[{host}]" if ":" in host else host  # an IPv6 address in brackets, as in a URL
+        assert f" on http://{shown}:{port}/ " in said[0], said
+    assert server._check_can_listen("localhost", 0) > 0  # both of localhost's addresses, on one port
 
 
 def test_top_k_and_uncertain_below_have_one_range_on_every_path(classifier, client, cli):

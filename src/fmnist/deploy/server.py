@@ -561,38 +561,47 @@ def app_from_environment():
                       ServeConfig(**spec["config"]))
 
 
-def _check_can_listen(host: str, port: int) -> None:
-    """A UserError, before the server says it is serving, when the address cannot be bound:
-    uvicorn would log its own error and exit 3 after that line. Every address ``host``
-    resolves to is tried, as uvicorn binds them all ("localhost": 127.0.0.1 and ::1)."""
+def _check_can_listen(host: str, port: int, workers: int = 1) -> int:
+    """The port the server will listen on (port 0: one the system picks, the same on every
+    address), or a UserError before the server says it is serving: uvicorn would log its own
+    error and exit 3 after that line. The addresses are bound as uvicorn binds them: with one
+    worker, every address ``host`` resolves to ("localhost": 127.0.0.1 and ::1), as asyncio's
+    create_server does; with several, one socket that their supervisor shares out."""
     import errno
     import socket
 
     if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
         raise UserError(f"port must be a whole number from 0 to 65535, got {port!r}")
-    try:
-        addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    except socket.gaierror as error:
-        raise UserError(f"cannot listen on {host}:{port}: {error.strerror}") from None
-    bound, unavailable = False, None
+    if workers > 1:  # uvicorn's Config.bind_socket: IPv6 if the host has a colon (dual-stack), else IPv4
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        addresses = [(family, socket.SOCK_STREAM, 0, "", (host, port))]
+    else:
+        try:
+            addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        except socket.gaierror as error:
+            raise UserError(f"cannot listen on {host}:{port}: {error.strerror}") from None
+    bound, unavailable = None, None
     for family, kind, protocol, _, address in addresses:
         with socket.socket(family, kind, protocol) as probe:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: a live listener still refuses
-            if family == socket.AF_INET6:  # as asyncio's create_server: "::" leaves IPv4 to its own socket
+            if family == socket.AF_INET6 and workers == 1:  # as create_server: "::" leaves IPv4 to its own socket
                 probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             try:
-                probe.bind(address)
+                probe.bind((address[0], bound or port, *address[2:]))  # port 0: the first address's pick for all
             except OSError as error:
                 if error.errno == errno.EADDRNOTAVAIL:  # asyncio skips such a family (IPv6 off), unless it is the only one
                     unavailable = error
                     continue
+                if isinstance(error, socket.gaierror):  # bind() resolves the host itself when workers > 1
+                    raise UserError(f"cannot listen on {host}:{port}: {error.strerror}") from None
                 taken = error.errno == errno.EADDRINUSE
                 raise UserError(f"cannot listen on {host}:{port}: {error.strerror or error}",
                                 hint="another server holds the port: choose another with --port" if taken
                                 else None) from None
-            bound = True
-    if not bound:
+            bound = probe.getsockname()[1]
+    if bound is None:
         raise UserError(f"cannot listen on {host}:{port}: {unavailable.strerror if unavailable else 'no address'}")
+    return bound  # free again once the probe closes; uvicorn binds it a moment later
 
 
 def serve(model: str, host: str = "127.0.0.1", port: int = 8000, config: ServeConfig = ServeConfig(), *,
@@ -616,8 +625,8 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, config: ServeCo
     os.environ.setdefault("FMNIST_ORT_SPIN", "0")
     os.environ.setdefault("FMNIST_ORT_THREADS", str(max(1, cores // workers)))
     classifier = Classifier.load(model, preprocess=preprocess, uncertain_below=uncertain_below)  # fail here, not in N workers
-    _check_can_listen(host, port)
-    where = f"http://{host}:{port}/"
+    port = _check_can_listen(host, port, workers)
+    where = f"http://{f'[{host}]' if ':' in host else host}:{port}/"  # an IPv6 address in brackets, as in a URL
     log(f"fmnist: serving {model} with {classifier.backend} on {where} ({workers} worker(s); "
         f"API docs {where}docs); Ctrl-C stops")
     if workers == 1:
