@@ -156,6 +156,32 @@ def test_runs_lists_every_run_folder_sorted_with_unfinished_and_damaged_ones_sho
     assert cli("runs", tmp_path / "nowhere").returncode == 2
 
 
+@pytest.mark.slow
+def test_runs_says_which_unfinished_folders_a_resume_continues(trained_run, tmp_path, cli, monkeypatch):
+    import shlex
+
+    from fmnist.cli import build_parser
+
+    out, _ = trained_run
+    _copy_run(out, tmp_path / "sweep" / "trial-0000")  # the winner, tested
+    _copy_run(out, tmp_path / "sweep" / "trial-0001", finished=False)  # trained on, never tested: not a stop
+    (tmp_path / "sweep" / runs.SWEEP).write_text("{}")
+    tracked = _copy_run(out, tmp_path / "mlruns" / "1" / "artifacts", finished=False)
+    (tracked / runs.CHECKPOINT).unlink()  # a tracker's copy of a run's files: nothing to resume from
+    _copy_run(out, tmp_path / "-dash", finished=False)
+    monkeypatch.chdir(tmp_path)
+    done = cli("runs", ".", "--json")
+    states = {row["run"]: row["state"] for row in json.loads(done.stdout)["runs"]}
+    assert states == {"sweep/trial-0000": "done", "sweep/trial-0001": "trial", "mlruns/1/artifacts": "partial",
+                      "-dash": "stopped"}
+    hint = cli("runs", ".").stderr.splitlines()[-1]
+    assert hint == "hint: -dash stopped; continue it with: fmnist train --resume ./-dash"
+    assert build_parser().parse_args(shlex.split(hint.split(": ", 2)[2])[1:]).resume == "./-dash"  # pastes
+    monkeypatch.chdir(tmp_path / "-dash")
+    inside = cli("runs", ".")
+    assert inside.stderr == "hint: -dash stopped; continue it with: fmnist train --resume .\n"
+
+
 def _damage_calibration(run_dir, value):
     metrics = json.loads((run_dir / runs.METRICS).read_text())
     metrics["calibration"]["test_ece_after"] = value
@@ -179,6 +205,8 @@ RUN_DAMAGE = {  # each made one `fmnist runs` exit 1 (and so list nothing) or pr
         (d / runs.HISTORY).read_text().replace("\n1,", "\n1e300,", 1)),
     "finished-not-a-date": lambda d: _damage_json(d / runs.METRICS, "finished", "soon"),
 }
+RUN_DAMAGE.update({  # a training lock no process could have left (a FIFO blocked the listing for ever)
+    "lock-fifo": lambda d: os.mkfifo(d / runs.LOCK), "lock-folder": lambda d: os.mkdir(d / runs.LOCK)})
 # Either file of a run as anything but a regular file: each such folder was skipped without a word.
 NOT_A_FILE = {"fifo": os.mkfifo, "folder": os.mkdir, "broken-link": lambda path: os.symlink(path.parent / "gone", path)}
 RUN_DAMAGE.update({

@@ -237,6 +237,38 @@ def test_every_out_that_cannot_hold_a_new_run_is_one_user_error_and_nothing_is_w
     assert (tmp_path / "file").read_text() == "x" and (tmp_path / "full" / "kept").read_text() == "y"
 
 
+def test_a_lock_taken_on_the_file_its_holder_just_removed_is_taken_again(tmp_path, monkeypatch):
+    # the holder finishes (removes .lock, then lets go) between the next trainer's open and its
+    # flock: that flock succeeds on a file no one else can see, and a third trainer would start
+    import fcntl
+
+    holder = runs.training_lock(tmp_path)
+    holder.__enter__()
+    real_flock, finished = fcntl.flock, []
+
+    def flock(handle, operation):
+        if operation & fcntl.LOCK_EX and not finished:
+            finished.append(holder.__exit__(None, None, None))
+        return real_flock(handle, operation)
+
+    monkeypatch.setattr(fcntl, "flock", flock)
+    with runs.training_lock(tmp_path):
+        assert finished and (tmp_path / runs.LOCK).exists() and runs.is_training(tmp_path)
+        with pytest.raises(UserError, match="another fmnist process"):
+            with runs.training_lock(tmp_path):
+                pass
+
+
+def test_a_training_lock_that_is_not_a_file_is_one_error(tmp_path):
+    for make in (os.mkdir, os.mkfifo):
+        lock = tmp_path / make.__name__ / runs.LOCK
+        lock.parent.mkdir()
+        make(lock)
+        for look in (runs.is_training, lambda d: runs.training_lock(d).__enter__()):
+            with pytest.raises(UserError, match=r"\.lock is not a regular file"):
+                look(lock.parent)
+
+
 def test_the_training_lock_is_seen_by_the_run_table_and_not_refused_for_its_glance(tmp_path):
     import fcntl
     import threading

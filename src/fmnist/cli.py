@@ -10,14 +10,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shlex
 import signal
 import sys
 import textwrap
 import warnings
 from pathlib import Path
 
-from .core.errors import Interrupted, UserError
+from .core.errors import Interrupted, UserError, shell_path
 
 EXAMPLES = {
     "data": """examples:
@@ -725,7 +724,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .evaluation.runlist import COLUMNS  # a plain dict: imports no PyTorch
 
-    listing = command("runs", "a table of the run folders under a folder: done, training or stopped", cmd_runs)
+    listing = command("runs", "a table of the run folders under a folder, finished or not", cmd_runs)
     listing.add_argument("folder", metavar="DIR", nargs="?", default="runs", help="where to look (default: runs)")
     listing.add_argument("--sort", choices=list(COLUMNS), default="created", metavar="KEY",
                          help=f"column to sort by: {', '.join(COLUMNS)} (default: created, newest first)")
@@ -779,7 +778,7 @@ def _run(args) -> int:
         return 2
     except Interrupted as exc:
         print(f"interrupted: {exc}", file=sys.stderr)
-        print(f"hint: fmnist train --resume {shlex.quote(str(exc.run_dir))}", file=sys.stderr)
+        print(f"hint: fmnist train --resume {shell_path(exc.run_dir)}", file=sys.stderr)
         return 143 if exc.signal_name == "SIGTERM" else 130  # 128 + the signal's number
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

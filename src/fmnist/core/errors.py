@@ -1,5 +1,7 @@
 """The one exception type users see: a problem with their input, not a bug in fmnist."""
 
+import shlex
+
 
 class UserError(Exception):
     """Bad arguments, missing or corrupt data, unreadable images.
@@ -21,3 +23,10 @@ class Interrupted(Exception):
                 else f"no epoch had completed; {run_dir} restarts from epoch 1")
         super().__init__(f"{signal_name}: stopped after {epochs_done} complete epoch(s); {kept}")
         self.run_dir, self.signal_name = run_dir, signal_name
+
+
+def shell_path(path) -> str:
+    """A path as one argument of a command to paste into a shell (a hint): quoted when it has
+    spaces or quotes, and never read as an option ('-x' becomes './-x')."""
+    text = str(path)
+    return shlex.quote(f"./{text}" if text.startswith("-") else text)

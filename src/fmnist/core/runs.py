@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load, save
 
-from .errors import UserError
+from .errors import UserError, shell_path
 
 CONFIG = "config.json"
 HISTORY = "history.csv"
@@ -51,6 +51,7 @@ METRICS = "metrics.json"
 FIGURES = "figures"
 REPORT = "report.html"
 LOCK = ".lock"
+SWEEP = "sweep.json"  # in a sweep's folder, whose trials are run folders tested only if they win
 HISTORY_COLUMNS = ("epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr", "seconds",
                    "images_per_second")
 
@@ -458,15 +459,11 @@ def data_dir_for(config: dict, data_dir: str | os.PathLike | None = None) -> str
 def training_lock(run_dir: Path):
     """Held while a process trains in ``run_dir``; a second one is refused. An flock, so the
     kernel releases it when the process ends in any way, SIGKILL included."""
-    import fcntl
-
-    handle = open(Path(run_dir) / LOCK, "a+", encoding="ascii")
-    if not _take_lock(handle, fcntl.LOCK_EX):
-        handle.seek(0)
-        holder = handle.read().strip()
-        handle.close()
+    path = Path(run_dir) / LOCK
+    handle, holder = _take_lock(path)
+    if handle is None:
         raise UserError(f"another fmnist process{f' (pid {holder})' if holder else ''} is training in {run_dir}",
-                        hint="wait for it to finish, or stop it (its checkpoint is kept)") from None
+                        hint="wait for it to finish, or stop it (its checkpoint is kept)")
     handle.seek(0)
     handle.truncate()
     handle.write(str(os.getpid()))
@@ -474,43 +471,80 @@ def training_lock(run_dir: Path):
     try:
         yield
     finally:
-        Path(handle.name).unlink(missing_ok=True)
+        path.unlink(missing_ok=True)  # before the release: a process that then locks this file sees it gone
         handle.close()
 
 
-def _take_lock(handle, kind: int, wait_seconds: float = 0.5) -> bool:
-    """flock ``handle``, retrying for a moment: ``is_training`` (fmnist runs) holds a shared
-    lock for an instant, which must not make a starting run refuse to train."""
+LOCK_WAIT_SECONDS = 0.5  # fmnist runs' glance (is_training) holds the lock for an instant: wait it out
+
+
+def _take_lock(path: Path):
+    """(the open, flocked lock file, None), or (None, the holder's pid) when another process
+    holds it for longer than LOCK_WAIT_SECONDS. A file locked after its holder removed it
+    (the holder finished between our open and our lock) guards nothing: open the new one."""
     import fcntl
     import time
 
-    give_up = time.monotonic() + wait_seconds
+    give_up = time.monotonic() + LOCK_WAIT_SECONDS
     while True:
+        handle = os.fdopen(_open_lock(path, os.O_RDWR | os.O_CREAT), "r+", encoding="ascii")
         try:
-            fcntl.flock(handle, kind | fcntl.LOCK_NB)
-            return True
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip()
+            handle.close()
             if time.monotonic() >= give_up:
-                return False
+                return None, holder
             time.sleep(0.01)
+            continue
+        if _is_file_at(handle, path):
+            return handle, None
+        handle.close()
+
+
+def _is_file_at(handle, path: Path) -> bool:
+    try:
+        here, there = os.fstat(handle.fileno()), os.stat(path)
+    except FileNotFoundError:
+        return False
+    return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
+
+
+def _open_lock(path: Path, flags: int) -> int:
+    """A file descriptor of the lock file, or a UserError if it is not a regular file (never
+    waiting: a FIFO's open would wait for a writer)."""
+    try:
+        fd = os.open(path, flags | os.O_NONBLOCK, 0o666)
+    except IsADirectoryError:
+        fd = None
+    if fd is not None and stat.S_ISREG(os.fstat(fd).st_mode):
+        return fd
+    if fd is not None:
+        os.close(fd)
+    raise UserError(f"{path} is not a regular file (fmnist's training lock)", hint=f"remove it: rm -r {shell_path(path)}")
 
 
 def is_training(run_dir: Path) -> bool:
     """Whether a live process holds ``run_dir``'s training lock. A lock file left by a killed
-    process is not held (the kernel released it); the test takes a shared lock for an instant."""
+    process is not held (the kernel released it); the test takes a shared lock for an instant.
+    A lock that is not a regular file (a FIFO would block the open) is a UserError."""
     import fcntl
 
+    path = Path(run_dir) / LOCK
     try:
-        handle = open(Path(run_dir) / LOCK, encoding="ascii")  # never creates the file
-    except OSError:
+        fd = _open_lock(path, os.O_RDONLY)  # never creates the file
+    except FileNotFoundError:
         return False
-    with handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        fcntl.flock(handle, fcntl.LOCK_UN)
+    except OSError as exc:
+        raise UserError(f"{path} cannot be read: {exc.strerror}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # let go when fd closes
         return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
 
 
 def remove_stale_temporaries(run_dir: Path) -> list[str]:

@@ -20,7 +20,6 @@ import json
 import logging
 import os
 import re
-import shlex
 import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
@@ -28,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from ..core import runs
-from ..core.errors import UserError
+from ..core.errors import UserError, shell_path
 from ..data.preprocess import Preprocess
 from .metadata import OUTPUT_DESCRIPTIONS, INPUT_DESCRIPTION, run_metadata
 
@@ -102,7 +101,7 @@ def export_onnx(run_dir: str | os.PathLike, out: str | os.PathLike | None = None
         raise UserError(f"--out is a folder; give a file name such as {out / 'model.onnx'}")
     if out.suffix != ".onnx":  # what predict, serve and Classifier.load recognise as an exported model
         raise UserError(f"--out must name a .onnx file, got {out.name}",
-                        hint=f"--out {shlex.quote(str(out.with_name(out.name + '.onnx')))}")
+                        hint=f"--out {shell_path(out.with_name(out.name + '.onnx'))}")
     from ..evaluation.ood import OODHead
     from ..evaluation.saved import load_run_model
 

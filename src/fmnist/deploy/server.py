@@ -572,6 +572,9 @@ def _check_can_listen(host: str, port: int, workers: int = 1) -> int:
 
     if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
         raise UserError(f"port must be a whole number from 0 to 65535, got {port!r}")
+    if not host:  # uvicorn's supervisor would take it for every address, and print no host at all
+        raise UserError("host is empty", hint="--host 0.0.0.0 listens on every IPv4 address, --host :: on every one")
+    where = f"{host if len(host) <= 60 else host[:57] + '...'}:{port}"  # for the error lines
     if workers > 1:  # uvicorn's Config.bind_socket: IPv6 if the host has a colon (dual-stack), else IPv4
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         addresses = [(family, socket.SOCK_STREAM, 0, "", (host, port))]
@@ -579,7 +582,9 @@ def _check_can_listen(host: str, port: int, workers: int = 1) -> int:
         try:
             addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
         except socket.gaierror as error:
-            raise UserError(f"cannot listen on {host}:{port}: {error.strerror}") from None
+            raise UserError(f"cannot listen on {where}: {error.strerror}") from None
+        except UnicodeError:  # a name the IDNA codec cannot encode (a label over 63 characters)
+            raise UserError(f"cannot listen on {where}: not a valid host name") from None
     bound, unavailable = None, None
     for family, kind, protocol, _, address in addresses:
         with socket.socket(family, kind, protocol) as probe:
@@ -593,14 +598,16 @@ def _check_can_listen(host: str, port: int, workers: int = 1) -> int:
                     unavailable = error
                     continue
                 if isinstance(error, socket.gaierror):  # bind() resolves the host itself when workers > 1
-                    raise UserError(f"cannot listen on {host}:{port}: {error.strerror}") from None
+                    raise UserError(f"cannot listen on {where}: {error.strerror}") from None
                 taken = error.errno == errno.EADDRINUSE
-                raise UserError(f"cannot listen on {host}:{port}: {error.strerror or error}",
+                raise UserError(f"cannot listen on {where}: {error.strerror or error}",
                                 hint="another server holds the port: choose another with --port" if taken
                                 else None) from None
+            except (UnicodeError, TypeError):  # bind() encodes the host itself when workers > 1 (TypeError: "encoding of hostname failed")
+                raise UserError(f"cannot listen on {where}: not a valid host name") from None
             bound = probe.getsockname()[1]
     if bound is None:
-        raise UserError(f"cannot listen on {host}:{port}: {unavailable.strerror if unavailable else 'no address'}")
+        raise UserError(f"cannot listen on {where}: {unavailable.strerror if unavailable else 'no address'}")
     return bound  # free again once the probe closes; uvicorn binds it a moment later
 
 

@@ -21,13 +21,12 @@ predictions in memory.
 from __future__ import annotations
 
 import os
-import shlex
 from pathlib import Path
 
 import numpy as np
 
 from ..core import runs
-from ..core.errors import UserError
+from ..core.errors import UserError, shell_path
 from . import figures as draw
 
 NOTEBOOK_DPI = 72  # inline images: readable on screen, small in a saved notebook
@@ -67,7 +66,7 @@ def _completed_metrics(run_dir: Path) -> dict:
     metrics = runs.read_metrics(run_dir)
     if metrics is None:
         raise UserError(f"the run has not finished: metrics.json is missing ({run_dir})",
-                        hint=f"fmnist train --resume {shlex.quote(str(run_dir))}")
+                        hint=f"fmnist train --resume {shell_path(run_dir)}")
     return metrics
 
 

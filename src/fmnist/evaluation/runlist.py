@@ -5,20 +5,21 @@
 
 A run folder is any folder holding config.json (sweep trials and seed runs included, at any
 depth), finished or not: the state column says "done", "training" (a live process holds the
-folder) or "stopped" (resume it with ``fmnist train --resume``, however early it stopped). A
-folder whose files cannot be read is listed with the problem instead of stopping the listing.
+folder), "stopped" (resume it with ``fmnist train --resume``, however early it stopped),
+"trial" (a sweep's trial that did not win, so never tested) or "partial" (a run's files
+without its checkpoint, such as a tracker's copy: nothing to resume). A folder whose files
+cannot be read is listed with the problem instead of stopping the listing.
 """
 
 from __future__ import annotations
 
 import datetime
 import os
-import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..core import display
-from ..core.errors import UserError
+from ..core.errors import UserError, shell_path
 
 # fmnist.core.runs (and PyTorch with it) is imported inside the functions: the CLI's parser
 # reads COLUMNS, and building it imports no PyTorch.
@@ -75,6 +76,7 @@ def run_row(run_dir: Path, root: Path) -> dict:
     weights = run_dir / runs.WEIGHTS  # absent until the first epoch ends
     if os.path.lexists(weights) and not weights.is_file():
         raise UserError(f"{runs.WEIGHTS} is {'not a regular file' if weights.exists() else 'a broken link'}")
+    training = runs.is_training(run_dir)  # before metrics.json, which a run writes before it lets go
     metrics = runs.read_metrics(run_dir) or {}
     history = runs.read_history(run_dir)
     created = config.get("created")
@@ -83,14 +85,26 @@ def run_row(run_dir: Path, root: Path) -> dict:
         ended = (datetime.datetime.fromisoformat(metrics["finished"]).timestamp() if metrics.get("finished")
                  else (run_dir / runs.METRICS).stat().st_mtime)  # runs from before 'finished' was recorded
         wall = max(0.0, ended - datetime.datetime.fromisoformat(created).timestamp())
-    name = str(run_dir.relative_to(root)) if run_dir != root else run_dir.name
-    state = "done" if metrics else "training" if runs.is_training(run_dir) else "stopped"
+    name = str(run_dir.relative_to(root)) if run_dir != root else run_dir.resolve().name
+    state = "done" if metrics else "training" if training else _unfinished_state(run_dir)
     return {"run": name, "path": str(run_dir), "state": state, "model": config["train"]["model"],
             "train_images": (config.get("split") or {}).get("train"),
             "epochs": len(history) if history or state != "done" else None,  # a stopped run's whole epochs
             "wall_seconds": wall, "accuracy": metrics.get("accuracy"),
             "ece": (metrics.get("calibration") or {}).get("test_ece_after"),
             "data_release": config["data"]["release"], "created": created}
+
+
+def _unfinished_state(run_dir: Path) -> str:
+    """What an unfinished run folder that no process holds is: a sweep's trial (trained, or
+    pruned, without the test set: ``fmnist sweep --show`` has its state), a run that
+    ``fmnist train --resume`` continues, or files of a run without its checkpoint (a copy)."""
+    from ..core import runs
+
+    if (run_dir.parent / runs.SWEEP).is_file():
+        return "trial"
+    has_epochs = any((run_dir / name).exists() for name in (runs.HISTORY, runs.WEIGHTS))
+    return "stopped" if (run_dir / runs.CHECKPOINT).exists() or not has_epochs else "partial"
 
 
 @dataclass
@@ -132,7 +146,7 @@ class RunTable:
             return None
         newest = max(stopped, key=lambda row: row["created"] or "")
         which = f"{len(stopped)} runs stopped; continue the newest" if len(stopped) > 1 else f"{newest['run']} stopped; continue it"
-        return f"{which} with: fmnist train --resume {shlex.quote(newest['path'])}"
+        return f"{which} with: fmnist train --resume {shell_path(newest['path'])}"
 
     def to_json(self) -> dict:
         return {"folder": str(self.folder), "runs": self.rows, "problems": self.problems}

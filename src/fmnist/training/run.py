@@ -23,7 +23,6 @@ import contextlib
 import datetime
 import math
 import os
-import shlex
 import signal
 import sys
 import threading
@@ -35,7 +34,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..core import runs
-from ..core.errors import Interrupted, UserError
+from ..core.errors import Interrupted, UserError, shell_path
 from ..core.precision import resolve_precision
 from ..core.runtime import environment, resolve_device, seed_everything, settings_restored
 from ..data.augment import augmentation_for
@@ -186,7 +185,7 @@ class Run:
             self.log(f"resuming {run_dir}: no epoch had completed, starting from epoch 1")
             return
         if state["epoch"] >= self.config.epochs and (run_dir / runs.METRICS).exists():
-            quoted = shlex.quote(str(run_dir))  # a hint to paste: a folder with spaces stays one argument
+            quoted = shell_path(run_dir)  # a hint to paste: a folder with spaces stays one argument
             raise UserError(f"the run is already complete ({state['epoch']}/{self.config.epochs} epochs) ({run_dir})",
                             hint=f"fmnist evaluate {quoted}  or  fmnist report {quoted}")
         restore(self, state)

@@ -28,7 +28,6 @@ from ..models.recipe import RECIPE_FIELDS, search_space
 from ..models.registry import canonical_name, model_entry
 from .events import Listener
 
-SWEEP_FILE = "sweep.json"
 PLOT = "search.png"
 
 
@@ -151,9 +150,9 @@ def run_sweep(model: str, trials: int, workers: int = 1, storage: str | None = N
             "study": f"fmnist-{model}-{out.name}", "data_dir": None if data_dir is None else str(data_dir),
             "storage": storage or f"sqlite:///{(out / 'study.db').absolute()}", "track": list(track),
             "space": search_space(dataclasses.replace(model_entry(model).recipe, **_recipe_part(fixed)), set(fixed))}
-    if (out / SWEEP_FILE).exists():  # joining a sweep (another machine, or a restart): its spec wins
-        spec = {**runs.read_json(out / SWEEP_FILE), "trials": trials}
-    runs.write_json(out / SWEEP_FILE, spec)
+    if (out / runs.SWEEP).exists():  # joining a sweep (another machine, or a restart): its spec wins
+        spec = {**runs.read_json(out / runs.SWEEP), "trials": trials}
+    runs.write_json(out / runs.SWEEP, spec)
     study = _study(spec)
     log(f"sweep {out}: {spec['study']} in {spec['storage']}, searching {', '.join(spec['space'])}; "
         f"{workers} worker(s)")
@@ -193,9 +192,9 @@ def leaderboard(sweep_dir) -> dict:
     """The trials, best first: number, state, parameters, the kept epoch's validation
     accuracy; and the winner's test accuracy (the only trial ever tested)."""
     sweep_dir = Path(sweep_dir)
-    if not (sweep_dir / SWEEP_FILE).is_file():
-        raise UserError(f"not a sweep folder: {SWEEP_FILE} is missing ({sweep_dir})")
-    spec = runs.read_json(sweep_dir / SWEEP_FILE)
+    if not (sweep_dir / runs.SWEEP).is_file():
+        raise UserError(f"not a sweep folder: {runs.SWEEP} is missing ({sweep_dir})")
+    spec = runs.read_json(sweep_dir / runs.SWEEP)
     study = _study(spec)
     rows = [{"trial": t.number, "state": t.state.name.lower(), "params": t.params,
              "val_accuracy": t.value, "epochs_run": len(t.intermediate_values),
