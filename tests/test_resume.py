@@ -142,11 +142,11 @@ def finished(uninterrupted, tmp_path):
                                                                                   '"model": ["notebook"]', 1)),
      "config.json: 'train.model' must be a str, got ['notebook']"),
 ])
-def test_a_damaged_run_folder_is_refused_before_training(finished, run_data, damage, message):
+def test_a_damaged_run_folder_is_refused_before_training(finished, run_data, damage, message, cli):
     (finished / runs.METRICS).unlink()  # not complete: it would resume
     damage(finished)
     before = {p.name: p.stat().st_mtime_ns for p in finished.iterdir()}
-    result = run_cli("train", "--resume", finished, "--quiet", "--data", run_data)
+    result = cli("train", "--resume", finished, "--quiet", "--data", run_data)
     assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr, result.stderr
     said = [line for line in result.stderr.splitlines() if line and not line.startswith("warning: ")]
     assert len(said) <= 2, result.stderr  # (a warning about other trainings on the cores aside)
