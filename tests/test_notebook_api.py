@@ -169,11 +169,20 @@ def test_runs_says_which_unfinished_folders_a_resume_continues(trained_run, tmp_
     tracked = _copy_run(out, tmp_path / "mlruns" / "1" / "artifacts", finished=False)
     (tracked / runs.CHECKPOINT).unlink()  # a tracker's copy of a run's files: nothing to resume from
     _copy_run(out, tmp_path / "-dash", finished=False)
+    reported = _copy_run(out, tmp_path / "reported", finished=False)
+    assert cli("report", reported).returncode == 0  # figures of the kept epoch; metrics.json only when resumed
+    damage = {"folder": lambda c: c.mkdir(), "fifo": os.mkfifo, "cut": lambda c: c.write_bytes(b"PK" + bytes(1000))}
+    for name, make in damage.items():  # checkpoints the resume hint would fail on
+        (_copy_run(out, tmp_path / "bad" / name, finished=False) / runs.CHECKPOINT).unlink()
+        make(tmp_path / "bad" / name / runs.CHECKPOINT)
     monkeypatch.chdir(tmp_path)
     done = cli("runs", ".", "--json")
     states = {row["run"]: row["state"] for row in json.loads(done.stdout)["runs"]}
     assert states == {"sweep/trial-0000": "done", "sweep/trial-0001": "trial", "mlruns/1/artifacts": "partial",
-                      "-dash": "stopped"}
+                      "-dash": "stopped", "reported": "stopped"}
+    assert sorted(problem.split(":")[0] for problem in json.loads(done.stdout)["problems"]) == [
+        "bad/cut", "bad/fifo", "bad/folder"]
+    shutil.rmtree(reported)  # one stopped run left, for the hint below
     hint = cli("runs", ".").stderr.splitlines()[-1]
     assert hint == "hint: -dash stopped; continue it with: fmnist train --resume ./-dash"
     assert build_parser().parse_args(shlex.split(hint.split(": ", 2)[2])[1:]).resume == "./-dash"  # pastes
@@ -206,7 +215,8 @@ RUN_DAMAGE = {  # each made one `fmnist runs` exit 1 (and so list nothing) or pr
     "finished-not-a-date": lambda d: _damage_json(d / runs.METRICS, "finished", "soon"),
 }
 RUN_DAMAGE.update({  # a training lock no process could have left (a FIFO blocked the listing for ever)
-    "lock-fifo": lambda d: os.mkfifo(d / runs.LOCK), "lock-folder": lambda d: os.mkdir(d / runs.LOCK)})
+    "lock-fifo": lambda d: os.mkfifo(d / runs.LOCK), "lock-folder": lambda d: os.mkdir(d / runs.LOCK),
+    "lock-link": lambda d: os.symlink(d / runs.CONFIG, d / runs.LOCK)})  # a trainer wrote its pid into config.json
 # Either file of a run as anything but a regular file: each such folder was skipped without a word.
 NOT_A_FILE = {"fifo": os.mkfifo, "folder": os.mkdir, "broken-link": lambda path: os.symlink(path.parent / "gone", path)}
 RUN_DAMAGE.update({

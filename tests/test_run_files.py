@@ -260,13 +260,30 @@ def test_a_lock_taken_on_the_file_its_holder_just_removed_is_taken_again(tmp_pat
 
 
 def test_a_training_lock_that_is_not_a_file_is_one_error(tmp_path):
-    for make in (os.mkdir, os.mkfifo):
-        lock = tmp_path / make.__name__ / runs.LOCK
+    precious = tmp_path / "notes.txt"
+    precious.write_text("mine")
+    makers = {"folder": os.mkdir, "fifo": os.mkfifo, "link": lambda lock: os.symlink(precious, lock),
+              "dangling-link": lambda lock: os.symlink(tmp_path / "nowhere" / "x", lock)}
+    for name, make in makers.items():
+        lock = tmp_path / name / runs.LOCK
         lock.parent.mkdir()
         make(lock)
         for look in (runs.is_training, lambda d: runs.training_lock(d).__enter__()):
             with pytest.raises(UserError, match=r"\.lock is not a regular file"):
                 look(lock.parent)
+    assert precious.read_text() == "mine"  # a link's target is never written
+
+
+def test_a_refusal_names_the_holder_by_its_pid_and_nothing_else(tmp_path):
+    import fcntl
+
+    for content, named in ((b"4242", " (pid 4242)"), (b"\xff\xfejunk", ""), (b"x\n\x1b[2J\nerror: spoof", "")):
+        (tmp_path / runs.LOCK).write_bytes(content)
+        with open(tmp_path / runs.LOCK) as held:
+            fcntl.flock(held, fcntl.LOCK_EX)
+            with pytest.raises(UserError) as refused:
+                runs.training_lock(tmp_path).__enter__()
+        assert str(refused.value) == f"another fmnist process{named} is training in {tmp_path}"
 
 
 def test_the_training_lock_is_seen_by_the_run_table_and_not_refused_for_its_glance(tmp_path):

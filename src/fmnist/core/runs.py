@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import csv
 import datetime
+import errno
 import io
 import json
 import math
@@ -492,7 +493,8 @@ def _take_lock(path: Path):
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             handle.seek(0)
-            holder = handle.read().strip()
+            holder = handle.buffer.read(20).strip().decode("ascii", "replace")
+            holder = holder if holder.isdigit() else ""  # a pid, or nothing: never the file's bytes in the error
             handle.close()
             if time.monotonic() >= give_up:
                 return None, holder
@@ -513,10 +515,12 @@ def _is_file_at(handle, path: Path) -> bool:
 
 def _open_lock(path: Path, flags: int) -> int:
     """A file descriptor of the lock file, or a UserError if it is not a regular file (never
-    waiting: a FIFO's open would wait for a writer)."""
-    try:
-        fd = os.open(path, flags | os.O_NONBLOCK, 0o666)
-    except IsADirectoryError:
+    waiting: a FIFO's open would wait for a writer) or is a link."""
+    try:  # a symbolic link is not followed: the pid would be written into whatever it names
+        fd = os.open(path, flags | os.O_NONBLOCK | os.O_NOFOLLOW, 0o666)
+    except OSError as exc:
+        if exc.errno not in (errno.EISDIR, errno.ELOOP):  # ELOOP: a link, dangling or not
+            raise
         fd = None
     if fd is not None and stat.S_ISREG(os.fstat(fd).st_mode):
         return fd

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -103,8 +104,14 @@ def _unfinished_state(run_dir: Path) -> str:
 
     if (run_dir.parent / runs.SWEEP).is_file():
         return "trial"
+    checkpoint = run_dir / runs.CHECKPOINT
+    if os.path.lexists(checkpoint):  # what the resume hint would meet: a file, and a zip (its end is read)
+        if not checkpoint.is_file():
+            raise UserError(f"{runs.CHECKPOINT} is not a regular file")
+        if not zipfile.is_zipfile(checkpoint):
+            raise UserError(f"{runs.CHECKPOINT} is damaged: not a PyTorch checkpoint (a zip archive)")
     has_epochs = any((run_dir / name).exists() for name in (runs.HISTORY, runs.WEIGHTS))
-    return "stopped" if (run_dir / runs.CHECKPOINT).exists() or not has_epochs else "partial"
+    return "stopped" if checkpoint.exists() or not has_epochs else "partial"
 
 
 @dataclass

@@ -64,7 +64,8 @@ def evaluate(run_dir: str | os.PathLike, data_dir: str | os.PathLike | None = No
 def report(run_dir: str | os.PathLike, data_dir: str | os.PathLike | None = None,
            device: str = "cpu", data: FashionMNIST | None = None) -> Path:
     """Redraw figures/ and report.html of a run from its saved model (metrics.json is written
-    only if missing: the report shows the data given here, the file keeps training's record)."""
+    only if missing: the report shows the data given here, the file keeps training's record;
+    and never beside a checkpoint, which ``fmnist train --resume`` finishes, writing it then)."""
     from .report import build_report
 
     run_dir = runs.require_run_dir(run_dir)
@@ -75,7 +76,8 @@ def report(run_dir: str | os.PathLike, data_dir: str | os.PathLike | None = None
     saved = runs.read_metrics(run_dir)
     if saved is None:  # not finished (or deleted): the fresh one is written after the report
         path = build_report(run_dir, data, logits, metrics, model)
-        runs.write_json(run_dir / runs.METRICS, metrics)
+        if not (run_dir / runs.CHECKPOINT).exists():  # metrics.json marks a run complete (fmnist runs)
+            runs.write_json(run_dir / runs.METRICS, metrics)
         return path
     # keep what only training knew: which epoch was best, the temperature
     metrics.update({k: saved[k] for k in ("best_epoch", "best_val_accuracy", "val_accuracy", "calibration") if k in saved})
