@@ -170,6 +170,9 @@ def test_runs_says_which_unfinished_folders_a_resume_continues(trained_run, tmp_
     (tracked / runs.CHECKPOINT).unlink()  # a tracker's copy of a run's files: nothing to resume from
     _copy_run(out, tmp_path / "-dash", finished=False)
     reported = _copy_run(out, tmp_path / "reported", finished=False)
+    config = json.loads((reported / runs.CONFIG).read_text())
+    config["train"]["epochs"] += 1  # stopped an epoch before the end
+    (reported / runs.CONFIG).write_text(json.dumps(config))
     assert cli("report", reported).returncode == 0  # figures of the kept epoch; metrics.json only when resumed
     damage = {"folder": lambda c: c.mkdir(), "fifo": os.mkfifo, "cut": lambda c: c.write_bytes(b"PK" + bytes(1000))}
     for name, make in damage.items():  # checkpoints the resume hint would fail on

@@ -61,11 +61,21 @@ def evaluate(run_dir: str | os.PathLike, data_dir: str | os.PathLike | None = No
     return metrics
 
 
+def _trained_to_the_end(run_dir: Path) -> bool:
+    """No checkpoint to resume (a copy, or a run from before checkpoints), or every epoch of
+    the run's settings done and no process training in it."""
+    if not (run_dir / runs.CHECKPOINT).exists():
+        return True
+    epochs = runs.read_config(run_dir)["train"]["epochs"]
+    return len(runs.read_history(run_dir)) >= epochs and not runs.is_training(run_dir)
+
+
 def report(run_dir: str | os.PathLike, data_dir: str | os.PathLike | None = None,
            device: str = "cpu", data: FashionMNIST | None = None) -> Path:
     """Redraw figures/ and report.html of a run from its saved model (metrics.json is written
     only if missing: the report shows the data given here, the file keeps training's record;
-    and never beside a checkpoint, which ``fmnist train --resume`` finishes, writing it then)."""
+    and only once training is over: metrics.json marks a run complete, and a stopped run's
+    is written when ``fmnist train --resume`` finishes it). A sweep tests its winner here."""
     from .report import build_report
 
     run_dir = runs.require_run_dir(run_dir)
@@ -76,7 +86,7 @@ def report(run_dir: str | os.PathLike, data_dir: str | os.PathLike | None = None
     saved = runs.read_metrics(run_dir)
     if saved is None:  # not finished (or deleted): the fresh one is written after the report
         path = build_report(run_dir, data, logits, metrics, model)
-        if not (run_dir / runs.CHECKPOINT).exists():  # metrics.json marks a run complete (fmnist runs)
+        if _trained_to_the_end(run_dir):
             runs.write_json(run_dir / runs.METRICS, metrics)
         return path
     # keep what only training knew: which epoch was best, the temperature
