@@ -283,8 +283,9 @@ def cmd_runs(args) -> int:
     print(json.dumps(table.to_json(), indent=2) if args.json else table.to_text())
     for problem in table.problems if not args.json else ():
         _log(f"warning: {problem}")
-    if table.resume_hint() and not args.json:
-        _log(f"hint: {table.resume_hint()}")
+    hint = table.resume_hint()
+    if hint and not args.json:
+        _log(f"hint: {hint}")
     return 0
 
 

@@ -140,8 +140,9 @@ class RunTable:
         body = "".join("<tr>" + "".join(f"<td style='padding:2px 8px;white-space:nowrap'>{display.escape(c)}</td>" for c in _cells(row))
                        + "</tr>" for row in self.rows)
         notes = "".join(f"<div style='color:#a33'>{display.escape(p)}</div>" for p in self.problems)
-        if self.resume_hint():  # the CLI's line; fmnist.train(resume=path) does the same
-            notes += f"<div style='color:#555'>{display.escape(self.resume_hint())}</div>"
+        hint = self.resume_hint()  # the CLI's line; fmnist.train(resume=path) does the same
+        if hint:
+            notes += f"<div style='color:#555'>{display.escape(hint)}</div>"
         return (f"<div style='font-family:system-ui,sans-serif;font-size:13px'><b>{len(self.rows)} runs under "
                 f"<code>{display.escape(display.short_path(self.folder))}</code></b><table>"
                 f"<tr>{head}</tr>{body}</table>{notes}</div>")
