@@ -13,7 +13,7 @@ import torch
 
 import fmnist
 
-pytestmark = pytest.mark.slow  # a training on the real data
+pytestmark = pytest.mark.slow  # a training on the real data (the first test)
 
 
 def test_a_run_and_its_report_leave_the_callers_process_as_they_found_it(dataset, tmp_path):
@@ -48,3 +48,24 @@ def test_a_run_and_its_report_leave_the_callers_process_as_they_found_it(dataset
     assert warnings.showwarning is hook
     plt.close(figure)
     torch.set_num_threads(callers_threads)  # the tests after this one get the process as pytest set it up
+
+
+def test_a_stop_while_torch_inductor_is_half_imported_stays_a_stop(monkeypatch):
+    """A Ctrl-C or SIGTERM can land while the optimizer's first step imports torch._inductor;
+    putting the process back must not import it again and turn the stop into that import's
+    error. (A --deterministic run imported it whole before training, when it set the flag.)"""
+    import sys
+    import types
+
+    from fmnist.core.runtime import settings_restored
+
+    with pytest.raises(KeyboardInterrupt):
+        with settings_restored():
+            for name in [name for name in sys.modules if name.startswith("torch._inductor")]:
+                monkeypatch.delitem(sys.modules, name)
+            half = types.ModuleType("torch._inductor")
+            half.__path__ = []  # its submodules cannot be found: importing one fails, as in a half import
+            monkeypatch.setitem(sys.modules, "torch._inductor", half)
+            raise KeyboardInterrupt
+    monkeypatch.undo()
+    assert not torch.are_deterministic_algorithms_enabled()

@@ -50,7 +50,12 @@ def settings_restored():
         yield
     finally:
         deterministic, warn_only, benchmark, threads, environ = saved
-        torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+        # Only when the run changed it: the call imports torch._inductor, which a Ctrl-C or
+        # SIGTERM can leave half imported (the optimizer's first step imports it), and the
+        # stop would end as that import's AttributeError instead of an interruption.
+        if (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()) \
+                != (deterministic, warn_only):
+            torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
         torch.backends.cudnn.benchmark = benchmark
         if torch.get_num_threads() != threads:
             torch.set_num_threads(threads)
