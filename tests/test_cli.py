@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
 
 import pytest
 
 from fmnist.core import runs
+from fmnist.core.errors import shell_path
 from fmnist.deploy.classifier import Classifier
 
 from .conftest import run_cli, start_cli
@@ -271,3 +274,20 @@ def test_resnet_is_stopped_by_ctrl_c_after_an_epoch_resumes_evaluates_reports_an
 
     images = np.random.default_rng(0).integers(0, 256, (64, 28, 28), dtype=np.uint8)
     np.testing.assert_allclose(onnx_clf.predict_proba(images), torch_clf.predict_proba(images), atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["plain", "with space", "it's", 'a "quote"', "back\\slash", "-dash", "$HOME",
+                                  "café", "new\nline", "tab\there", "bell\a", "\x1b[31mred", b"latin1-\xe9".decode(
+                                      "utf-8", "surrogateescape"), b"\xff\xfe".decode("utf-8", "surrogateescape")])
+def test_a_hint_names_any_folder_in_one_line_that_bash_reads_back(name, tmp_path):
+    """Every kind of name a folder can have: printable, quoting characters, control
+    characters and bytes that are not UTF-8. The hint is one printable line, and bash,
+    given it, names that very folder."""
+    folder = tmp_path / name
+    folder.mkdir()
+    hinted = shell_path(folder)
+    assert hinted.isprintable() and "\n" not in hinted
+    found = subprocess.run(["bash", "-c", f"cd {shell_path(tmp_path)} && test -d {shell_path(name)} "
+                                          f"&& test -d {hinted} && printf %s {hinted}"], capture_output=True)
+    assert found.returncode == 0, found.stderr
+    assert found.stdout == os.fsencode(folder)

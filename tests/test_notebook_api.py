@@ -8,6 +8,7 @@ import json
 import math
 import os
 import shutil
+import subprocess
 
 import numpy as np
 import pytest
@@ -192,6 +193,11 @@ def test_runs_says_which_unfinished_folders_a_resume_continues(trained_run, tmp_
     monkeypatch.chdir(tmp_path / "-dash")
     inside = cli("runs", ".")
     assert inside.stderr == "hint: -dash stopped; continue it with: fmnist train --resume .\n"
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "-dash").rename(tmp_path / "new\nline")
+    hint = cli("runs", ".").stderr.splitlines(keepends=True)[-1]
+    assert hint == "hint: $'new\\nline' stopped; continue it with: fmnist train --resume $'new\\nline'\n"
+    assert subprocess.run(["bash", "-c", "test -d " + hint.split("--resume ")[1]]).returncode == 0  # pastes
 
 
 def _damage_calibration(run_dir, value):

@@ -1,5 +1,6 @@
 """The one exception type users see: a problem with their input, not a bug in fmnist."""
 
+import os
 import shlex
 
 
@@ -27,6 +28,20 @@ class Interrupted(Exception):
 
 def shell_path(path) -> str:
     """A path as one argument of a command to paste into a shell (a hint): quoted when it has
-    spaces or quotes, and never read as an option ('-x' becomes './-x')."""
+    spaces or quotes, and never read as an option ('-x' becomes './-x'). A name with control
+    characters or bytes that are not UTF-8 is written in bash's $'...' quoting, byte by byte,
+    so the hint stays one line and names the very folder."""
     text = str(path)
-    return shlex.quote(f"./{text}" if text.startswith("-") else text)
+    text = f"./{text}" if text.startswith("-") else text
+    if text.isprintable():  # the bytes of a name that is not UTF-8 are read as surrogates: not printable
+        return shlex.quote(text)
+    return "$'" + "".join(_ansi_c_byte(byte) for byte in os.fsencode(text)) + "'"  # the bytes on disk
+
+
+_ANSI_C_ESCAPES = {ord("\\"): "\\\\", ord("'"): "\\'", ord("\n"): "\\n", ord("\t"): "\\t", ord("\r"): "\\r"}
+
+
+def _ansi_c_byte(byte: int) -> str:
+    if byte in _ANSI_C_ESCAPES:
+        return _ANSI_C_ESCAPES[byte]
+    return chr(byte) if 0x20 <= byte < 0x7F else f"\\x{byte:02x}"

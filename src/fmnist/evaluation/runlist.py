@@ -153,7 +153,8 @@ class RunTable:
         if not stopped:
             return None
         newest = max(stopped, key=lambda row: row["created"] or "")
-        which = f"{len(stopped)} runs stopped; continue the newest" if len(stopped) > 1 else f"{newest['run']} stopped; continue it"
+        name = newest["run"] if newest["run"].isprintable() else shell_path(newest["run"])  # one line, whatever the name
+        which = f"{len(stopped)} runs stopped; continue the newest" if len(stopped) > 1 else f"{name} stopped; continue it"
         return f"{which} with: fmnist train --resume {shell_path(newest['path'])}"
 
     def to_json(self) -> dict:
