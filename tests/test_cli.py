@@ -291,3 +291,32 @@ def test_a_hint_names_any_folder_in_one_line_that_bash_reads_back(name, tmp_path
                                           f"&& test -d {hinted} && printf %s {hinted}"], capture_output=True)
     assert found.returncode == 0, found.stderr
     assert found.stdout == os.fsencode(folder)
+
+
+def test_runs_lists_any_folder_name_in_one_line_on_a_strict_utf8_terminal(trained_run, tmp_path):
+    """A UTF-8 terminal's encoder refuses the surrogates a name that is not UTF-8 decodes to;
+    such a name, with a newline in it too, is one escaped row and a hint that pastes."""
+    import shutil
+
+    out, _ = trained_run
+    folder = tmp_path / os.fsdecode(b"r\xe9sum\xe9\nrun")  # Latin-1 bytes and a newline
+    folder.mkdir()
+    shutil.copy(out / runs.CONFIG, folder / runs.CONFIG)  # its settings only: stopped before its first epoch
+    listed = run_cli("runs", tmp_path, env={"PYTHONIOENCODING": "utf-8:strict", "COLUMNS": "200"})
+    assert listed.returncode == 0, listed.stderr
+    assert [line.split()[0] for line in listed.stdout.splitlines()[1:]] == ["r\\xe9sum\\xe9\\nrun"]
+    hint = listed.stderr.splitlines()[-1]
+    assert hint.startswith("hint: r\\xe9sum\\xe9\\nrun stopped; continue it with: fmnist train --resume $'")
+    assert subprocess.run(["bash", "-c", "test -d " + hint.split("--resume ")[1]]).returncode == 0
+
+
+def test_a_path_that_is_not_utf8_is_printed_as_its_bytes_on_a_strict_utf8_terminal(trained_run, tmp_path):
+    import sys
+    from pathlib import Path
+
+    out, _ = trained_run
+    onnx = tmp_path / os.fsdecode(b"mod\xe8le.onnx")
+    exported = subprocess.run([str(Path(sys.executable).with_name("fmnist")), "export", str(out), "--out", str(onnx)],
+                              capture_output=True, env={**os.environ, "PYTHONIOENCODING": "utf-8:strict"})
+    assert exported.returncode == 0, exported.stderr
+    assert exported.stdout == os.fsencode(onnx) + b"\n" and onnx.is_file()  # a script reading stdout finds the file

@@ -196,7 +196,7 @@ def test_runs_says_which_unfinished_folders_a_resume_continues(trained_run, tmp_
     monkeypatch.chdir(tmp_path)
     (tmp_path / "-dash").rename(tmp_path / "new\nline")
     hint = cli("runs", ".").stderr.splitlines(keepends=True)[-1]
-    assert hint == "hint: $'new\\nline' stopped; continue it with: fmnist train --resume $'new\\nline'\n"
+    assert hint == "hint: new\\nline stopped; continue it with: fmnist train --resume $'new\\nline'\n"
     assert subprocess.run(["bash", "-c", "test -d " + hint.split("--resume ")[1]]).returncode == 0  # pastes
 
 

@@ -125,6 +125,22 @@ def test_sigterm_while_testing_or_reporting_exits_143_and_resumes(run_data, tmp_
     assert (out / runs.REPORT).is_file()
 
 
+@pytest.mark.slow
+def test_sigterm_while_the_run_is_set_up_exits_143_and_the_folder_starts_again(run_data, tmp_path, uninterrupted):
+    """Building the optimizer is where PyTorch first imports torch._dynamo: a stop there is
+    before the run folder is made, outside the run's own handler, and still a SIGTERM (143)
+    in one line. Nothing was written, so the same command starts the run again."""
+    out = tmp_path / "a run"
+    command = ["train", *QUICK, "--data", str(run_data), "--out", str(out)]
+    stopped = subprocess.run([sys.executable, "-c", SIGTERM_WHEN_CALLED.format(module="training.run",
+                                                                                function="make_optimizer"), *command],
+                             capture_output=True, text=True)
+    assert (stopped.returncode, stopped.stderr.splitlines()[-1]) == (143, "interrupted"), stopped.stderr
+    assert "Traceback" not in stopped.stderr and not out.exists()
+    run_cli(*command, check=True)
+    _same_run(out, uninterrupted)
+
+
 @pytest.fixture
 def finished(uninterrupted, tmp_path):
     copy = tmp_path / "copy"

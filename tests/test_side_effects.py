@@ -13,9 +13,8 @@ import torch
 
 import fmnist
 
-pytestmark = pytest.mark.slow  # a training on the real data (the first test)
 
-
+@pytest.mark.slow  # a training on the real data
 def test_a_run_and_its_report_leave_the_callers_process_as_they_found_it(dataset, tmp_path):
     import matplotlib
 

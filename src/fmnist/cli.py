@@ -8,6 +8,7 @@ Results go to stdout, progress and logs to stderr. Exit codes: 0 success,
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -16,7 +17,7 @@ import textwrap
 import warnings
 from pathlib import Path
 
-from .core.errors import Interrupted, UserError, shell_path
+from .core.errors import Interrupted, Terminated, UserError, one_line, shell_path
 
 EXAMPLES = {
     "data": """examples:
@@ -282,7 +283,7 @@ def cmd_runs(args) -> int:
     table = list_runs(args.folder, sort=args.sort)
     print(json.dumps(table.to_json(), indent=2) if args.json else table.to_text())
     for problem in table.problems if not args.json else ():
-        _log(f"warning: {problem}")
+        _log(f"warning: {one_line(problem)}")
     hint = table.resume_hint()
     if hint and not args.json:
         _log(f"hint: {hint}")
@@ -743,7 +744,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None):
-    print(f"warning: {message}", file=sys.stderr)
+    print(f"warning: {one_line(message)}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -752,9 +753,26 @@ def main(argv: list[str] | None = None) -> int:
     shown = warnings.showwarning
     warnings.showwarning = _show_warning  # fmnist's warnings as one line each, like its errors
     try:
-        return _run(args)
+        with _names_never_fail_to_print():
+            return _run(args)
     finally:
         warnings.showwarning = shown  # main() called from Python leaves the caller's hook in place
+
+
+@contextlib.contextmanager
+def _names_never_fail_to_print():
+    """A folder name that is not UTF-8 reaches Python as surrogates, which a UTF-8 terminal's
+    strict stdout refuses: such a path is written as the bytes it has on disk, as Python does
+    under the C locale, instead of ending the command (a finished training included) with an
+    error. (stderr already writes them as escapes.) The stream is put back after."""
+    strict = hasattr(sys.stdout, "reconfigure") and sys.stdout.errors == "strict"
+    if strict:
+        sys.stdout.reconfigure(errors="surrogateescape")
+    try:
+        yield
+    finally:
+        if strict:
+            sys.stdout.reconfigure(errors="strict")
 
 
 def _run(args) -> int:
@@ -764,9 +782,9 @@ def _run(args) -> int:
     except UserError as exc:
         if args.debug:
             raise
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {one_line(exc)}", file=sys.stderr)
         if exc.hint:
-            print(f"hint: {exc.hint}", file=sys.stderr)
+            print(f"hint: {one_line(exc.hint)}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # `fmnist runs | head`: the reader is gone, so stop quietly, as cat and ls do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit's flush must not fail again
@@ -775,19 +793,19 @@ def _run(args) -> int:
         if args.debug:
             raise
         where = f" ({exc.filename})" if exc.filename else ""
-        print(f"error: {exc.strerror or exc}{where}", file=sys.stderr)
+        print(f"error: {one_line(f'{exc.strerror or exc}{where}')}", file=sys.stderr)
         return 2
     except Interrupted as exc:
-        print(f"interrupted: {exc}", file=sys.stderr)
+        print(f"interrupted: {one_line(exc)}", file=sys.stderr)
         print(f"hint: fmnist train --resume {shell_path(exc.run_dir)}", file=sys.stderr)
         return 143 if exc.signal_name == "SIGTERM" else 130  # 128 + the signal's number
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stop:  # before training began (the run's setup) or outside it
         print("interrupted", file=sys.stderr)
-        return 130
+        return 143 if isinstance(stop, Terminated) else 130
     except Exception as exc:  # noqa: BLE001 - last line of defence: one line, not a traceback
         if args.debug:
             raise
-        first_line = textwrap.shorten(str(exc), 300)
+        first_line = textwrap.shorten(one_line(exc), 300)
         print(f"error: unexpected {type(exc).__name__}: {first_line}", file=sys.stderr)
         print("hint: rerun with --debug for the traceback, and report it", file=sys.stderr)
         return 1

@@ -16,6 +16,11 @@ class UserError(Exception):
         self.hint = hint
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what schedulers send before a kill), raised while training runs and taken like
+    Ctrl-C; the CLI exits 143 for it, 130 for Ctrl-C."""
+
+
 class Interrupted(Exception):
     """Ctrl-C or SIGTERM during training; the run folder keeps the last complete epoch's checkpoint."""
 
@@ -45,3 +50,15 @@ def _ansi_c_byte(byte: int) -> str:
     if byte in _ANSI_C_ESCAPES:
         return _ANSI_C_ESCAPES[byte]
     return chr(byte) if 0x20 <= byte < 0x7F else f"\\x{byte:02x}"
+
+
+def one_line(text: str) -> str:
+    """``text`` for a one-line message: characters that are not printable (a newline or an
+    escape in a folder name, bytes of a name that are not UTF-8) written as Python escapes."""
+    return "".join(c if c.isprintable() else _escaped(c) for c in str(text))
+
+
+def _escaped(character: str) -> str:
+    if "\udc80" <= character <= "\udcff":  # a byte of a name that is not UTF-8 (os.fsdecode's surrogateescape)
+        return f"\\x{ord(character) - 0xDC00:02x}"
+    return character.encode("unicode_escape").decode("ascii")

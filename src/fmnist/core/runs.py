@@ -91,7 +91,9 @@ def atomic_write_bytes(path: Path, payload: bytes) -> None:
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
+    # A path that is not UTF-8 (its bytes read as surrogates) is written as escapes: the file
+    # stays valid UTF-8 for whoever reads it, and the command does not fail on the name.
+    atomic_write_bytes(path, text.encode("utf-8", errors="backslashreplace"))
 
 
 def write_json(path: Path, obj) -> None:

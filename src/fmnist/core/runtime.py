@@ -51,7 +51,7 @@ def settings_restored():
     finally:
         deterministic, warn_only, benchmark, threads, environ = saved
         # Only when the run changed it: the call imports torch._inductor, which a Ctrl-C or
-        # SIGTERM can leave half imported (the optimizer's first step imports it), and the
+        # SIGTERM can leave half imported (building the first optimizer imports it), and the
         # stop would end as that import's AttributeError instead of an interruption.
         if (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()) \
                 != (deterministic, warn_only):

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..core import display
-from ..core.errors import UserError, shell_path
+from ..core.errors import UserError, one_line, shell_path
 
 # fmnist.core.runs (and PyTorch with it) is imported inside the functions: the CLI's parser
 # reads COLUMNS, and building it imports no PyTorch.
@@ -125,7 +125,7 @@ class RunTable:
     def to_text(self) -> str:
         if not self.rows:
             return f"no run folders under {self.folder}"
-        cells = [[COLUMNS[k][0] for k in COLUMNS]] + [_cells(row) for row in self.rows]
+        cells = [[COLUMNS[k][0] for k in COLUMNS]] + [[one_line(c) for c in _cells(row)] for row in self.rows]
         widths = [max(len(line[i]) for line in cells) for i in range(len(COLUMNS))]
         return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in cells)
 
@@ -153,8 +153,8 @@ class RunTable:
         if not stopped:
             return None
         newest = max(stopped, key=lambda row: row["created"] or "")
-        name = newest["run"] if newest["run"].isprintable() else shell_path(newest["run"])  # one line, whatever the name
-        which = f"{len(stopped)} runs stopped; continue the newest" if len(stopped) > 1 else f"{name} stopped; continue it"
+        which = (f"{len(stopped)} runs stopped; continue the newest" if len(stopped) > 1
+                 else f"{one_line(newest['run'])} stopped; continue it")
         return f"{which} with: fmnist train --resume {shell_path(newest['path'])}"
 
     def to_json(self) -> dict:

@@ -34,7 +34,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..core import runs
-from ..core.errors import Interrupted, UserError, shell_path
+from ..core.errors import Interrupted, Terminated, UserError, shell_path
 from ..core.precision import resolve_precision
 from ..core.runtime import environment, resolve_device, seed_everything, settings_restored
 from ..data.augment import augmentation_for
@@ -211,7 +211,7 @@ class Run:
                 "best_val_accuracy": self.progress.best_val if self.validating else None}
         except KeyboardInterrupt as stop:
             raise Interrupted(self.run_dir, saved_epochs,
-                              "SIGTERM" if isinstance(stop, _Terminated) else "SIGINT") from None
+                              "SIGTERM" if isinstance(stop, Terminated) else "SIGINT") from None
         return TrainResult(run_dir=self.run_dir, history=self.progress.history, metrics=metrics)
 
     def _epoch(self, epoch: int) -> None:
@@ -375,10 +375,6 @@ def _open_for_resume(resume) -> tuple[Path, TrainConfig, dict]:
     return run_dir, TrainConfig.from_record(saved["train"], run_dir / runs.CONFIG), saved
 
 
-class _Terminated(KeyboardInterrupt):
-    """SIGTERM (what schedulers send before a kill), taken like Ctrl-C."""
-
-
 @contextlib.contextmanager
 def _sigterm_as_interrupt():
     if threading.current_thread() is not threading.main_thread():
@@ -386,7 +382,7 @@ def _sigterm_as_interrupt():
         return
 
     def stop(signum, frame):
-        raise _Terminated()
+        raise Terminated()
 
     previous = signal.signal(signal.SIGTERM, stop)
     try:
