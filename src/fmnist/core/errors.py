@@ -1,4 +1,5 @@
-"""The one exception type users see: a problem with their input, not a bug in fmnist."""
+"""What users see when something stops a command: the exceptions (a problem with their input,
+not a bug in fmnist; a stop) and the way a path is written in a one-line message or a hint."""
 
 import os
 import shlex
