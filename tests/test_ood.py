@@ -276,3 +276,35 @@ def test_an_export_must_be_a_onnx_file(trained_run, tmp_path, cli):
         result = cli("export", trained_run[0], "--out", tmp_path / name)
         assert result.returncode == 2 and "--out must name a .onnx file" in result.stderr, result.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_an_export_never_replaces_a_file_it_was_not_asked_to(trained_run, tmp_path, cli):
+    # Each file an export would write, already there: the model, or only its card.
+    for taken in ("model.onnx", "model.MODEL_CARD.md"):
+        folder = tmp_path / taken
+        folder.mkdir()
+        (folder / taken).write_bytes(b"someone's only copy")
+        before = {path.name: path.read_bytes() for path in folder.iterdir()}
+        result = cli("export", trained_run[0], "--out", folder / "model.onnx")
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.startswith("error: ") and "already exists: nothing exported" in result.stderr
+        assert "--overwrite" in result.stderr and "Traceback" not in result.stderr
+        assert {path.name: path.read_bytes() for path in folder.iterdir()} == before
+    replaced = cli("export", trained_run[0], "--out", tmp_path / "model.onnx" / "model.onnx", "--overwrite")
+    assert replaced.returncode == 0, replaced.stderr
+    import onnx
+
+    properties = onnx.load(tmp_path / "model.onnx" / "model.onnx").metadata_props
+    assert {p.key: p.value for p in properties}["run"] == trained_run[0].name
+    assert "## Exported file" in (tmp_path / "model.onnx" / "model.MODEL_CARD.md").read_text()
+
+
+@pytest.mark.slow
+def test_the_run_folders_own_export_is_rewritten_from_the_run(trained_run, tmp_path, cli):
+    run = tmp_path / "run"
+    shutil.copytree(trained_run[0], run, ignore=shutil.ignore_patterns("model.onnx", "model.MODEL_CARD.md"))
+    for out in ([], [], ["--out", run / "model.onnx"]):  # the default twice, then named
+        result = cli("export", run, *out)
+        assert result.returncode == 0, result.stderr
+    assert (run / "model.onnx").is_file()

@@ -400,7 +400,7 @@ def cmd_export(args) -> int:
     from .data.preprocess import Preprocess
 
     path, check = export_onnx(args.run_dir, args.out, args.data, Preprocess(**_preprocess_changes(args)),
-                              quantize=args.quantize)
+                              quantize=args.quantize, overwrite=args.overwrite)
     parity, gate = (check["parity"], check["int8"]) if args.quantize else (check, None)
     _log(f"parity on {parity['images']} test images: top-1 agreement {parity['top1_agreement']:.0%}, "
          f"largest probability difference {parity['max_probability_diff']:.1e}")
@@ -688,6 +688,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("run_dir", metavar="RUN_DIR", help="a folder written by 'fmnist train'")
     export.add_argument("--format", choices=("onnx",), default="onnx", help="onnx (default)")
     export.add_argument("--out", metavar="FILE", help="output file (default: RUN_DIR/model.onnx)")
+    export.add_argument("--overwrite", action="store_true",
+                        help="replace the file there and its card (without it, an existing file is an error)")
     export.add_argument("--quantize", choices=("int8",),
                         help="int8: static quantization (calibrated on training images), written only if it "
                              "agrees with the float model on 99%% of 1,000 test images and loses at most 0.3 "

@@ -80,11 +80,14 @@ def _describe(graph, metadata: dict) -> None:
 
 def export_onnx(run_dir: str | os.PathLike, out: str | os.PathLike | None = None,
                 data_dir: str | os.PathLike | None = None, preprocess: Preprocess = Preprocess(),
-                check_images: int = PARITY_IMAGES, quantize: str | None = None) -> tuple[Path, dict]:
+                check_images: int = PARITY_IMAGES, quantize: str | None = None,
+                overwrite: bool = False) -> tuple[Path, dict]:
     """Write RUN_DIR/model.onnx (or ``out``) after a parity check on ``check_images`` test
     images: identical top-1 on every image and probabilities within 1e-4, else nothing is
     written and UserError says by how much it failed. ``quantize="int8"``: RUN_DIR/model.int8.onnx,
-    after the int8 gate. Returns the path and the check."""
+    after the int8 gate. A file already at ``out`` (or its card) is replaced only with
+    ``overwrite``; the run folder's own export, the default, is rewritten from the run at will.
+    Returns the path and the check."""
     import onnx
     import torch
 
@@ -96,12 +99,15 @@ def export_onnx(run_dir: str | os.PathLike, out: str | os.PathLike | None = None
     if quantize is not None and quantize not in QUANTIZATIONS:
         raise UserError(f"unknown quantization '{quantize}' (choose {', '.join(QUANTIZATIONS)})")
     run_dir = runs.require_run_dir(run_dir)
-    out = Path(out) if out is not None else run_dir / ("model.onnx" if quantize is None else f"model.{quantize}.onnx")
+    own = run_dir / ("model.onnx" if quantize is None else f"model.{quantize}.onnx")
+    out = Path(out) if out is not None else own
+    overwrite = overwrite or out.resolve() == own.resolve()
     if out.is_dir():
         raise UserError(f"--out is a folder; give a file name such as {out / 'model.onnx'}")
     if out.suffix != ".onnx":  # what predict, serve and Classifier.load recognise as an exported model
         raise UserError(f"--out must name a .onnx file, got {out.name}",
                         hint=f"--out {shell_path(out.with_name(out.name + '.onnx'))}")
+    _refuse_to_replace(out, overwrite)
     from ..evaluation.ood import OODHead
     from ..evaluation.saved import load_run_model
 
@@ -141,6 +147,7 @@ def export_onnx(run_dir: str | os.PathLike, out: str | os.PathLike | None = None
                      f"{gate['images']} test images, test accuracy {gate['float_accuracy']:.2%} -> "
                      f"{gate['int8_accuracy']:.2%} ({gate['float_bytes']:,} -> {gate['int8_bytes']:,} bytes)")
     photo = _photo_gap(payload, preprocess, data)
+    _refuse_to_replace(out, overwrite)  # again: the checks took seconds, and another export may have landed
     runs.atomic_write_bytes(out, payload)
     metrics = runs.read_metrics(run_dir) or {}
     card.write(card.beside_export(out), card.model_card(
@@ -151,6 +158,16 @@ def export_onnx(run_dir: str | os.PathLike, out: str | os.PathLike | None = None
 
     log_export(run_dir, out)  # into the MLflow run that tracked the training, if one did
     return out, check
+
+
+def _refuse_to_replace(out: Path, overwrite: bool) -> None:
+    """An export never replaces a file it was not asked to: the model there may be the only copy."""
+    from ..evaluation import card
+
+    taken = [path for path in (out, card.beside_export(out)) if os.path.lexists(path)]
+    if taken and not overwrite:
+        raise UserError(f"{taken[0]} already exists: nothing exported",
+                        hint="--overwrite replaces it and its card, or --out names another file")
 
 
 def _photo_gap(payload: bytes, preprocess: Preprocess, data) -> dict:
