@@ -214,6 +214,17 @@ def test_a_nan_loss_stops_the_run_naming_epoch_and_step(data_dir, tmp_path):
     assert "the loss became nan at step" in result.stderr or "the loss became inf at step" in result.stderr
     assert "of epoch 1; training stopped and no epoch was saved" in result.stderr
     assert not (out / runs.CHECKPOINT).exists()
+    # Resuming would repeat the same steps to the same loss: the listing says so and offers no
+    # --resume, and --resume refuses before it touches the folder.
+    listed = run_cli("runs", tmp_path, "--json")
+    assert [row["state"] for row in json.loads(listed.stdout)["runs"]] == ["diverged"], listed.stdout
+    assert "--resume" not in run_cli("runs", tmp_path).stdout
+    before = sorted(path.name for path in out.iterdir())
+    resumed = run_cli("train", "--resume", out, "--data", data_dir, "--quiet")
+    assert resumed.returncode == 2 and "Traceback" not in resumed.stderr, resumed.stderr
+    assert "error: not resumable: the loss became " in resumed.stderr
+    assert "of epoch 1" in resumed.stderr and "a lower --lr" in resumed.stderr
+    assert sorted(path.name for path in out.iterdir()) == before
 
 
 def test_non_finite_loss_names_the_first_bad_step():

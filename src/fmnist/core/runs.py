@@ -53,6 +53,7 @@ FIGURES = "figures"
 REPORT = "report.html"
 LOCK = ".lock"
 SWEEP = "sweep.json"  # in a sweep's folder, whose trials are run folders tested only if they win
+DIVERGED = "diverged.json"  # the loss became NaN or infinite: resuming would repeat the same steps
 HISTORY_COLUMNS = ("epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr", "seconds",
                    "images_per_second")
 
@@ -321,6 +322,18 @@ def _is_calibration(value) -> bool:
             and all(_is_number(value.get(k)) and 0 <= value[k] <= 1 for k in ("test_ece_before", "test_ece_after"))
             and isinstance(value.get("fitted_on"), str)
             and bins(value.get("reliability_before")) and bins(value.get("reliability_after")))
+
+
+def divergence(run_dir: Path) -> str | None:
+    """How the run's loss stopped being finite ("the loss became nan at step 3 of epoch 2"),
+    if it did: diverged.json, written when it happened. A damaged file still says it did."""
+    path = Path(run_dir) / DIVERGED
+    if not os.path.lexists(path):
+        return None
+    try:
+        return str(json.loads(path.read_text())["what"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return "the loss became NaN or infinite"
 
 
 def read_metrics(run_dir: Path) -> dict | None:

@@ -6,8 +6,9 @@
 A run folder is any folder holding config.json (sweep trials and seed runs included, at any
 depth), finished or not: the state column says "done", "training" (a live process holds the
 folder), "stopped" (resume it with ``fmnist train --resume``, however early it stopped),
-"trial" (a sweep's trial that did not win, so never tested) or "partial" (a run's files
-without its checkpoint, such as a tracker's copy: nothing to resume). A folder whose files
+"trial" (a sweep's trial that did not win, so never tested), "diverged" (its loss became NaN
+or infinite: resuming would repeat it) or "partial" (a run's files without its checkpoint,
+such as a tracker's copy: nothing to resume). A folder whose files
 cannot be read is listed with the problem instead of stopping the listing.
 """
 
@@ -97,11 +98,14 @@ def run_row(run_dir: Path, root: Path) -> dict:
 
 
 def _unfinished_state(run_dir: Path) -> str:
-    """What an unfinished run folder that no process holds is: a sweep's trial (trained, or
-    pruned, without the test set: ``fmnist sweep --show`` has its state), a run that
-    ``fmnist train --resume`` continues, or files of a run without its checkpoint (a copy)."""
+    """What an unfinished run folder that no process holds is: a run whose loss became NaN,
+    a sweep's trial (trained, or pruned, without the test set: ``fmnist sweep --show`` has its
+    state), a run that ``fmnist train --resume`` continues, or files of a run without its
+    checkpoint (a copy)."""
     from ..core import runs
 
+    if runs.divergence(run_dir):
+        return "diverged"
     if (run_dir.parent / runs.SWEEP).is_file():
         return "trial"
     checkpoint = run_dir / runs.CHECKPOINT

@@ -228,9 +228,11 @@ class Run:
                 augmentation=self.augmentation, after_step=self._after_step, world=self.world, bar=self.bar,
                 resume_at=resume_at, checkpoint=self.events.inside_epoch(self, epoch))
         except NonFiniteLoss as exc:
+            what = f"{exc} of epoch {epoch}"
+            if self.main:  # what fmnist runs and --resume read: resuming would repeat the same steps
+                runs.write_json(self.run_dir / runs.DIVERGED, {"what": what, "epoch": epoch, "step": exc.step})
             kept = f"the checkpoint of epoch {epoch - 1} is kept" if epoch > 1 else "no epoch was saved"
-            raise UserError(f"{exc} of epoch {epoch}; training stopped and {kept} ({self.run_dir})",
-                            hint="a lower --lr, or --precision fp32") from None
+            raise UserError(f"{what}; training stopped and {kept} ({self.run_dir})", hint=DIVERGED_HINT) from None
         train_seconds = time.perf_counter() - started
         if not self.main:
             distributed.barrier(self.world)  # rank 0 validates and writes the epoch meanwhile
@@ -360,6 +362,9 @@ def _above_the_bar(log):
     return write
 
 
+DIVERGED_HINT = "train it again with a lower --lr, or --precision fp32"
+
+
 def _open_for_resume(resume) -> tuple[Path, TrainConfig, dict]:
     """The run folder, its training settings and its whole config.json."""
     run_dir = Path(resume)
@@ -371,6 +376,10 @@ def _open_for_resume(resume) -> tuple[Path, TrainConfig, dict]:
     if not (run_dir / runs.CONFIG).exists():
         raise UserError(f"nothing to resume: {runs.CONFIG} is missing ({run_dir})",
                         hint="pass a folder written by 'fmnist train'")
+    diverged = runs.divergence(run_dir)
+    if diverged:  # the same state, data order and arithmetic meet the same loss again
+        raise UserError(f"not resumable: {diverged} ({run_dir}), and resuming repeats the same steps",
+                        hint=DIVERGED_HINT)
     saved = runs.read_config(run_dir)
     return run_dir, TrainConfig.from_record(saved["train"], run_dir / runs.CONFIG), saved
 
