@@ -37,7 +37,7 @@ from .. import __version__
 from ..data import preprocess as prep
 from ..data.idx import CLASS_NAMES
 from .classifier import Classifier, check_top_k
-from ..core.errors import UserError
+from ..core.errors import UserError, one_line
 
 FIELD = "images"
 EXPLAIN_MAX_IMAGES = 8  # an explanation costs (28 - 4 + 1)^2 = 625 model calls an image
@@ -574,7 +574,7 @@ def _check_can_listen(host: str, port: int, workers: int = 1) -> int:
         raise UserError(f"port must be a whole number from 0 to 65535, got {port!r}")
     if not host:  # uvicorn's supervisor would take it for every address, and print no host at all
         raise UserError("host is empty", hint="--host 0.0.0.0 listens on every IPv4 address")
-    shown = "".join(c if c.isprintable() else "?" for c in host)  # one error line, whatever the host holds
+    shown = one_line(host)  # one error line, whatever the host holds
     where = f"{shown if len(shown) <= 60 else shown[:57] + '...'}:{port}"
     if workers > 1:  # uvicorn's Config.bind_socket: IPv6 if the host has a colon (dual-stack), else IPv4
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
