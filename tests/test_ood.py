@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
 
 import numpy as np
@@ -280,24 +281,36 @@ def test_an_export_must_be_a_onnx_file(trained_run, tmp_path, cli):
 
 @pytest.mark.slow
 def test_an_export_never_replaces_a_file_it_was_not_asked_to(trained_run, tmp_path, cli):
-    # Each file an export would write, already there: the model, or only its card.
-    for taken in ("model.onnx", "model.MODEL_CARD.md"):
-        folder = tmp_path / taken
-        folder.mkdir()
-        (folder / taken).write_bytes(b"someone's only copy")
-        before = {path.name: path.read_bytes() for path in folder.iterdir()}
-        result = cli("export", trained_run[0], "--out", folder / "model.onnx")
-        assert result.returncode == 2, result.stderr
-        assert result.stderr.startswith("error: ") and "already exists: nothing exported" in result.stderr
-        assert "--overwrite" in result.stderr and "Traceback" not in result.stderr
-        assert {path.name: path.read_bytes() for path in folder.iterdir()} == before
-    replaced = cli("export", trained_run[0], "--out", tmp_path / "model.onnx" / "model.onnx", "--overwrite")
+    run = tmp_path / "run"
+    shutil.copytree(trained_run[0], run)
+    (run / "model.onnx").symlink_to(tmp_path / "deployed.onnx")  # the run's own name, linked elsewhere
+    (tmp_path / "loop.onnx").symlink_to("loop.onnx")
+    # Each way a file can already be where an export writes: the model, its card alone, a
+    # link to the run's own export (beside someone's card), the target of the run's own
+    # name when that is a link, a link that loops.
+    cases = {"model": ("deployed.onnx", ["deployed.onnx"]), "card": ("notes.onnx", ["notes.MODEL_CARD.md"]),
+             "link to the run's export": ("linked.onnx", ["linked.MODEL_CARD.md"]),
+             "target of the run's link": ("deployed.onnx", []), "loop": ("loop.onnx", [])}
+    for name, (out, files) in cases.items():
+        for file in files:
+            (tmp_path / file).write_bytes(f"someone's only copy of {file}".encode())
+        if name == "link to the run's export":
+            (tmp_path / out).symlink_to(run / "model.onnx")
+        before = {path.name: os.readlink(path) if path.is_symlink() else path.read_bytes()
+                  for path in tmp_path.iterdir() if path.name != "run"}
+        result = cli("export", run, "--out", tmp_path / out)
+        assert result.returncode == 2, (name, result.stderr)
+        assert result.stderr.startswith("error: ") and "already exists: nothing exported" in result.stderr, name
+        assert "--overwrite" in result.stderr and "Traceback" not in result.stderr, name
+        assert before == {path.name: os.readlink(path) if path.is_symlink() else path.read_bytes()
+                          for path in tmp_path.iterdir() if path.name != "run"}, name
+    replaced = cli("export", run, "--out", tmp_path / "deployed.onnx", "--overwrite")
     assert replaced.returncode == 0, replaced.stderr
     import onnx
 
-    properties = onnx.load(tmp_path / "model.onnx" / "model.onnx").metadata_props
-    assert {p.key: p.value for p in properties}["run"] == trained_run[0].name
-    assert "## Exported file" in (tmp_path / "model.onnx" / "model.MODEL_CARD.md").read_text()
+    properties = onnx.load(tmp_path / "deployed.onnx").metadata_props
+    assert {p.key: p.value for p in properties}["run"] == "run"
+    assert "## Exported file" in (tmp_path / "deployed.MODEL_CARD.md").read_text()
 
 
 @pytest.mark.slow

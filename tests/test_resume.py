@@ -227,6 +227,15 @@ def test_a_nan_loss_stops_the_run_naming_epoch_and_step(data_dir, tmp_path):
     assert sorted(path.name for path in out.iterdir()) == before
 
 
+@pytest.mark.parametrize("content", [None, b"", b"{", b"[]", b"\xff", b'{"what": ""}', b'{"what": null}',
+                                     b'{"what": 3}', b'{"epoch": 2}'])
+def test_a_damaged_diverged_json_still_says_the_run_diverged(tmp_path, content):
+    path = tmp_path / runs.DIVERGED
+    path.mkdir() if content is None else path.write_bytes(content)  # None: a folder in its place
+    assert runs.divergence(tmp_path) == "the loss became NaN or infinite"
+    assert runs.divergence(tmp_path / "elsewhere") is None
+
+
 def test_non_finite_loss_names_the_first_bad_step():
     from fmnist.training.loop import NonFiniteLoss, train_one_epoch
 

@@ -436,7 +436,8 @@ def test_an_address_that_cannot_be_listened_on_is_one_error_before_serving(class
         with pytest.raises(UserError, match="cannot listen on no-such-host.invalid:8000: "):
             server.serve("model.onnx", "no-such-host.invalid", 8000, workers=workers, log=said.append)
         for host, message in (("a" * 300, "a" * 57 + r"\.\.\.:8000: "), ("\udcff", ".*not a valid host name"),
-                              ("", "host is empty"), ("127.0.0.1\nerror: spoof", r"127\.0\.0\.1\\nerror")):
+                              ("", "host is empty"), ("127.0.0.1\nerror: spoof", r"127\.0\.0\.1\\nerror"),
+                              ("a" * 56 + "\x1b[31m", "a" * 56 + r"\\x1b\.\.\.:8000: ")):  # cut, then escaped
             with pytest.raises(UserError, match=message):
                 server.serve("model.onnx", host, 8000, workers=workers, log=said.append)
     assert said == []

@@ -331,9 +331,10 @@ def divergence(run_dir: Path) -> str | None:
     if not os.path.lexists(path):
         return None
     try:
-        return str(json.loads(path.read_text())["what"])
+        what = json.loads(path.read_text())["what"]
     except (OSError, ValueError, KeyError, TypeError):
-        return "the loss became NaN or infinite"
+        what = None
+    return what if isinstance(what, str) and what else "the loss became NaN or infinite"
 
 
 def read_metrics(run_dir: Path) -> dict | None:

@@ -101,7 +101,7 @@ def export_onnx(run_dir: str | os.PathLike, out: str | os.PathLike | None = None
     run_dir = runs.require_run_dir(run_dir)
     own = run_dir / ("model.onnx" if quantize is None else f"model.{quantize}.onnx")
     out = Path(out) if out is not None else own
-    overwrite = overwrite or out.resolve() == own.resolve()
+    overwrite = overwrite or _same_place(out, own)
     if out.is_dir():
         raise UserError(f"--out is a folder; give a file name such as {out / 'model.onnx'}")
     if out.suffix != ".onnx":  # what predict, serve and Classifier.load recognise as an exported model
@@ -158,6 +158,12 @@ def export_onnx(run_dir: str | os.PathLike, out: str | os.PathLike | None = None
 
     log_export(run_dir, out)  # into the MLflow run that tracked the training, if one did
     return out, check
+
+
+def _same_place(a: Path, b: Path) -> bool:
+    """Whether two paths name the same directory entry. The folders are resolved, the names
+    are not: a link named ``a`` is a file of its own, whatever it points to (a loop included)."""
+    return a.name == b.name and os.path.realpath(a.parent) == os.path.realpath(b.parent)
 
 
 def _refuse_to_replace(out: Path, overwrite: bool) -> None:

@@ -574,8 +574,7 @@ def _check_can_listen(host: str, port: int, workers: int = 1) -> int:
         raise UserError(f"port must be a whole number from 0 to 65535, got {port!r}")
     if not host:  # uvicorn's supervisor would take it for every address, and print no host at all
         raise UserError("host is empty", hint="--host 0.0.0.0 listens on every IPv4 address")
-    shown = one_line(host)  # one error line, whatever the host holds
-    where = f"{shown if len(shown) <= 60 else shown[:57] + '...'}:{port}"
+    where = f"{one_line(host if len(host) <= 60 else host[:57] + '...')}:{port}"  # one line, whatever it holds
     if workers > 1:  # uvicorn's Config.bind_socket: IPv6 if the host has a colon (dual-stack), else IPv4
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         addresses = [(family, socket.SOCK_STREAM, 0, "", (host, port))]

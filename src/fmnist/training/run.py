@@ -55,6 +55,8 @@ from .listeners import ConsoleLog, ReportWriter
 from .loop import NonFiniteLoss, evaluate_split, train_one_epoch
 from .optim import make_ema, make_optimizer, make_scheduler
 
+DIVERGED_HINT = "train it again with a lower --lr, or --precision fp32"  # after a NaN or infinite loss
+
 
 @dataclass
 class TrainResult:
@@ -230,7 +232,8 @@ class Run:
         except NonFiniteLoss as exc:
             what = f"{exc} of epoch {epoch}"
             if self.main:  # what fmnist runs and --resume read: resuming would repeat the same steps
-                runs.write_json(self.run_dir / runs.DIVERGED, {"what": what, "epoch": epoch, "step": exc.step})
+                with contextlib.suppress(OSError):  # a full disk must not hide the loss behind its own error
+                    runs.write_json(self.run_dir / runs.DIVERGED, {"what": what, "epoch": epoch, "step": exc.step})
             kept = f"the checkpoint of epoch {epoch - 1} is kept" if epoch > 1 else "no epoch was saved"
             raise UserError(f"{what}; training stopped and {kept} ({self.run_dir})", hint=DIVERGED_HINT) from None
         train_seconds = time.perf_counter() - started
@@ -360,9 +363,6 @@ def _above_the_bar(log):
             log(line)
 
     return write
-
-
-DIVERGED_HINT = "train it again with a lower --lr, or --precision fp32"
 
 
 def _open_for_resume(resume) -> tuple[Path, TrainConfig, dict]:
