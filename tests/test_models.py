@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -174,7 +175,10 @@ def _exports_with_probabilities_and_ood_score(model) -> None:
     with torch.inference_mode():
         _, features = logits_and_features(model, x)
     head = OODHead(model, 1.5, fit_gaussians(features, torch.arange(64) % 10, 10), {"score": "rmd"}).eval()
-    session = onnx_session(head)
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        session = onnx_session(head)
+    assert [str(w.message) for w in said] == []  # fmnist export and predict print every warning
     assert [output.name for output in session.get_outputs()] == ["logits", "probabilities", "ood_score"]
     got = session.run(None, {"images": x[:8].numpy()})
     with torch.inference_mode():

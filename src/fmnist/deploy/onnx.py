@@ -48,6 +48,9 @@ def onnx_bytes(model) -> bytes:
         # The TorchScript exporter is quick for this model and needs no onnxscript;
         # PyTorch marks it deprecated in favour of the torch.export-based one.
         warnings.simplefilter("ignore", DeprecationWarning)
+        # A mirror of a moved copy (best-cpu's test-time views) is a Slice with step -1, which
+        # the exporter's constant folding passes by: no constant to fold, the graph unchanged.
+        warnings.filterwarnings("ignore", message="Constant folding - Only steps=1", category=UserWarning)
         torch.onnx.export(copy.deepcopy(model).cpu().eval(), (torch.zeros(1, 1, 28, 28),), buffer,
                           input_names=["images"], output_names=list(outputs),
                           dynamic_axes={"images": {0: "n"}, **{name: {0: "n"} for name in outputs}},
