@@ -700,8 +700,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve = command("serve", "web service and page for a run folder or exported model", cmd_serve)
     add_answers(serve)
     serve.add_argument("--host", default="127.0.0.1",
-                       help="address to listen on (default: 127.0.0.1); 0.0.0.0: every IPv4 address; "
-                            "::: every IPv6 address (and, on Linux, IPv4 too with --workers above 1)")
+                       help="address to listen on (default: 127.0.0.1); 0.0.0.0 is every IPv4 address, "
+                            ":: every IPv6 one (and, on Linux, IPv4 too with --workers above 1)")
     serve.add_argument("--port", type=_whole_number(0, 65535), default=8000, help="port (default: 8000)")
     serve.add_argument("--workers", type=_positive_int, default=1, metavar="N",
                        help="server processes sharing the port and the cores (default: 1)")
