@@ -93,6 +93,30 @@ def test_the_curves_say_when_training_is_measured_on_other_terms_than_validation
                           "Validation: after each epoch, hard labels, no random augmentation."])
 
 
+@pytest.mark.parametrize("train,validated,label", [
+    ({"ema_decay": 0.999}, "the weights' moving average (decay 0.999)", "validation (moving average of the weights)"),
+    ({"tta_flip": True}, "each image averaged with its mirror", "validation"),
+    ({"ema_decay": 0.99, "tta_flip": True, "label_smoothing": 0.1},
+     "the weights' moving average (decay 0.99), each image averaged with its mirror",
+     "validation (moving average of the weights)"),
+])
+def test_the_curves_say_what_validation_measures_beyond_the_trained_weights(train, validated, label):
+    # an average of the weights validates far below training in the first epochs, by design
+    from fmnist.evaluation.figures import curves
+
+    history = [{"epoch": e, "train_accuracy": 0.9, "val_accuracy": 0.4, "train_loss": 0.6, "val_loss": 2.0}
+               for e in (1, 2)]
+    fig = curves(history, train=train)
+    assert label in {line.get_label() for ax in fig.axes for line in ax.get_lines()}
+    [footnote] = [text.get_text() for text in fig.texts]
+    assert footnote.splitlines()[1] == f"Validation: after each epoch, {validated}, hard labels, no random augmentation."
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    renderer = FigureCanvasAgg(fig).get_renderer()  # two lines of footnote fit below the axes, inside the canvas
+    box, axes_bottom = fig.texts[0].get_window_extent(renderer), min(ax.get_tightbbox(renderer).y0 for ax in fig.axes)
+    assert box.y1 <= axes_bottom and box.x0 >= 0 and box.x1 <= fig.bbox.width
+
+
 def test_compared_curves_name_each_runs_training_conditions():
     from fmnist.evaluation.sidebyside import RunComparison
 

@@ -54,20 +54,34 @@ def train_conditions(train: dict | None) -> str:
     return ", ".join(conditions)
 
 
+def validation_conditions(train: dict | None) -> str:
+    """What validation measures beyond a plain forward pass of the trained weights, from a
+    config.json "train" record: '' when nothing."""
+    recipe = recipe_in(train or {})
+    conditions = [f"the weights' moving average (decay {recipe.ema_decay:g})"] if recipe.ema_decay else []
+    if recipe.tta_flip:
+        conditions.append("each image averaged with its mirror")
+    return ", ".join(conditions)
+
+
 def curves(history: list[dict], kept_epoch: int | None = None, train: dict | None = None) -> Figure:
     """Train and validation accuracy and loss per epoch, the kept epoch marked (not given:
     the best by validation accuracy, or without validation the last). With the run's "train"
     record, the legend and a footnote say when training is measured on augmented images or
-    smoothed labels: its loss then sits above validation's by design, not by a fault."""
+    smoothed labels: its loss then sits above validation's by design, not by a fault, and
+    when validation sees the weights' moving average (far behind the trained weights in the
+    first epochs) or mirrored views."""
     epochs = [row["epoch"] for row in history]
     kept = int(_best_epoch(history) if kept_epoch is None else kept_epoch)
-    conditions = train_conditions(train)
+    conditions, validated = train_conditions(train), validation_conditions(train)
     fig = Figure(figsize=(11, 4))
     ax_acc, ax_loss = fig.subplots(1, 2)
     for ax, key, title in ((ax_acc, "accuracy", "Accuracy"), (ax_loss, "loss", "Loss (cross-entropy)")):
         ax.plot(epochs, [row[f"train_{key}"] for row in history], "o-",
                 label=f"train ({conditions})" if conditions else "train")
-        ax.plot(epochs, [row[f"val_{key}"] for row in history], "s-", label="validation")
+        ax.plot(epochs, [row[f"val_{key}"] for row in history], "s-",
+                label="validation (moving average of the weights)" if recipe_in(train or {}).ema_decay
+                else "validation")
         ax.axvline(kept, color=NEUTRAL, linestyle="--", linewidth=1, label=f"kept epoch ({kept})")
         ax.set(title=title, xlabel="epoch", ylabel=key)
         if len(epochs) <= 20:
@@ -76,21 +90,26 @@ def curves(history: list[dict], kept_epoch: int | None = None, train: dict | Non
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # whole epochs, a few of them
         ax.grid(alpha=0.3)
         ax.legend()
-    if conditions:
-        training_footnote(fig, f"with {conditions}")
-    fig.tight_layout(rect=(0, FOOTNOTE_HEIGHT if conditions else 0, 1, 1))
+    margin = training_footnote(fig, f"with {conditions}" if conditions else "plain images", validated) \
+        if conditions or validated else 0
+    fig.tight_layout(rect=(0, margin, 1, 1))
     return fig
 
 
 FOOTNOTE_HEIGHT = 0.06  # of the figure, left free by tight_layout for one line of footnote
 
 
-def training_footnote(fig: Figure, conditions: str) -> None:
+def training_footnote(fig: Figure, conditions: str, validated: str = "") -> float:
     """Why the training curves differ from validation's, at the foot of ``fig`` (inside the
-    canvas, so that any savefig keeps it); leave it FOOTNOTE_HEIGHT in tight_layout."""
-    fig.text(0.5, 0.01, f"Training: running means over each epoch, {conditions}. "
-                        "Validation: after each epoch, hard labels, no random augmentation.",
-             ha="center", va="bottom", fontsize=9, color="#555555")
+    canvas, so that any savefig keeps it); returns the share of the figure's height to leave it
+    in tight_layout (FOOTNOTE_HEIGHT a line: validation's own conditions take a second line)."""
+    lines = [f"Training: running means over each epoch, {conditions}.",
+             f"Validation: after each epoch, {validated + ', ' if validated else ''}hard labels, "
+             "no random augmentation."]
+    if not validated:
+        lines = [" ".join(lines)]
+    fig.text(0.5, 0.01, "\n".join(lines), ha="center", va="bottom", fontsize=9, color="#555555")
+    return FOOTNOTE_HEIGHT * len(lines)
 
 
 def confusion_matrix(matrix, class_names=CLASS_NAMES) -> Figure:
