@@ -14,12 +14,12 @@ still read, and the exit status is 2.
 from __future__ import annotations
 
 import argparse
-import datetime
 import math
 import sys
 
 from fmnist.core import runs
 from fmnist.core.errors import UserError, one_line
+from fmnist.evaluation.runlist import wall_seconds
 
 
 def time_split(run_dir: str) -> dict[str, float]:
@@ -35,11 +35,11 @@ def time_split(run_dir: str) -> dict[str, float]:
         raise UserError("history.csv has an epoch without positive, finite 'seconds' and 'images_per_second'")
     steps = sum(images / row["images_per_second"] for row in history)  # loop.py: images / training seconds
     epochs = sum(row["seconds"] for row in history)
-    start, end = (datetime.datetime.fromisoformat(stamp).timestamp() for stamp in (config["created"], metrics["finished"]))
-    if end - start < epochs:
+    wall = wall_seconds(run_dir, config, metrics)  # as fmnist runs counts it
+    if wall < epochs:
         raise UserError("the wall time from 'created' to 'finished' is shorter than the epochs themselves")
-    return {"training steps": steps, "validation": epochs - steps, "after the last epoch": end - start - epochs,
-            "wall": end - start}
+    return {"training steps": steps, "validation": epochs - steps, "after the last epoch": wall - epochs,
+            "wall": wall}
 
 
 def _positive(value) -> bool:

@@ -74,14 +74,14 @@ def curves(history: list[dict], kept_epoch: int | None = None, train: dict | Non
     epochs = [row["epoch"] for row in history]
     kept = int(_best_epoch(history) if kept_epoch is None else kept_epoch)
     conditions, validated = train_conditions(train), validation_conditions(train)
+    validation_label = "validation (moving average of the weights)" if recipe_in(train or {}).ema_decay \
+        else "validation"
     fig = Figure(figsize=(11, 4))
     ax_acc, ax_loss = fig.subplots(1, 2)
     for ax, key, title in ((ax_acc, "accuracy", "Accuracy"), (ax_loss, "loss", "Loss (cross-entropy)")):
         ax.plot(epochs, [row[f"train_{key}"] for row in history], "o-",
                 label=f"train ({conditions})" if conditions else "train")
-        ax.plot(epochs, [row[f"val_{key}"] for row in history], "s-",
-                label="validation (moving average of the weights)" if recipe_in(train or {}).ema_decay
-                else "validation")
+        ax.plot(epochs, [row[f"val_{key}"] for row in history], "s-", label=validation_label)
         ax.axvline(kept, color=NEUTRAL, linestyle="--", linewidth=1, label=f"kept epoch ({kept})")
         ax.set(title=title, xlabel="epoch", ylabel=key)
         if len(epochs) <= 20:

@@ -82,11 +82,7 @@ def run_row(run_dir: Path, root: Path) -> dict:
     metrics = runs.read_metrics(run_dir) or {}
     history = runs.read_history(run_dir)
     created = config.get("created")
-    wall = None
-    if created and metrics:  # from the folder's creation to metrics.json, written last
-        ended = (datetime.datetime.fromisoformat(metrics["finished"]).timestamp() if metrics.get("finished")
-                 else (run_dir / runs.METRICS).stat().st_mtime)  # runs from before 'finished' was recorded
-        wall = max(0.0, ended - datetime.datetime.fromisoformat(created).timestamp())
+    wall = wall_seconds(run_dir, config, metrics)
     name = str(run_dir.relative_to(root)) if run_dir != root else run_dir.resolve().name
     state = "done" if metrics else "training" if training else _unfinished_state(run_dir)
     return {"run": name, "path": str(run_dir), "state": state, "model": config["train"]["model"],
@@ -95,6 +91,19 @@ def run_row(run_dir: Path, root: Path) -> dict:
             "wall_seconds": wall, "accuracy": metrics.get("accuracy"),
             "ece": (metrics.get("calibration") or {}).get("test_ece_after"),
             "data_release": config["data"]["release"], "created": created}
+
+
+def wall_seconds(run_dir: Path, config: dict, metrics: dict) -> float | None:
+    """A finished run's wall time: from the folder's creation (config.json's ``created``) to
+    the end of the run (metrics.json's ``finished``, written last); None before it ends."""
+    from ..core import runs
+
+    created = config.get("created")
+    if not created or not metrics:
+        return None
+    ended = (datetime.datetime.fromisoformat(metrics["finished"]).timestamp() if metrics.get("finished")
+             else (Path(run_dir) / runs.METRICS).stat().st_mtime)  # runs from before 'finished' was recorded
+    return max(0.0, ended - datetime.datetime.fromisoformat(created).timestamp())
 
 
 def _unfinished_state(run_dir: Path) -> str:
